@@ -1,0 +1,167 @@
+"""The trainer on a small stand-in model: loss falls, exact resume, schedule, EMA, checkpointing.
+
+The stand-in is a two-block residual MLP with ``.blocks`` (the attribute the trainer shards and
+checkpoints); the real DiT is exercised in test_training_stages.py.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_avatar.errors import UserFacingError
+from sparse_avatar.training import state_io
+from sparse_avatar.training.trainer import (
+    Trainer,
+    TrainerConfig,
+    enable_gradient_checkpointing,
+    learning_rate_factor,
+)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, width)
+        self.dropout = nn.Dropout(0.1)  # stochastic on purpose: resume must restore the RNG
+
+    def forward(self, x):
+        return x + self.dropout(torch.tanh(self.linear(self.norm(x))))
+
+
+class StandInModel(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.blocks = nn.ModuleList([ResidualBlock(width) for _ in range(2)])
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+class RegressionSource:
+    """Batch = pure function of (step, rank, world): a fixed linear target plus per-sample noise."""
+
+    def __init__(self, global_batch_size: int = 4):
+        self.global_batch_size = global_batch_size
+        self.weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(123))
+
+    def batch(self, step, rank, world_size):
+        local = self.global_batch_size // world_size
+        rows = []
+        for index in range(rank * local, (rank + 1) * local):
+            g = torch.Generator().manual_seed(step * 1000 + index)
+            rows.append(torch.randn(4, generator=g))
+        x = torch.stack(rows)
+        return {"x": x, "y": x @ self.weight}
+
+
+def regression_loss(model, batch, generator):
+    prediction = model(batch["x"])
+    loss = (prediction - batch["y"]).pow(2).mean()
+    return loss, {"tokens": batch["x"].shape[0]}
+
+
+def make_trainer(out_dir, total_steps=8, **overrides):
+    torch.manual_seed(0)
+    config = TrainerConfig(total_steps=total_steps, lr=3e-2, warmup_steps=2, ema_decay=0.9, seed=5, **overrides)
+    return Trainer(StandInModel(), regression_loss, RegressionSource(), config, out_dir, log=lambda line: None)
+
+
+def test_loss_falls_and_logs_jsonl(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=60)
+    result = trainer.fit()
+    assert result.step == 60
+    assert sum(result.losses[-5:]) / 5 < 0.3 * sum(result.losses[:5]) / 5
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 61))
+    for key in ("loss", "grad_norm", "lr", "samples_per_s", "memory_mb", "tokens_per_s"):
+        assert key in records[0]
+    assert result.checkpoint is not None and (result.checkpoint / "model.safetensors").is_file()
+
+
+def test_exact_resume_matches_straight_run(tmp_path):
+    straight = make_trainer(tmp_path / "straight")
+    straight.fit()
+
+    first_half = make_trainer(tmp_path / "resumed", checkpoint_every=4)
+    first_half.fit(until_step=4)
+    torch.manual_seed(999)  # disturb the global RNG: resume must restore it
+    second_half = make_trainer(tmp_path / "resumed")
+    assert second_half.resume()
+    assert second_half.step == 4
+    second_half.fit()
+
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), second_half.model.named_parameters()):
+        assert torch.equal(a, b), name
+    for name in straight.ema.shadow:
+        assert torch.equal(straight.ema.shadow[name], second_half.ema.shadow[name]), name
+    state_a = straight.optimizer.state_dict()["state"]
+    state_b = second_half.optimizer.state_dict()["state"]
+    for key in state_a:
+        assert torch.equal(state_a[key]["exp_avg_sq"], state_b[key]["exp_avg_sq"])
+
+
+def test_checkpoint_has_no_pickle_and_old_ones_are_pruned(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=6, checkpoint_every=2, keep_checkpoints=2)
+    trainer.fit()
+    folders = state_io.list_checkpoints(tmp_path)
+    assert [p.name for p in folders] == ["step-00000004", "step-00000006"]
+    names = sorted(p.name for p in folders[-1].iterdir())
+    assert names == ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    make_trainer(tmp_path / "a", total_steps=2).fit()
+    torch.manual_seed(0)
+    other = Trainer(
+        nn.Sequential(nn.Linear(4, 4)), lambda m, b, g: (m(b["x"]).pow(2).mean(), {}), RegressionSource(),
+        TrainerConfig(total_steps=2), tmp_path / "b", log=lambda line: None,
+    )
+    with pytest.raises(UserFacingError, match="does not match this model"):
+        other.resume(tmp_path / "a")
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_floor():
+    factors = [learning_rate_factor(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert learning_rate_factor(110, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = StandInModel().eval()  # eval: dropout off so both passes are deterministic
+    checkpointed = StandInModel().eval()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert enable_gradient_checkpointing(checkpointed) == 2
+    x = torch.randn(3, 4)
+    plain(x).square().sum().backward()
+    checkpointed(x).square().sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_non_finite_loss_is_a_user_facing_error(tmp_path):
+    trainer = Trainer(
+        StandInModel(), lambda m, b, g: (m(b["x"]).sum() * float("nan"), {}), RegressionSource(),
+        TrainerConfig(total_steps=2), tmp_path, log=lambda line: None,
+    )
+    with pytest.raises(UserFacingError, match="lower --lr"):
+        trainer.fit()
+
+
+def test_frozen_parameters_stay_untouched(tmp_path):
+    torch.manual_seed(0)
+    model = StandInModel()
+    model.embed.requires_grad_(False)
+    before = model.embed.weight.detach().clone()
+    Trainer(model, regression_loss, RegressionSource(), TrainerConfig(total_steps=3, lr=1e-2), tmp_path, log=lambda line: None).fit()
+    assert torch.equal(model.embed.weight, before)

@@ -1,0 +1,395 @@
+"""The one trainer every curriculum stage uses.
+
+A stage is (model, loss function, batch source, TrainerConfig); the trainer owns everything else:
+bf16 autocast on CUDA, gradient checkpointing, AdamW with linear warmup + cosine decay, EMA,
+gradient clipping, optional ``torch.compile``, DDP/FSDP2 through ``distributed.py``, checkpoints
+every N steps with exact resume, and logs (stdout + JSONL, TensorBoard optional).
+
+Exact resume rests on one rule: nothing random depends on hidden state. A batch source returns
+the batch for ``(step, rank, world_size)`` as a pure function (so "data position" is the step),
+per-sample randomness comes from per-sample seeds in the batch, the generator passed to the loss
+is re-seeded from (seed, step, rank) each step, and the learning rate is a pure function of the
+step. The optimizer state, EMA and global RNG are saved bit-exactly (safetensors, fp32).
+
+Interfaces:
+    loss_fn(model, batch, generator) -> (loss scalar tensor, metrics dict of floats)
+    batch_source.batch(step, rank, world_size) -> dict (tensors go to the device; the global batch
+        of ``batch_source.global_batch_size`` samples is split evenly over ranks)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import UserFacingError
+from . import state_io
+from .distributed import DistributedContext, all_reduce_mean, resolve_parallel_mode, shardable_blocks, wrap_model
+
+LossFn = Callable[[nn.Module, dict, torch.Generator], "tuple[torch.Tensor, dict]"]
+
+
+class BatchSource(Protocol):
+    global_batch_size: int
+
+    def batch(self, step: int, rank: int, world_size: int) -> dict: ...
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 1000
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at total_steps
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    ema_decay: float = 0.0  # 0 disables EMA
+    precision: str = "bf16"  # "bf16" autocast on CUDA (fp32 master weights); CPU always runs fp32
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    parallel: str = "auto"  # auto | none | ddp | fsdp
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    sample_every: int = 0  # 0: no periodic samples
+    seed: int = 0
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if self.total_steps < 1:
+            raise UserFacingError(f"total_steps must be >= 1 (got {self.total_steps}).")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise UserFacingError(f"ema_decay must be in [0, 1) (got {self.ema_decay}).")
+        if self.precision not in ("bf16", "fp32"):
+            raise UserFacingError(f"precision must be 'bf16' or 'fp32' (got {self.precision!r}).")
+        if self.lr <= 0:
+            raise UserFacingError(f"lr must be > 0 (got {self.lr}).")
+
+
+def learning_rate_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base LR for the update made at ``step`` (0-based): linear warmup, cosine decay."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    # A fixed odd-multiplier mix: distinct, reproducible streams per (seed, step, rank).
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute block activations in backward. Returns how many blocks were wrapped.
+
+    A model may provide its own ``set_gradient_checkpointing(True)``; otherwise each block of
+    ``model.blocks`` gets its forward wrapped in ``torch.utils.checkpoint`` (non-reentrant, so it
+    composes with DDP, FSDP2 and frozen parameters). Parameter names do not change.
+    """
+    if hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(True)
+        return len(shardable_blocks(model))
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = shardable_blocks(model)
+    for block in blocks:
+        if getattr(block, "_sparse_avatar_checkpointed", False):
+            continue
+        original_forward = block.forward
+
+        def checkpointed_forward(*args, _original=original_forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed_forward
+        block._sparse_avatar_checkpointed = True
+    return len(blocks)
+
+
+class ExponentialMovingAverage:
+    """fp32 shadow copies of the trainable parameters (sharded like them under FSDP2)."""
+
+    def __init__(self, named_parameters: dict[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.parameters = named_parameters
+        self.shadow = {name: param.detach().clone().float() for name, param in named_parameters.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # Warm start: early on the average follows the weights closely (decay ramps to its value).
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, param in self.parameters.items():
+            self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                param.copy_(self.shadow[name].to(param.dtype))
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux: peak resident memory of this process.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _move_to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+@dataclass
+class TrainResult:
+    step: int
+    last_loss: float
+    losses: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+class Trainer:
+    """Runs ``loss_fn`` over ``batch_source`` with the machinery in the module docstring.
+
+    ``trainable``: which parameters to optimize (default: those with requires_grad); the others
+    are frozen (LoRA fine-tuning, DPO reference copies live outside the model).
+    ``sample_fn(model, step, out_dir)`` is called on rank 0 every ``sample_every`` steps with the
+    EMA weights when EMA is on (periodic sample videos).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch_source: BatchSource,
+        config: TrainerConfig,
+        out_dir: str | os.PathLike,
+        *,
+        context: DistributedContext | None = None,
+        model_metadata: dict[str, str] | None = None,
+        sample_fn: Callable[[nn.Module, int, Path], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        config.validate()
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.context = context or DistributedContext(0, 1, 0, next(model.parameters()).device, None)
+        self.loss_fn = loss_fn
+        self.batch_source = batch_source
+        self.model_metadata = model_metadata or {}
+        self.sample_fn = sample_fn
+        self._print = log or (lambda line: print(line, flush=True))
+        if batch_source.global_batch_size % self.context.world_size:
+            raise UserFacingError(
+                f"global batch {batch_source.global_batch_size} does not split evenly over {self.context.world_size} "
+                f"processes; pick a batch size that is a multiple of the process count."
+            )
+
+        model.to(self.context.device)
+        self.model = model  # unwrapped module: names, state dicts, EMA, export
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.parallel_mode = resolve_parallel_mode(config.parallel, self.context)
+        self.train_module = wrap_model(model, self.parallel_mode, self.context)
+        if config.compile:
+            blocks = shardable_blocks(model)
+            for block in blocks or [model]:
+                block.compile()
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise UserFacingError("nothing to train: every parameter of the model is frozen.")
+        self.trainable = trainable
+        decay_params = [p for p in trainable.values() if p.ndim >= 2]
+        no_decay_params = [p for p in trainable.values() if p.ndim < 2]
+        groups = [{"params": decay_params, "weight_decay": config.weight_decay}]
+        if no_decay_params:
+            # Norm gains and biases are not decayed (standard practice for transformers).
+            groups.append({"params": no_decay_params, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+        self.ema = ExponentialMovingAverage(trainable, config.ema_decay) if config.ema_decay > 0 else None
+        self.step = 0
+        self.samples_seen = 0
+        self._tensorboard = None
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        return state_io.save_training_checkpoint(
+            self.out_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            ema_state=self.ema.shadow if self.ema else None,
+            trainer_state={"samples_seen": self.samples_seen, "config": asdict(self.config)},
+            model_metadata=self.model_metadata,
+            context=self.context,
+            keep=self.config.keep_checkpoints,
+        )
+
+    def resume(self, checkpoint: str | os.PathLike | None = None) -> bool:
+        """Resume from ``checkpoint`` (a step folder) or the newest one in out_dir. False if none."""
+        path = Path(checkpoint) if checkpoint else state_io.latest_checkpoint(self.out_dir)
+        if path is None:
+            return False
+        if not (path / "trainer_state.json").is_file():
+            newest = state_io.latest_checkpoint(path)
+            if newest is None:
+                raise UserFacingError(f"no training checkpoint found in {path}; pass a step-XXXXXXXX folder written by the trainer.")
+            path = newest
+        state = state_io.load_training_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, ema_state=self.ema.shadow if self.ema else None, context=self.context
+        )
+        self.step = int(state["step"])
+        self.samples_seen = int(state.get("samples_seen", 0))
+        if self.context.is_main:
+            self._print(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ---------------------------------------------------------------- training
+    def _autocast(self):
+        if self.context.device.type == "cuda" and self.config.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_lr(self, step: int) -> float:
+        factor = learning_rate_factor(
+            step, warmup_steps=self.config.warmup_steps, total_steps=self.config.total_steps, min_lr_ratio=self.config.min_lr_ratio
+        )
+        lr = self.config.lr * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _grad_norm_and_clip(self) -> float:
+        params = list(self.trainable.values())
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = state_io.full_tensor(norm)
+        return float(norm)
+
+    def train_step(self) -> dict:
+        """One optimizer update at ``self.step``; returns the logged record."""
+        context = self.context
+        started = time.perf_counter()
+        batch = self.batch_source.batch(self.step, context.rank, context.world_size)
+        batch = _move_to_device(batch, context.device)
+        generator = torch.Generator(device=context.device).manual_seed(step_seed(self.config.seed, self.step, context.rank))
+        lr = self._set_lr(self.step)
+        self.train_module.train()
+        with self._autocast():
+            loss, metrics = self.loss_fn(self.train_module, batch, generator)
+        if not torch.isfinite(loss.detach()):
+            raise UserFacingError(
+                f"loss became {loss.item()} at step {self.step}; lower --lr (now {self.config.lr}) or enable gradient "
+                f"clipping, then resume from the last checkpoint."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = self._grad_norm_and_clip()
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.step)
+        self.step += 1
+        self.samples_seen += self.batch_source.global_batch_size
+        if context.device.type == "cuda":
+            torch.cuda.synchronize(context.device)
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": self.step,
+            "loss": all_reduce_mean(loss.detach().float().item(), context),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "samples_per_s": self.batch_source.global_batch_size / elapsed,
+            "step_time_s": elapsed,
+            "memory_mb": _memory_mb(context.device),
+        }
+        for key, value in metrics.items():
+            record[key] = all_reduce_mean(float(value), context)
+        if "tokens" in metrics:
+            # "tokens" is per rank; the rate counts the whole job.
+            record["tokens_per_s"] = record["tokens"] * context.world_size / elapsed
+        return record
+
+    def _log(self, record: dict) -> None:
+        if not self.context.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / "train_log.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if record["step"] % max(1, self.config.log_every) == 0 or record["step"] == self.config.total_steps:
+            shown = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in record.items()
+                if k in ("step", "loss", "grad_norm", "lr", "samples_per_s", "memory_mb") or k.startswith("loss_")
+            )
+            self._print(shown)
+        if self.config.tensorboard:
+            if self._tensorboard is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise UserFacingError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+                self._tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+    def fit(self, until_step: int | None = None) -> TrainResult:
+        """Train until ``until_step`` (default: total_steps), checkpointing on the way and at the end."""
+        until = min(until_step or self.config.total_steps, self.config.total_steps)
+        losses: list[float] = []
+        last_checkpoint = None
+        record = {"loss": float("nan")}
+        while self.step < until:
+            record = self.train_step()
+            losses.append(record["loss"])
+            self._log(record)
+            every = self.config.checkpoint_every
+            if every and self.step % every == 0 and self.step < until:
+                last_checkpoint = self.save_checkpoint()
+            if self.sample_fn and self.config.sample_every and self.step % self.config.sample_every == 0:
+                self._run_sample_fn()
+        if self.step > 0 and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{self.step:08d}")):
+            last_checkpoint = self.save_checkpoint()
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+        return TrainResult(step=self.step, last_loss=record["loss"], losses=losses, checkpoint=last_checkpoint)
+
+    def _run_sample_fn(self) -> None:
+        # Samples come from a full copy of the weights (EMA when on) on the main rank, so sampling
+        # never disturbs the training state. Collective: every rank gathers.
+        state = self.export_weights(use_ema=True)
+        if not self.context.is_main:
+            return
+        import copy
+
+        if self.parallel_mode == "fsdp":
+            # A sharded module cannot be deep-copied into a plain one; rebuild is the stage's job.
+            self._print("periodic samples are skipped under FSDP2 (sample from an exported checkpoint instead)")
+            return
+        sample_model = copy.deepcopy(self.model)
+        sample_model.load_state_dict(state)
+        sample_model.eval()
+        with torch.no_grad():
+            self.sample_fn(sample_model, self.step, self.out_dir / "samples")
+
+    def export_weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """Full CPU weights (EMA applied to the trainable ones when on); collective under FSDP2."""
+        state = state_io.gather_model_state(self.model)
+        if use_ema and self.ema:
+            for name, shadow in self.ema.shadow.items():
+                full = state_io.full_tensor(shadow).detach().cpu()
+                if name in state:
+                    state[name] = full.to(state[name].dtype)
+        return state
+
