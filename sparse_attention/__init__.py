@@ -1,0 +1,17 @@
+"""Sparse reference attention: every clip token attends, in ONE softmax, to all clip tokens, the
+static identity tokens and the top-k routed blocks of the full reference-video token sequence.
+
+Public API (the contract the model codes against; see README.md for the math and backends):
+    reference_block_centroids, route_reference_blocks, sparse_reference_attention,
+    coarse_reference_attention, set_default_backend.
+"""
+from .api import sparse_reference_attention
+from .dispatch import set_default_backend
+from .reference import reference_block_centroids, route_reference_blocks
+
+__all__ = [
+    "reference_block_centroids",
+    "route_reference_blocks",
+    "sparse_reference_attention",
+    "set_default_backend",
+]

@@ -1,0 +1,172 @@
+"""Pick the attention backend for a call.
+
+Every backend computes the same function (`reference.py` defines it) with one signature:
+
+    attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices,
+              block_size, scale) -> (out [B,H,Lq,d] in q's dtype, lse [B,H,Lq] fp32)
+
+where the front door (`api.py`) has already validated the inputs, turned empty branches into
+None, filled ref_lengths and routed block_indices (int32 [B,Hkv,nQ,K], -1 = unused slot).
+
+Which backend runs, strongest first:
+  1. the `backend=` argument of `sparse_reference_attention` (anything but "auto"),
+  2. the environment variable SPARSE_AVATAR_ATTENTION,
+  3. `set_default_backend(name)` (the ComfyUI nodes call it from ComfyUI's attention flags),
+  4. "auto": fused Triton (CUDA, supported dtype/head dim) -> FlexAttention (CUDA) ->
+     xformers (CUDA) -> dense SDPA -> reference (CPU fallback when the dense mask gets large).
+A backend named explicitly (1-3) that cannot run these inputs is an error, never a silent swap.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+from ..errors import UserFacingError
+from .inputs import AttentionShapes
+
+ENV_VAR = "SPARSE_AVATAR_ATTENTION"
+BACKEND_NAMES = ("triton", "flex", "xformers", "dense", "reference")
+AUTO = "auto"
+
+# The dense backend materialises a [B, H, Lq, Lq+S+Lr] mask and score matrix; above this many
+# elements "auto" on CPU prefers the reference backend, whose reference branch only touches the
+# selected blocks (B·H·Lq·k·b scores).
+DENSE_AUTO_LIMIT = 1 << 26
+
+_default_backend = AUTO
+
+Attention = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _check_name(name: str, what: str) -> str:
+    normalised = str(name).strip().lower()
+    if normalised not in (AUTO, *BACKEND_NAMES):
+        raise UserFacingError(
+            f"unknown attention backend {name!r} ({what}); choose one of: {', '.join((AUTO, *BACKEND_NAMES))}."
+        )
+    return normalised
+
+
+def set_default_backend(name: str) -> None:
+    """Backend used when neither the call nor SPARSE_AVATAR_ATTENTION names one ("auto" to reset)."""
+    global _default_backend
+    _default_backend = _check_name(name, "set_default_backend")
+
+
+def get_default_backend() -> str:
+    return _default_backend
+
+
+def backend_for_comfyui_flags(flags) -> str:
+    """Map ComfyUI's attention command-line flags (comfy.cli_args.args) to a backend name.
+
+    --use-pytorch-cross-attention asks for plain PyTorch SDPA -> "dense". Flash/Sage/xformers
+    flags ask for the fastest kernels -> "auto" (fused Triton, else Flex, else xformers).
+    No flag -> "auto". Takes any object with those attributes, so it needs no ComfyUI import.
+    """
+    if getattr(flags, "use_pytorch_cross_attention", False):
+        return "dense"
+    return AUTO
+
+
+# ---- availability --------------------------------------------------------------------------
+
+
+def _load_triton() -> tuple[object | None, str]:
+    try:
+        module = importlib.import_module(".triton_fused", __package__)
+    except Exception as error:  # absent module or a broken triton install: fall through
+        return None, f"sparse_attention.triton_fused could not be imported ({type(error).__name__}: {error})"
+    if not hasattr(module, "fused_sparse_attention") or not hasattr(module, "is_supported"):
+        return None, "sparse_attention.triton_fused lacks fused_sparse_attention/is_supported"
+    return module, ""
+
+
+def _triton(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
+    module, reason = _load_triton()
+    if module is None:
+        return None, reason
+    if not module.is_supported(q, shapes.block_size):
+        return None, (
+            f"the fused Triton kernels do not support these inputs (device {q.device}, dtype {q.dtype}, "
+            f"head dim {shapes.head_dim}, block size {shapes.block_size}); they need a CUDA tensor, "
+            "fp16/bf16/fp32, head dim 64 or 128, block size 64 or 128"
+        )
+    return module.fused_sparse_attention, ""
+
+
+def _flex(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
+    from . import flex
+
+    reason = flex.unavailable_reason(q, shapes)
+    return (None, reason) if reason else (flex.flex_sparse_attention, "")
+
+
+def _xformers(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
+    from . import xformers_backend
+
+    reason = xformers_backend.unavailable_reason(q, shapes)
+    return (None, reason) if reason else (xformers_backend.xformers_sparse_attention, "")
+
+
+def _dense(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
+    from .dense import dense_sparse_attention
+
+    return dense_sparse_attention, ""
+
+
+def _reference(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
+    from .reference import reference_attention
+
+    return reference_attention, ""
+
+
+_FINDERS = {"triton": _triton, "flex": _flex, "xformers": _xformers, "dense": _dense, "reference": _reference}
+
+
+def available_backends(q: torch.Tensor, shapes: AttentionShapes) -> dict[str, str]:
+    """{name: "" if it can run these inputs, else why not}, for diagnostics and tests."""
+    return {name: _FINDERS[name](q, shapes)[1] for name in BACKEND_NAMES}
+
+
+def requested_backend(name: str = AUTO) -> str:
+    """The backend name in force for a call: argument, else env var, else the default."""
+    name = _check_name(name, "backend argument")
+    if name != AUTO:
+        return name
+    from_env = os.environ.get(ENV_VAR, "").strip()
+    if from_env:
+        return _check_name(from_env, f"environment variable {ENV_VAR}")
+    return _default_backend
+
+
+def _auto(q: torch.Tensor, shapes: AttentionShapes) -> tuple[str, Attention]:
+    if q.is_cuda:
+        for name in ("triton", "flex", "xformers"):
+            attention, _ = _FINDERS[name](q, shapes)
+            if attention is not None:
+                return name, attention
+    dense_elements = shapes.batch * shapes.heads * shapes.query_len * (shapes.query_len + shapes.static_len + shapes.ref_len)
+    name = "dense" if q.is_cuda or dense_elements <= DENSE_AUTO_LIMIT else "reference"
+    return name, _FINDERS[name](q, shapes)[0]
+
+
+def choose_backend(name: str, q: torch.Tensor, shapes: AttentionShapes) -> tuple[str, Attention]:
+    """(backend name, attention function) for these inputs; UserFacingError if the named one cannot run."""
+    name = requested_backend(name)
+    if name == AUTO:
+        return _auto(q, shapes)
+    attention, reason = _FINDERS[name](q, shapes)
+    if attention is None:
+        raise UserFacingError(
+            f"attention backend {name!r} is not available here: {reason}. "
+            f"Use backend='auto' (or unset {ENV_VAR}) to pick one that is."
+        )
+    return name, attention
+
+
+def resolve_backend(name: str, q: torch.Tensor, shapes: AttentionShapes) -> Attention:
+    return choose_backend(name, q, shapes)[1]

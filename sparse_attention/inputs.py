@@ -1,0 +1,180 @@
+"""Shape and dtype checks shared by the front door and every backend.
+
+Backends may assume what `check_attention_inputs` guarantees, so each of them does not repeat
+(and slightly vary) the same validation. Problems are reported as `UserFacingError` (a
+`ValueError`) naming the tensor, the shape it has and the shape it should have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserFacingError
+
+
+@dataclass(frozen=True)
+class AttentionShapes:
+    """Sizes of one sparse reference attention call (see sparse_attention/README.md)."""
+
+    batch: int
+    heads: int  # H: query heads (and clip key/value heads)
+    kv_heads: int  # Hkv: static/reference key/value heads
+    head_dim: int
+    query_len: int  # Lq
+    static_len: int  # S (0 when there are no static tokens)
+    ref_len: int  # Lr (0 when there is no reference)
+    block_size: int
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads sharing one key/value head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def query_blocks(self) -> int:
+        return ceil_div(self.query_len, self.block_size)
+
+    @property
+    def ref_blocks(self) -> int:
+        return ceil_div(self.ref_len, self.block_size)
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"shape {tuple(tensor.shape)}, dtype {tensor.dtype}, device {tensor.device}"
+
+
+def check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise UserFacingError(f"block_size must be a positive integer (e.g. 128); got {block_size!r}.")
+
+
+def check_top_k(top_k: int) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise UserFacingError(f"top_k must be a non-negative integer (e.g. 8); got {top_k!r}.")
+
+
+def _check_4d(name: str, tensor: torch.Tensor, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise UserFacingError(f"{name} must be a torch.Tensor laid out as {layout}; got {type(tensor).__name__}.")
+    if tensor.dim() != 4:
+        raise UserFacingError(f"{name} must be 4-D {layout}; got {_describe(tensor)}.")
+    if not tensor.is_floating_point():
+        raise UserFacingError(f"{name} must be a floating-point tensor (fp32, fp16 or bf16); got {_describe(tensor)}.")
+
+
+def check_ref_lengths(ref_lengths: torch.Tensor | None, batch: int, ref_len: int, device: torch.device) -> None:
+    if ref_lengths is None:
+        return
+    if not isinstance(ref_lengths, torch.Tensor) or ref_lengths.dim() != 1 or ref_lengths.shape[0] != batch:
+        got = _describe(ref_lengths) if isinstance(ref_lengths, torch.Tensor) else type(ref_lengths).__name__
+        raise UserFacingError(f"ref_lengths must be an integer tensor of shape [B]=[{batch}]; got {got}.")
+    if ref_lengths.is_floating_point() or ref_lengths.is_complex() or ref_lengths.dtype == torch.bool:
+        raise UserFacingError(f"ref_lengths must hold integers (torch.long); got {ref_lengths.dtype}.")
+    if ref_lengths.device != device:
+        raise UserFacingError(f"ref_lengths is on {ref_lengths.device} but the queries are on {device}; move it with .to(q.device).")
+    if batch and (int(ref_lengths.min()) < 0 or int(ref_lengths.max()) > ref_len):
+        raise UserFacingError(
+            f"ref_lengths must lie in [0, Lr={ref_len}]; got values from {int(ref_lengths.min())} to {int(ref_lengths.max())}."
+        )
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    static_k: torch.Tensor | None,
+    static_v: torch.Tensor | None,
+    ref_k: torch.Tensor | None,
+    ref_v: torch.Tensor | None,
+    ref_lengths: torch.Tensor | None,
+    block_size: int,
+) -> AttentionShapes:
+    """Validate one call's tensors and return its sizes; raise UserFacingError on any mismatch."""
+    check_block_size(block_size)
+    _check_4d("q", q, "[B, H, Lq, d]")
+    batch, heads, query_len, head_dim = q.shape
+    for name, tensor in (("k", k), ("v", v)):
+        _check_4d(name, tensor, "[B, H, Lq, d]")
+        if tensor.shape != q.shape:
+            raise UserFacingError(
+                f"{name} must have the same shape as q {tuple(q.shape)} (clip keys/values use all H heads); got {_describe(tensor)}."
+            )
+
+    kv_heads = None
+    lengths = {}
+    for branch, key, value, length_name in (("static", static_k, static_v, "S"), ("ref", ref_k, ref_v, "Lr")):
+        if (key is None) != (value is None):
+            raise UserFacingError(f"pass both {branch}_k and {branch}_v, or neither.")
+        if key is None:
+            lengths[branch] = 0
+            continue
+        layout = f"[B, Hkv, {length_name}, d]"
+        _check_4d(f"{branch}_k", key, layout)
+        _check_4d(f"{branch}_v", value, layout)
+        if key.shape != value.shape:
+            raise UserFacingError(f"{branch}_k and {branch}_v must have the same shape; got {tuple(key.shape)} and {tuple(value.shape)}.")
+        if key.shape[0] != batch or key.shape[3] != head_dim:
+            raise UserFacingError(
+                f"{branch}_k must be {layout} with B={batch} and d={head_dim} like q; got {_describe(key)}."
+            )
+        if kv_heads is not None and key.shape[1] != kv_heads:
+            raise UserFacingError(
+                f"static and reference branches must have the same number of key/value heads; got {kv_heads} and {key.shape[1]}."
+            )
+        kv_heads = key.shape[1]
+        lengths[branch] = key.shape[2]
+
+    if kv_heads is None:
+        kv_heads = heads
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise UserFacingError(
+            f"the number of query heads H={heads} must be a multiple of the key/value heads Hkv={kv_heads} "
+            "(grouped-query attention); choose kv_heads that divides heads."
+        )
+
+    for name, tensor in (("k", k), ("v", v), ("static_k", static_k), ("static_v", static_v), ("ref_k", ref_k), ("ref_v", ref_v)):
+        if tensor is None:
+            continue
+        if tensor.dtype != q.dtype:
+            raise UserFacingError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; cast all attention inputs to one dtype.")
+        if tensor.device != q.device:
+            raise UserFacingError(f"{name} is on {tensor.device} but q is on {q.device}; put all attention inputs on one device.")
+
+    check_ref_lengths(ref_lengths, batch, lengths["ref"], q.device)
+    return AttentionShapes(
+        batch=batch,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        query_len=query_len,
+        static_len=lengths["static"],
+        ref_len=lengths["ref"],
+        block_size=block_size,
+    )
+
+
+def check_block_indices(block_indices: torch.Tensor, shapes: AttentionShapes) -> None:
+    """Block indices must be integer [B, Hkv, nQ, K] with ids in [-1, nR)."""
+    expected = (shapes.batch, shapes.kv_heads, shapes.query_blocks)
+    if (
+        not isinstance(block_indices, torch.Tensor)
+        or block_indices.dim() != 4
+        or tuple(block_indices.shape[:3]) != expected
+    ):
+        got = _describe(block_indices) if isinstance(block_indices, torch.Tensor) else type(block_indices).__name__
+        raise UserFacingError(
+            f"block_indices must be an integer tensor [B, Hkv, nQ, K] = [{expected[0]}, {expected[1]}, {expected[2]}, K] "
+            f"(from route_reference_blocks); got {got}."
+        )
+    if block_indices.is_floating_point() or block_indices.dtype == torch.bool:
+        raise UserFacingError(f"block_indices must hold integers (int32); got {block_indices.dtype}.")
+    if block_indices.numel() and (int(block_indices.min()) < -1 or int(block_indices.max()) >= shapes.ref_blocks):
+        raise UserFacingError(
+            f"block_indices must hold reference block ids in [0, nR={shapes.ref_blocks}) or -1 for an unused slot; "
+            f"got values from {int(block_indices.min())} to {int(block_indices.max())}."
+        )

@@ -1,0 +1,216 @@
+"""Sparse reference attention: the definition against brute force, every backend against the
+definition (outputs, lse, gradients), routing, dispatch and input errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparse_avatar.errors import UserFacingError
+from sparse_avatar.sparse_attention import (
+    reference_block_centroids,
+    route_reference_blocks,
+    set_default_backend,
+    sparse_reference_attention,
+)
+from sparse_avatar.sparse_attention import dispatch
+from sparse_avatar.sparse_attention.inputs import check_attention_inputs
+from sparse_avatar.sparse_attention.reference import reference_attention
+
+
+def make_inputs(batch=2, heads=4, kv_heads=2, query_len=21, static_len=3, ref_len=45, head_dim=8, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    tensors = {
+        "q": randn(batch, heads, query_len, head_dim),
+        "k": randn(batch, heads, query_len, head_dim),
+        "v": randn(batch, heads, query_len, head_dim),
+        "static_k": randn(batch, kv_heads, static_len, head_dim) if static_len is not None else None,
+        "static_v": randn(batch, kv_heads, static_len, head_dim) if static_len is not None else None,
+        "ref_k": randn(batch, kv_heads, ref_len, head_dim) if ref_len is not None else None,
+        "ref_v": randn(batch, kv_heads, ref_len, head_dim) if ref_len is not None else None,
+    }
+    return tensors
+
+
+def brute_force(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale=None):
+    """Plain softmax over [clip; static; ref] keys with a mask built by explicit loops."""
+    batch, heads, query_len, head_dim = q.shape
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros(batch, heads, query_len, head_dim, dtype=torch.float64)
+    lse = torch.zeros(batch, heads, query_len, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            keys, values = [k[b, h]], [v[b, h]]
+            if static_k is not None:
+                group = h // (heads // static_k.shape[1])
+                keys.append(static_k[b, group])
+                values.append(static_v[b, group])
+            ref_count = 0
+            if ref_k is not None:
+                group = h // (heads // ref_k.shape[1])
+                keys.append(ref_k[b, group])
+                values.append(ref_v[b, group])
+                ref_count = ref_k.shape[2]
+            all_keys = torch.cat(keys).double()
+            all_values = torch.cat(values).double()
+            prefix = all_keys.shape[0] - ref_count
+            for i in range(query_len):
+                allowed = torch.zeros(all_keys.shape[0], dtype=torch.bool)
+                allowed[:prefix] = True
+                if ref_count:
+                    length = ref_count if ref_lengths is None else int(ref_lengths[b])
+                    for block in block_indices[b, group, i // block_size].tolist():
+                        if block >= 0:
+                            for position in range(block * block_size, min((block + 1) * block_size, length)):
+                                allowed[prefix + position] = True
+                scores = (all_keys[allowed] @ q[b, h, i].double()) * scale
+                lse[b, h, i] = torch.logsumexp(scores, 0)
+                out[b, h, i] = torch.softmax(scores, 0) @ all_values[allowed]
+    return out, lse
+
+
+CASES = [
+    # name, batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths, forced
+    ("basic_G2", 2, 4, 2, 21, 3, 45, 8, 2, None, None),
+    ("G1_odd", 1, 2, 2, 13, 5, 31, 8, 1, None, None),
+    ("G4_padding", 2, 8, 2, 17, 2, 40, 8, 2, [40, 11], None),
+    ("k_exceeds_blocks", 1, 4, 1, 9, 3, 19, 8, 10, None, None),
+    ("no_static", 2, 4, 2, 16, None, 33, 8, 2, [33, 1], None),
+    ("static_len_zero", 1, 2, 1, 10, 0, 24, 8, 1, None, None),
+    ("empty_reference_tensor", 2, 4, 2, 11, 3, 0, 8, 3, None, None),
+    ("no_reference", 1, 4, 4, 11, 3, None, 8, 3, None, None),
+    ("forced_blocks", 2, 4, 2, 20, 3, 50, 8, 1, [50, 30], [[0, 6], [3, -1], [3, 3]]),
+    ("zero_length_row", 2, 2, 1, 9, 2, 16, 4, 2, [0, 16], None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_reference_matches_brute_force(case):
+    _, batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths, forced = case
+    inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len)
+    ref_lengths = None if lengths is None else torch.tensor(lengths)
+    forced_blocks = None
+    query_blocks = math.ceil(query_len / block)
+    if forced is not None:  # one row of forced ids per query block, cycling through `forced`
+        forced_blocks = torch.tensor([forced[i % len(forced)] for i in range(query_blocks)])[None, None]
+    out, lse = sparse_reference_attention(
+        **inputs, ref_lengths=ref_lengths, block_size=block, top_k=top_k, forced_blocks=forced_blocks,
+        backend="reference", return_lse=True,
+    )
+    block_indices = None
+    if inputs["ref_k"] is not None and ref_len > 0:
+        centroids = reference_block_centroids(inputs["ref_k"], ref_lengths, block)
+        block_indices = route_reference_blocks(inputs["q"], centroids, ref_lengths, block_size=block, top_k=top_k, forced_blocks=forced_blocks)
+    expected_out, expected_lse = brute_force(**inputs, ref_lengths=ref_lengths, block_indices=block_indices, block_size=block)
+    torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-10, atol=1e-10)
+
+
+def test_top_k_covering_all_blocks_equals_plain_attention():
+    inputs = make_inputs(batch=2, heads=4, kv_heads=1, query_len=19, static_len=4, ref_len=37)
+    ref_lengths = torch.tensor([37, 22])
+    out, lse = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=8, top_k=5, backend="reference", return_lse=True)
+    group_size = 4
+    keys = torch.cat([inputs["k"], inputs["static_k"].repeat_interleave(group_size, 1), inputs["ref_k"].repeat_interleave(group_size, 1)], 2)
+    values = torch.cat([inputs["v"], inputs["static_v"].repeat_interleave(group_size, 1), inputs["ref_v"].repeat_interleave(group_size, 1)], 2)
+    mask = torch.ones(2, 1, 1, keys.shape[2], dtype=torch.bool)
+    mask[1, ..., 19 + 4 + 22:] = False
+    expected = torch.nn.functional.scaled_dot_product_attention(inputs["q"], keys, values, attn_mask=mask)
+    scores = (inputs["q"] @ keys.transpose(-1, -2)) / math.sqrt(8)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1))
+
+
+def test_gradcheck_fp64_tiny():
+    inputs = make_inputs(batch=1, heads=2, kv_heads=1, query_len=5, static_len=2, ref_len=7, head_dim=3)
+    ref_lengths = torch.tensor([6])
+    names = ["q", "k", "v", "static_k", "static_v", "ref_k", "ref_v"]
+    tensors = [inputs[name].clone().requires_grad_(True) for name in names]
+    block_indices = torch.tensor([[[[1, -1], [0, 1]]]], dtype=torch.int32)  # nQ = 2 blocks of 4
+
+    def function(*args):
+        out, lse = reference_attention(*args, ref_lengths, block_indices, 4, 0.7)
+        return out, lse
+
+    assert torch.autograd.gradcheck(function, tensors, eps=1e-6, atol=1e-7)
+
+
+def test_routing_finds_the_planted_block():
+    head_dim, block = 16, 8
+    generator = torch.Generator().manual_seed(3)
+    ref_k = torch.randn(1, 1, 6 * block, head_dim, generator=generator) * 0.1
+    direction = torch.zeros(head_dim)
+    direction[5] = 1.0
+    ref_k[0, 0, 4 * block:5 * block] += 3 * direction  # block 4 points along `direction`
+    q = torch.randn(1, 2, 2 * block, head_dim, generator=generator) * 0.1
+    q[:, :, block:] += 2 * direction  # the second query block looks for it, the first avoids it
+    q[:, :, :block] -= 2 * direction
+    centroids = reference_block_centroids(ref_k, block_size=block)
+    chosen = route_reference_blocks(q, centroids, block_size=block, top_k=1)
+    assert chosen.dtype == torch.int32 and chosen.shape == (1, 1, 2, 1)
+    assert int(chosen[0, 0, 1, 0]) == 4
+    assert int(chosen[0, 0, 0, 0]) != 4
+
+
+def test_routing_forced_first_no_duplicates_invalid_never_chosen():
+    generator = torch.Generator().manual_seed(4)
+    batch, kv_heads, block, ref_len = 2, 2, 4, 30  # nR = 8
+    q = torch.randn(batch, 4, 13, 6, generator=generator)  # nQ = 4
+    ref_k = torch.randn(batch, kv_heads, ref_len, 6, generator=generator)
+    ref_lengths = torch.tensor([30, 9])  # second item: blocks 0..2 valid
+    forced = torch.tensor([[[[5, 5, -1], [2, 7, 0], [-1, -1, -1], [6, 1, 6]]]])  # [1, 1, nQ, F]
+    centroids = reference_block_centroids(ref_k, ref_lengths, block)
+    chosen = route_reference_blocks(q, centroids, ref_lengths, block_size=block, top_k=3, forced_blocks=forced)
+    assert chosen.shape == (batch, kv_heads, 4, 6)
+    for b in range(batch):
+        valid_blocks = set(range(math.ceil(int(ref_lengths[b]) / block)))
+        for h in range(kv_heads):
+            for i in range(4):
+                row = chosen[b, h, i].tolist()
+                ids = [x for x in row if x >= 0]
+                assert row == ids + [-1] * (len(row) - len(ids)), "chosen ids must precede unused slots"
+                assert len(ids) == len(set(ids)), "duplicates"
+                assert set(ids) <= valid_blocks, "an invalid block was chosen"
+                expected_forced = list(dict.fromkeys(x for x in forced[0, 0, i].tolist() if x in valid_blocks))
+                assert ids[: len(expected_forced)] == expected_forced
+                assert len(ids) == min(len(valid_blocks), len(expected_forced) + 3)
+
+
+def test_routing_top_scores_in_descending_order():
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 8, 4, generator=generator)
+    centroids = torch.randn(1, 1, 6, 4, generator=generator)
+    chosen = route_reference_blocks(q, centroids, block_size=8, top_k=6)[0, 0, 0]
+    pooled = q[0].mean(dim=(0, 1))
+    scores = centroids[0, 0] @ pooled
+    assert chosen.tolist() == torch.argsort(scores, descending=True).tolist()
+
+
+def test_centroids_exclude_padding_even_nan():
+    ref_k = torch.arange(2 * 1 * 10 * 2, dtype=torch.float32).view(2, 1, 10, 2)
+    ref_k[1, 0, 5:] = float("nan")
+    centroids = reference_block_centroids(ref_k, torch.tensor([10, 5]), block_size=4)
+    assert centroids.shape == (2, 1, 3, 2)
+    torch.testing.assert_close(centroids[0, 0, 2], ref_k[0, 0, 8:10].mean(0))
+    torch.testing.assert_close(centroids[1, 0, 1], ref_k[1, 0, 4])
+    assert torch.equal(centroids[1, 0, 2], torch.zeros(2))
+
+
+def test_reference_ignores_nan_in_reference_padding():
+    inputs = make_inputs(batch=2, heads=2, kv_heads=1, query_len=9, static_len=2, ref_len=20, dtype=torch.float32)
+    ref_lengths = torch.tensor([20, 7])
+    clean_out = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=4, top_k=2, backend="reference")
+    inputs["ref_k"][1, :, 7:] = float("nan")
+    inputs["ref_v"][1, :, 7:] = float("nan")
+    for name in ("q", "ref_k", "ref_v"):
+        inputs[name].requires_grad_(True)
+    out = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=4, top_k=2, backend="reference")
+    torch.testing.assert_close(out, clean_out)
+    out.sum().backward()
+    assert torch.isfinite(inputs["q"].grad).all()
+    assert torch.isfinite(inputs["ref_k"].grad[1, :, :7]).all()
