@@ -1,0 +1,8 @@
+"""Media pipeline: decode, resample, face track/crop/paste-back, speech features, encode.
+
+A plain list of re-exports (several engineers add lines here); see each module for details.
+"""
+from .paths import resolve_input_path
+from .audio import SPEECH_SAMPLE_RATE, load_audio, resample_audio
+from .comfy_types import audio_to_comfy, comfy_image_to_frames, frames_to_comfy_image
+from .video_io import MediaInfo, ReferenceVideo, iter_video_frames, load_reference_video, probe_media, write_video
