@@ -1,0 +1,664 @@
+"""Fused Triton kernels for sparse reference attention (forward and backward).
+
+One softmax over three key sets, in a single pass per (batch, query head, query tile):
+    clip keys (H heads, all Lq)  ∪  static keys (Hkv heads, all S)  ∪  the selected reference
+    blocks (Hkv heads, compact int32 ``block_indices [B, Hkv, nQ, K]``, -1 = none; positions at or
+    beyond ``ref_lengths[b]`` masked).
+The definition of correct is ``reference.py``; this file must agree with it (tests in
+``tests/test_sparse_attention_triton.py``, run on CPU under ``TRITON_INTERPRET=1``).
+
+Structure follows the classic flash-attention layout (forward with online softmax in base 2;
+backward = delta preprocessing, a dQ kernel that repeats the forward loop, and a dK/dV kernel that
+owns its key tile and loops over the queries that attended to it, so no atomics are needed).
+For reference blocks the dK/dV kernel needs "which query blocks selected this block": an inverse
+index in CSR form built with sort + searchsorted on the device (no dense nQ x nR mask, no host
+sync).
+
+Grid order: programs are numbered with the query head fastest, so the G heads of one GQA group
+(which read the same reference blocks) and neighbouring query tiles of one head (which read the
+same clip keys) run at the same time and share those tiles through L2.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the pack runs without it (dispatch falls back to other backends).
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    _HAVE_TRITON = False
+
+from ..errors import UserFacingError
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# Tests set this to fill every output with NaN before the kernels run, so an element a kernel
+# forgot to write shows up as NaN instead of as a plausible stale value.
+POISON_OUTPUTS_FOR_TESTS = False
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_supported(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the fused kernels can run these inputs (device, dtype, head dim, block size)."""
+    if not _HAVE_TRITON:
+        return False
+    interpreting = _interpreting()
+    if not (q.is_cuda or interpreting):
+        return False
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return False
+    head_dims = (16, 32, 64, 128) if interpreting else (64, 128)
+    block_sizes = (16, 32, 64, 128) if interpreting else (64, 128)
+    return q.shape[-1] in head_dims and block_size in block_sizes
+
+
+# --------------------------------------------------------------------------------------------
+# Tile sizes. BLOCK_M (query rows per program) and BLOCK_N (keys per inner step) must divide the
+# routing block size so that a query tile lies inside one routing block and a key tile inside one
+# reference block. Tuned on H100 (bf16, d=128); see bench/results/sparse_attention.md.
+# --------------------------------------------------------------------------------------------
+_FORWARD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+_DKDV_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+
+
+def _tile_config(base: dict, block_size: int, head_dim: int) -> dict:
+    config = dict(base)
+    if _interpreting():
+        # The interpreter runs tiles as numpy arrays: small tiles keep tests fast and make the
+        # multi-tile paths (sub-tiles of a reference block, clip tails) actually run.
+        config.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    config["BLOCK_M"] = min(config["BLOCK_M"], block_size)
+    config["BLOCK_N"] = min(config["BLOCK_N"], block_size)
+    if head_dim <= 64 and not _interpreting():
+        config["num_warps"] = min(config["num_warps"], 4)
+    return config
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # fp32 inputs are the "exact" path: no TF32 rounding there.
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _online_softmax_step(acc, l_i, m_i, q, k, v, key_valid, qk_scale_log2,
+                             MASKED: tl.constexpr, IEEE: tl.constexpr):
+        """Fold one key tile into the running (acc, row sum l_i, row max m_i), base-2 domain."""
+        scores = _dot(q, tl.trans(k), IEEE) * qk_scale_log2
+        if MASKED:
+            scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        # m_i is finite after the first clip tile (every query sees >= 1 clip key), so a fully
+        # masked later tile gives p = 0 and alpha = 1, never NaN.
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, SK, SV, RK, RV, REF_LEN, BLOCK_IDX, SEL_COUNT, FULL_COUNT, OUT, LSE,
+        stride_qb, stride_qh, stride_ql,
+        stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl,
+        stride_skb, stride_skh, stride_skl,
+        stride_svb, stride_svh, stride_svl,
+        stride_rkb, stride_rkh, stride_rkl,
+        stride_rvb, stride_rvh, stride_rvl,
+        stride_ob, stride_oh, stride_ol,
+        H, HKV, Lq, S, NUM_Q_TILES, NQ_ROUTE, K_SEL,
+        qk_scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROUTE_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = pid % H
+        m_tile = (pid // H) % NUM_Q_TILES
+        b = pid // (H * NUM_Q_TILES)
+        hkv = h // (H // HKV)
+        b64 = b.to(tl.int64)
+
+        offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_valid = offs_m < Lq
+
+        q_ptrs = Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        # 1) clip keys: full tiles unmasked, then the tail tile masked.
+        k_base = K + b64 * stride_kb + h * stride_kh
+        v_base = V + b64 * stride_vb + h * stride_vh
+        clip_full = (Lq // BLOCK_N) * BLOCK_N
+        for n_start in range(0, clip_full, BLOCK_N):
+            cols = n_start + offs_n
+            k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :])
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, cols < Lq, qk_scale_log2,
+                                                 False, IEEE)
+        for n_start in range(clip_full, Lq, BLOCK_N):
+            cols = n_start + offs_n
+            key_valid = cols < Lq
+            k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, key_valid, qk_scale_log2,
+                                                 True, IEEE)
+
+        # 2) static keys (few: always masked).
+        sk_base = SK + b64 * stride_skb + hkv * stride_skh
+        sv_base = SV + b64 * stride_svb + hkv * stride_svh
+        for n_start in range(0, S, BLOCK_N):
+            cols = n_start + offs_n
+            key_valid = cols < S
+            k = tl.load(sk_base + cols[:, None] * stride_skl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            v = tl.load(sv_base + cols[:, None] * stride_svl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, key_valid, qk_scale_log2,
+                                                 True, IEEE)
+
+        # 3) selected reference blocks, compacted by the wrapper: ascending, duplicates and -1
+        # removed; the first FULL_COUNT lie wholly inside ref_lengths[b] (no mask needed), the
+        # rest (at most one) straddle or pass the end.
+        route_row = (b64 * HKV + hkv) * NQ_ROUTE + (m_tile * BLOCK_M) // ROUTE_BLOCK
+        num_selected = tl.load(SEL_COUNT + route_row)
+        num_full = tl.load(FULL_COUNT + route_row)
+        ref_len = tl.load(REF_LEN + b)
+        rk_base = RK + b64 * stride_rkb + hkv * stride_rkh
+        rv_base = RV + b64 * stride_rvb + hkv * stride_rvh
+        for j in range(0, num_full):
+            block = tl.load(BLOCK_IDX + route_row * K_SEL + j).to(tl.int64)
+            for sub in tl.static_range(0, ROUTE_BLOCK, BLOCK_N):
+                cols = block * ROUTE_BLOCK + sub + offs_n
+                k = tl.load(rk_base + cols[:, None] * stride_rkl + offs_d[None, :])
+                v = tl.load(rv_base + cols[:, None] * stride_rvl + offs_d[None, :])
+                acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, cols < ref_len,
+                                                     qk_scale_log2, False, IEEE)
+        for j in range(num_full, num_selected):
+            block = tl.load(BLOCK_IDX + route_row * K_SEL + j).to(tl.int64)
+            for sub in tl.static_range(0, ROUTE_BLOCK, BLOCK_N):
+                cols = block * ROUTE_BLOCK + sub + offs_n
+                key_valid = cols < ref_len
+                k = tl.load(rk_base + cols[:, None] * stride_rkl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+                v = tl.load(rv_base + cols[:, None] * stride_rvl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+                acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, key_valid,
+                                                     qk_scale_log2, True, IEEE)
+
+        acc = acc / l_i[:, None]
+        o_ptrs = OUT + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+        # LSE is contiguous [B, H, Lq], natural log.
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + (b64 * H + h) * Lq + offs_m, lse, mask=row_valid)
+
+    @triton.jit
+    def _dq_step(dq, q, do, lse_log2, delta, k, v, key_valid, qk_scale_log2,
+                 MASKED: tl.constexpr, IEEE: tl.constexpr):
+        scores = _dot(q, tl.trans(k), IEEE) * qk_scale_log2
+        p = tl.math.exp2(scores - lse_log2[:, None])
+        if MASKED:
+            p = tl.where(key_valid[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+        return dq
+
+    @triton.jit
+    def _dq_kernel(
+        Q, K, V, SK, SV, RK, RV, REF_LEN, BLOCK_IDX, SEL_COUNT, FULL_COUNT, DO, LSE, DELTA, DQ,
+        stride_qb, stride_qh, stride_ql,
+        stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl,
+        stride_skb, stride_skh, stride_skl,
+        stride_svb, stride_svh, stride_svl,
+        stride_rkb, stride_rkh, stride_rkl,
+        stride_rvb, stride_rvh, stride_rvl,
+        stride_dob, stride_doh, stride_dol,
+        stride_dqb, stride_dqh, stride_dql,
+        H, HKV, Lq, S, NUM_Q_TILES, NQ_ROUTE, K_SEL,
+        sm_scale, qk_scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROUTE_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = pid % H
+        m_tile = (pid // H) % NUM_Q_TILES
+        b = pid // (H * NUM_Q_TILES)
+        hkv = h // (H // HKV)
+        b64 = b.to(tl.int64)
+
+        offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_valid = offs_m < Lq
+
+        q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                    mask=row_valid[:, None], other=0.0)
+        do = tl.load(DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+                     mask=row_valid[:, None], other=0.0)
+        row_offset = (b64 * H + h) * Lq + offs_m
+        lse_log2 = tl.load(LSE + row_offset, mask=row_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_offset, mask=row_valid, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        k_base = K + b64 * stride_kb + h * stride_kh
+        v_base = V + b64 * stride_vb + h * stride_vh
+        clip_full = (Lq // BLOCK_N) * BLOCK_N
+        for n_start in range(0, clip_full, BLOCK_N):
+            cols = n_start + offs_n
+            k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :])
+            dq = _dq_step(dq, q, do, lse_log2, delta, k, v, cols < Lq, qk_scale_log2, False, IEEE)
+        for n_start in range(clip_full, Lq, BLOCK_N):
+            cols = n_start + offs_n
+            key_valid = cols < Lq
+            k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            dq = _dq_step(dq, q, do, lse_log2, delta, k, v, key_valid, qk_scale_log2, True, IEEE)
+
+        sk_base = SK + b64 * stride_skb + hkv * stride_skh
+        sv_base = SV + b64 * stride_svb + hkv * stride_svh
+        for n_start in range(0, S, BLOCK_N):
+            cols = n_start + offs_n
+            key_valid = cols < S
+            k = tl.load(sk_base + cols[:, None] * stride_skl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            v = tl.load(sv_base + cols[:, None] * stride_svl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+            dq = _dq_step(dq, q, do, lse_log2, delta, k, v, key_valid, qk_scale_log2, True, IEEE)
+
+        route_row = (b64 * HKV + hkv) * NQ_ROUTE + (m_tile * BLOCK_M) // ROUTE_BLOCK
+        num_selected = tl.load(SEL_COUNT + route_row)
+        num_full = tl.load(FULL_COUNT + route_row)
+        ref_len = tl.load(REF_LEN + b)
+        rk_base = RK + b64 * stride_rkb + hkv * stride_rkh
+        rv_base = RV + b64 * stride_rvb + hkv * stride_rvh
+        for j in range(0, num_full):
+            block = tl.load(BLOCK_IDX + route_row * K_SEL + j).to(tl.int64)
+            for sub in tl.static_range(0, ROUTE_BLOCK, BLOCK_N):
+                cols = block * ROUTE_BLOCK + sub + offs_n
+                k = tl.load(rk_base + cols[:, None] * stride_rkl + offs_d[None, :])
+                v = tl.load(rv_base + cols[:, None] * stride_rvl + offs_d[None, :])
+                dq = _dq_step(dq, q, do, lse_log2, delta, k, v, cols < ref_len, qk_scale_log2, False, IEEE)
+        for j in range(num_full, num_selected):
+            block = tl.load(BLOCK_IDX + route_row * K_SEL + j).to(tl.int64)
+            for sub in tl.static_range(0, ROUTE_BLOCK, BLOCK_N):
+                cols = block * ROUTE_BLOCK + sub + offs_n
+                key_valid = cols < ref_len
+                k = tl.load(rk_base + cols[:, None] * stride_rkl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+                v = tl.load(rv_base + cols[:, None] * stride_rvl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+                dq = _dq_step(dq, q, do, lse_log2, delta, k, v, key_valid, qk_scale_log2, True, IEEE)
+
+        dq = dq * sm_scale
+        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
+
+    @triton.jit
+    def _dkdv_step(dk, dv, k, v, key_valid, Q, DO, LSE, DELTA, q_base, do_base, row_base,
+                   stride_ql, stride_dol, m_start, Lq, qk_scale_log2,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+        """Add one query tile's contribution to this key tile's dK, dV (transposed layout)."""
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_valid = offs_m < Lq
+        q = tl.load(Q + q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        do = tl.load(DO + do_base + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        # Rows past Lq get lse = +inf, so their probabilities are exactly 0.
+        lse_log2 = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+        scores_t = _dot(k, tl.trans(q), IEEE) * qk_scale_log2
+        # Mask before exp2: padding keys may hold garbage whose exp would overflow.
+        scores_t = tl.where(key_valid[:, None], scores_t, float("-inf"))
+        p_t = tl.math.exp2(scores_t - lse_log2[None, :])
+        dv += _dot(p_t.to(do.dtype), do, IEEE)
+        dp_t = _dot(v, tl.trans(do), IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, IEEE)
+        return dk, dv
+
+    @triton.jit
+    def _dkdv_kernel(
+        Q, KEY, VAL, REF_LEN, CSR_OFFSETS, CSR_QUERY_BLOCKS, DO, LSE, DELTA, DKEY, DVAL,
+        stride_qb, stride_qh, stride_ql,
+        stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl,
+        stride_dob, stride_doh, stride_dol,
+        stride_dkb, stride_dkh, stride_dkl,
+        stride_dvb, stride_dvh, stride_dvl,
+        H, KV_HEADS, Lq, L_KEYS, NUM_K_TILES, NUM_ROUTE_BLOCKS,
+        sm_scale, qk_scale_log2,
+        KIND: tl.constexpr,  # 0 = clip (H heads), 1 = static (Hkv), 2 = reference (Hkv)
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROUTE_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        kv_head = pid % KV_HEADS
+        n_tile = (pid // KV_HEADS) % NUM_K_TILES
+        b = pid // (KV_HEADS * NUM_K_TILES)
+        b64 = b.to(tl.int64)
+        group = H // KV_HEADS
+
+        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_tensor = offs_n < L_KEYS
+        if KIND == 2:
+            key_valid = offs_n < tl.load(REF_LEN + b)
+        else:
+            key_valid = in_tensor
+        k = tl.load(KEY + b64 * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+                    mask=in_tensor[:, None], other=0.0)
+        v = tl.load(VAL + b64 * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+                    mask=in_tensor[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+        if KIND == 0:
+            # Clip keys belong to one query head and are seen by all of its queries.
+            q_base = b64 * stride_qb + kv_head * stride_qh
+            do_base = b64 * stride_dob + kv_head * stride_doh
+            row_base = (b64 * H + kv_head) * Lq
+            for m_start in range(0, Lq, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, key_valid, Q, DO, LSE, DELTA, q_base, do_base, row_base,
+                                    stride_ql, stride_dol, m_start, Lq, qk_scale_log2,
+                                    HEAD_DIM, BLOCK_M, IEEE)
+        elif KIND == 1:
+            # Static keys are seen by every query of every head in the group.
+            for g in range(0, group):
+                h = kv_head * group + g
+                q_base = b64 * stride_qb + h * stride_qh
+                do_base = b64 * stride_dob + h * stride_doh
+                row_base = (b64 * H + h) * Lq
+                for m_start in range(0, Lq, BLOCK_M):
+                    dk, dv = _dkdv_step(dk, dv, k, v, key_valid, Q, DO, LSE, DELTA, q_base, do_base, row_base,
+                                        stride_ql, stride_dol, m_start, Lq, qk_scale_log2,
+                                        HEAD_DIM, BLOCK_M, IEEE)
+        else:
+            # Reference keys: only the query blocks that selected this block (inverse index).
+            route_block = (n_tile * BLOCK_N) // ROUTE_BLOCK
+            csr_row = (b64 * KV_HEADS + kv_head) * NUM_ROUTE_BLOCKS + route_block
+            start = tl.load(CSR_OFFSETS + csr_row)
+            end = tl.load(CSR_OFFSETS + csr_row + 1)
+            for e in range(start, end):
+                query_block = tl.load(CSR_QUERY_BLOCKS + e)
+                for g in range(0, group):
+                    h = kv_head * group + g
+                    q_base = b64 * stride_qb + h * stride_qh
+                    do_base = b64 * stride_dob + h * stride_doh
+                    row_base = (b64 * H + h) * Lq
+                    for sub in tl.static_range(0, ROUTE_BLOCK, BLOCK_M):
+                        dk, dv = _dkdv_step(dk, dv, k, v, key_valid, Q, DO, LSE, DELTA, q_base, do_base,
+                                            row_base, stride_ql, stride_dol, query_block * ROUTE_BLOCK + sub,
+                                            Lq, qk_scale_log2, HEAD_DIM, BLOCK_M, IEEE)
+
+        dk = dk * sm_scale
+        tl.store(DKEY + b64 * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
+                 dk.to(DKEY.dtype.element_ty), mask=in_tensor[:, None])
+        tl.store(DVAL + b64 * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
+                 dv.to(DVAL.dtype.element_ty), mask=in_tensor[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS_FOR_TESTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _compact_block_indices(block_indices, ref_lengths, num_ref_blocks, block_size):
+    """Sort each query block's selection ascending, drop -1 and duplicates, count them.
+
+    Returns (indices int32 [B,Hkv,nQ,K] with the valid ids first, selected_count int32
+    [B,Hkv,nQ], full_count int32 [B,Hkv,nQ]) where the first full_count ids are blocks lying
+    wholly inside ref_lengths[b]. Ids of blocks that start at or beyond ref_lengths[b] are dropped
+    (they hold no valid key). All on the device, no host sync.
+    """
+    batch = block_indices.shape[0]
+    ids = block_indices.long()
+    sentinel = num_ref_blocks  # sorts after every real block id
+    starts_valid = (ids >= 0) & (ids * block_size < ref_lengths.view(batch, 1, 1, 1))
+    ids = torch.where(starts_valid, ids, torch.full_like(ids, sentinel))
+    ids, _ = torch.sort(ids, dim=-1)
+    duplicate = torch.zeros_like(starts_valid)
+    duplicate[..., 1:] = ids[..., 1:] == ids[..., :-1]
+    ids = torch.where(duplicate, torch.full_like(ids, sentinel), ids)
+    ids, _ = torch.sort(ids, dim=-1)
+    valid = ids < sentinel
+    full = valid & ((ids + 1) * block_size <= ref_lengths.view(batch, 1, 1, 1))
+    selected_count = valid.sum(-1, dtype=torch.int32)
+    full_count = full.sum(-1, dtype=torch.int32)
+    compact = torch.where(valid, ids, torch.full_like(ids, -1)).to(torch.int32).contiguous()
+    return compact, selected_count.contiguous(), full_count.contiguous()
+
+
+def _inverse_block_index(compact_indices, selected_count, num_ref_blocks):
+    """CSR of (b, hkv, ref block) -> query blocks that selected it, built with sort + searchsorted.
+
+    Returns (offsets int64 [B*Hkv*nR + 1], query_blocks int32 [B*Hkv*nQ*K]); the query blocks of
+    row r are query_blocks[offsets[r]:offsets[r+1]] in ascending order.
+    """
+    batch, kv_heads, num_query_blocks, k_sel = compact_indices.shape
+    device = compact_indices.device
+    num_rows = batch * kv_heads * num_ref_blocks
+    ids = compact_indices.long()
+    row_of_head = torch.arange(batch * kv_heads, device=device).view(batch, kv_heads, 1, 1) * num_ref_blocks
+    csr_row = torch.where(ids >= 0, row_of_head + ids, torch.full_like(ids, num_rows))
+    query_block = torch.arange(num_query_blocks, device=device).view(1, 1, num_query_blocks, 1)
+    composite = (csr_row * num_query_blocks + query_block).flatten()
+    composite, _ = torch.sort(composite)
+    sorted_rows = composite // num_query_blocks
+    offsets = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=device))
+    query_blocks = (composite % num_query_blocks).to(torch.int32)
+    return offsets.contiguous(), query_blocks.contiguous()
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _FusedSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale):
+        batch, heads, lq, head_dim = q.shape
+        kv_heads = static_k.shape[1]
+        static_len = static_k.shape[2]
+        ref_len_max = ref_k.shape[2]
+        num_ref_blocks = -(-ref_len_max // block_size)
+        num_route_q = -(-lq // block_size)
+        compact, selected_count, full_count = _compact_block_indices(
+            block_indices, ref_lengths, num_ref_blocks, block_size)
+        k_sel = compact.shape[-1]
+
+        out = _new_output(q.shape, q.dtype, q.device)
+        lse = _new_output((batch, heads, lq), torch.float32, q.device)
+        config = _tile_config(_FORWARD_CONFIG, block_size, head_dim)
+        num_q_tiles = -(-lq // config["BLOCK_M"])
+        grid = (batch * heads * num_q_tiles,)
+        if lq > 0:
+            _fwd_kernel[grid](
+                q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, compact, selected_count,
+                full_count, out, lse,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(static_k), *_strides(static_v),
+                *_strides(ref_k), *_strides(ref_v), *_strides(out),
+                heads, kv_heads, lq, static_len, num_q_tiles, num_route_q, k_sel,
+                scale * _LOG2E,
+                HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                ROUTE_BLOCK=block_size, IEEE=q.dtype == torch.float32,
+                num_warps=config["num_warps"], num_stages=config["num_stages"],
+            )
+        ctx.save_for_backward(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, compact,
+                              selected_count, full_count, out, lse)
+        ctx.block_size = block_size
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        (q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, compact, selected_count, full_count,
+         out, lse) = ctx.saved_tensors
+        block_size, scale = ctx.block_size, ctx.scale
+        batch, heads, lq, head_dim = q.shape
+        kv_heads = static_k.shape[1]
+        static_len = static_k.shape[2]
+        ref_len_max = ref_k.shape[2]
+        num_ref_blocks = -(-ref_len_max // block_size)
+        num_route_q = -(-lq // block_size)
+        k_sel = compact.shape[-1]
+        ieee = q.dtype == torch.float32
+
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_out = _last_dim_contiguous(grad_out)
+        # delta_i = sum_j P_ij dP_ij = rowsum(dO * O); a gradient on lse enters as -dlse, since
+        # d lse_i / d s_ij = P_ij.
+        delta = (grad_out.float() * out.float()).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.float()
+        delta = delta.contiguous()
+
+        dq = _new_output(q.shape, q.dtype, q.device)
+        dk = _new_output(k.shape, k.dtype, k.device)
+        dv = _new_output(v.shape, v.dtype, v.device)
+        dsk = _new_output(static_k.shape, static_k.dtype, static_k.device)
+        dsv = _new_output(static_v.shape, static_v.dtype, static_v.device)
+        drk = _new_output(ref_k.shape, ref_k.dtype, ref_k.device)
+        drv = _new_output(ref_v.shape, ref_v.dtype, ref_v.device)
+        if lq == 0:
+            return (dq, dk, dv, dsk.zero_(), dsv.zero_(), drk.zero_(), drv.zero_(),
+                    None, None, None, None)
+
+        config = _tile_config(_DQ_CONFIG, block_size, head_dim)
+        num_q_tiles = -(-lq // config["BLOCK_M"])
+        _dq_kernel[(batch * heads * num_q_tiles,)](
+            q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, compact, selected_count, full_count,
+            grad_out, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(static_k), *_strides(static_v),
+            *_strides(ref_k), *_strides(ref_v), *_strides(grad_out), *_strides(dq),
+            heads, kv_heads, lq, static_len, num_q_tiles, num_route_q, k_sel,
+            scale, scale * _LOG2E,
+            HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+            ROUTE_BLOCK=block_size, IEEE=ieee,
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+
+        config = _tile_config(_DKDV_CONFIG, block_size, head_dim)
+        csr_offsets, csr_query_blocks = _inverse_block_index(compact, selected_count, num_ref_blocks)
+        for kind, key, val, dkey, dval, kv_count, length in (
+            (0, k, v, dk, dv, heads, lq),
+            (1, static_k, static_v, dsk, dsv, kv_heads, static_len),
+            (2, ref_k, ref_v, drk, drv, kv_heads, ref_len_max),
+        ):
+            num_k_tiles = -(-length // config["BLOCK_N"])
+            if num_k_tiles == 0:
+                continue
+            _dkdv_kernel[(batch * kv_count * num_k_tiles,)](
+                q, key, val, ref_lengths, csr_offsets, csr_query_blocks, grad_out, lse, delta, dkey, dval,
+                *_strides(q), *_strides(key), *_strides(val), *_strides(grad_out),
+                *_strides(dkey), *_strides(dval),
+                heads, kv_count, lq, length, num_k_tiles, num_ref_blocks,
+                scale, scale * _LOG2E,
+                KIND=kind, HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                ROUTE_BLOCK=block_size, IEEE=ieee,
+                num_warps=config["num_warps"], num_stages=config["num_stages"],
+            )
+        return dq, dk, dv, dsk, dsv, drk, drv, None, None, None, None
+
+
+def fused_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices,
+                           block_size, scale):
+    """Sparse reference attention in fused Triton kernels; returns (out [B,H,Lq,d], lse [B,H,Lq] fp32).
+
+    Shapes as in the package contract (sparse_attention/__init__.py); static_* and ref_* may be
+    None, ref_lengths None means all Lr valid, block_indices int [B,Hkv,nQ,K] with -1 = none (may
+    be None only when there is no reference). Differentiable in q, k, v, static_*, ref_* (and
+    through lse). Check ``is_supported(q, block_size)`` first.
+    """
+    if not _HAVE_TRITON:
+        raise UserFacingError("The fused sparse-attention backend needs Triton; install triton or "
+                              "choose another attention backend (e.g. backend='reference').")
+    if q.dim() != 4:
+        raise UserFacingError(f"q must be [B, H, Lq, d]; got shape {tuple(q.shape)}.")
+    batch, heads, lq, head_dim = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise UserFacingError(f"clip k and v must match q {tuple(q.shape)}; got {tuple(k.shape)} and {tuple(v.shape)}.")
+    for name, tensor in (("static_k", static_k), ("static_v", static_v), ("ref_k", ref_k), ("ref_v", ref_v)):
+        if tensor is not None and tensor.dtype != q.dtype:
+            raise UserFacingError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; cast them to one dtype.")
+    if ref_k is not None:
+        kv_heads = ref_k.shape[1]
+    elif static_k is not None:
+        kv_heads = static_k.shape[1]
+    elif block_indices is not None and block_indices.dim() == 4:
+        kv_heads = block_indices.shape[1]
+    else:
+        kv_heads = heads
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise UserFacingError(f"{heads} query heads cannot be grouped onto {kv_heads} key/value heads; "
+                              "H must be a multiple of Hkv.")
+
+    def empty_kv():
+        return q.new_zeros((batch, kv_heads, 0, head_dim))
+
+    if static_k is None or static_v is None:
+        if (static_k is None) != (static_v is None):
+            raise UserFacingError("Pass both static_k and static_v, or neither.")
+        static_k_in, static_v_in = empty_kv(), empty_kv()
+    else:
+        static_k_in, static_v_in = static_k, static_v
+    if ref_k is None or ref_v is None:
+        if (ref_k is None) != (ref_v is None):
+            raise UserFacingError("Pass both ref_k and ref_v, or neither.")
+        ref_k_in, ref_v_in = empty_kv(), empty_kv()
+    else:
+        ref_k_in, ref_v_in = ref_k, ref_v
+    for name, tensor in (("static_k", static_k_in), ("static_v", static_v_in), ("ref_k", ref_k_in), ("ref_v", ref_v_in)):
+        if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[1] != kv_heads or tensor.shape[3] != head_dim:
+            raise UserFacingError(f"{name} must be [B={batch}, Hkv={kv_heads}, L, d={head_dim}]; got {tuple(tensor.shape)}.")
+    if static_k_in.shape != static_v_in.shape or ref_k_in.shape != ref_v_in.shape:
+        raise UserFacingError("static_k/static_v (and ref_k/ref_v) must have the same shape.")
+
+    ref_len_max = ref_k_in.shape[2]
+    num_route_q = -(-lq // block_size)
+    if ref_lengths is None:
+        ref_lengths = torch.full((batch,), ref_len_max, dtype=torch.int32, device=q.device)
+    else:
+        ref_lengths = ref_lengths.to(device=q.device, dtype=torch.int32).clamp(0, ref_len_max).contiguous()
+    if ref_len_max == 0 or block_indices is None:
+        if ref_len_max > 0:
+            raise UserFacingError("block_indices are required when a reference is given; route them with "
+                                  "route_reference_blocks() or call sparse_reference_attention().")
+        block_indices = torch.full((batch, kv_heads, num_route_q, 1), -1, dtype=torch.int32, device=q.device)
+    if block_indices.dim() != 4 or block_indices.shape[0] != batch or block_indices.shape[2] != num_route_q:
+        raise UserFacingError(f"block_indices must be [B={batch}, Hkv={kv_heads}, nQ={num_route_q}, K]; "
+                              f"got {tuple(block_indices.shape)}.")
+    block_indices = block_indices.to(q.device).expand(batch, kv_heads, num_route_q, block_indices.shape[3])
+    if block_indices.shape[3] == 0:
+        block_indices = torch.full((batch, kv_heads, num_route_q, 1), -1, dtype=torch.int32, device=q.device)
+    # Ids outside [0, nR) or starting at/after ref_lengths[b] hold no valid key: the compaction in
+    # forward drops them (checking here would cost a host sync on every call).
+    if scale is None:
+        scale = head_dim ** -0.5
+    tensors = [_last_dim_contiguous(t) for t in (q, k, v, static_k_in, static_v_in, ref_k_in, ref_v_in)]
+    out, lse = _FusedSparseAttention.apply(*tensors, ref_lengths, block_indices, int(block_size), float(scale))
+    return out, lse
