@@ -236,8 +236,8 @@ def iter_video_frames(
     """Stream ``(frame_index, time_s, rgb_uint8[H,W,3])`` on a constant-rate grid.
 
     Output frame ``i`` is the decoded frame whose timestamp is nearest to ``start_s + i / fps``
-    (default fps: the source's average), so variable-rate sources come out constant-rate and
-    the frame count is round(duration * fps). Rotation is applied; ``max_side`` downscales in
+    (default fps: the source's nominal rate), so variable-rate sources come out constant-rate;
+    every grid time inside the clip gets a frame, so the count is ceil(duration * fps). Rotation is applied; ``max_side`` downscales in
     FFmpeg's scaler (cheap) before ``transform`` (e.g. a face crop) runs once per distinct source
     frame, so full-size frames are never all held in memory.
     """

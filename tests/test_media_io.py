@@ -123,11 +123,12 @@ def write_audio_file(path: Path, wave: np.ndarray, rate: int, *, codec: str, lay
             data = samples.astype(np.float32).T.reshape(1, -1)
         else:
             data = samples.astype(np.float32)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
-        frame.sample_rate = rate
-        frame.pts = 0
-        frame.time_base = Fraction(1, rate)
-        container.mux(stream.encode(frame))
+        if data.size:  # an empty file is a header only
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
+            frame.sample_rate = rate
+            frame.pts = 0
+            frame.time_base = Fraction(1, rate)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return path
 
