@@ -214,3 +214,222 @@ def test_reference_ignores_nan_in_reference_padding():
     out.sum().backward()
     assert torch.isfinite(inputs["q"].grad).all()
     assert torch.isfinite(inputs["ref_k"].grad[1, :, :7]).all()
+
+
+# ---- backends against the definition --------------------------------------------------------
+
+BACKEND_CASES = [
+    # batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths
+    (2, 4, 2, 37, 5, 53, 8, 3, [53, 20]),
+    (1, 4, 1, 16, None, 32, 8, 2, None),
+    (2, 2, 2, 9, 3, 13, 4, 9, [0, 13]),
+    (1, 8, 2, 11, 2, 0, 4, 2, None),
+]
+TENSOR_NAMES = ["q", "k", "v", "static_k", "static_v", "ref_k", "ref_v"]
+
+
+def run_backend(backend, inputs, ref_lengths, block, top_k, with_grad):
+    leaves = {name: (None if tensor is None else tensor.clone().requires_grad_(with_grad)) for name, tensor in inputs.items()}
+    out, lse = sparse_reference_attention(**leaves, ref_lengths=ref_lengths, block_size=block, top_k=top_k, backend=backend, return_lse=True)
+    grads = {}
+    if with_grad:
+        # A loss that weighs out and lse, so the lse gradient is checked too.
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        ((out * weights).sum() + lse.sum()).backward()
+        grads = {name: tensor.grad for name, tensor in leaves.items() if tensor is not None}
+    return out, lse, grads
+
+
+def flex_or_skip():
+    from sparse_avatar.sparse_attention import flex
+
+    shapes = check_attention_inputs(*make_inputs(batch=1).values(), None, 8)
+    reason = flex.unavailable_reason(torch.zeros(1), shapes)
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_dense_backend_matches_reference(case, dtype):
+    batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths = case
+    inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len, dtype=dtype, seed=7)
+    ref_lengths = None if lengths is None else torch.tensor(lengths)
+    expected = run_backend("reference", inputs, ref_lengths, block, top_k, with_grad=True)
+    got = run_backend("dense", inputs, ref_lengths, block, top_k, with_grad=True)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], **tolerance)
+    torch.testing.assert_close(got[1], expected[1], **tolerance)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, **tolerance, msg=f"gradient of {name}")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_flex_backend_matches_reference_forward(case):
+    flex_or_skip()
+    batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths = case
+    inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len, dtype=torch.float32, seed=8)
+    ref_lengths = None if lengths is None else torch.tensor(lengths)
+    expected = run_backend("reference", inputs, ref_lengths, block, top_k, with_grad=False)
+    got = run_backend("flex", inputs, ref_lengths, block, top_k, with_grad=False)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
+
+
+def test_flex_backend_gradients_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("Flex has no CPU backward (eager CPU Flex raises NotImplementedError); checked on CUDA only")
+    flex_or_skip()
+    inputs = {name: (None if t is None else t.cuda()) for name, t in make_inputs(2, 8, 2, 200, 7, 700, head_dim=64, dtype=torch.float32, seed=9).items()}
+    ref_lengths = torch.tensor([700, 333], device="cuda")
+    expected = run_backend("reference", inputs, ref_lengths, 64, 3, with_grad=True)
+    got = run_backend("flex", inputs, ref_lengths, 64, 3, with_grad=True)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-3, atol=1e-3)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-3, atol=1e-3, msg=f"gradient of {name}")
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_dispatch(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    yield monkeypatch
+    set_default_backend("auto")
+
+
+def shapes_of(inputs, block=8):
+    return check_attention_inputs(*inputs.values(), None, block)
+
+
+def test_auto_on_cpu_picks_dense_for_small_and_reference_for_large(clean_dispatch):
+    small = make_inputs(dtype=torch.float32)
+    assert dispatch.choose_backend("auto", small["q"], shapes_of(small))[0] == "dense"
+    clean_dispatch.setattr(dispatch, "DENSE_AUTO_LIMIT", 10)
+    assert dispatch.choose_backend("auto", small["q"], shapes_of(small))[0] == "reference"
+
+
+def test_argument_env_var_and_default_precedence(clean_dispatch):
+    inputs = make_inputs(dtype=torch.float32)
+    q, shapes = inputs["q"], shapes_of(inputs)
+    set_default_backend("reference")
+    assert dispatch.choose_backend("auto", q, shapes)[0] == "reference"
+    clean_dispatch.setenv(dispatch.ENV_VAR, "Dense")
+    assert dispatch.choose_backend("auto", q, shapes)[0] == "dense"
+    assert dispatch.choose_backend("reference", q, shapes)[0] == "reference"
+
+
+def test_env_var_changes_what_the_front_door_runs(clean_dispatch):
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        from sparse_avatar.sparse_attention.reference import reference_attention as definition
+
+        return definition(*args)
+
+    clean_dispatch.setitem(dispatch._FINDERS, "reference", lambda q, shapes: (spy, ""))
+    inputs = make_inputs(dtype=torch.float32)
+    sparse_reference_attention(**inputs, block_size=8)
+    assert not calls
+    clean_dispatch.setenv(dispatch.ENV_VAR, "reference")
+    sparse_reference_attention(**inputs, block_size=8)
+    assert len(calls) == 1
+
+
+def test_unknown_or_unavailable_backend_is_a_clear_error(clean_dispatch):
+    inputs = make_inputs(dtype=torch.float32)
+    with pytest.raises(UserFacingError, match="unknown attention backend 'fastest'"):
+        sparse_reference_attention(**inputs, block_size=8, backend="fastest")
+    with pytest.raises(UserFacingError, match="unknown attention backend"):
+        set_default_backend("sage")
+    clean_dispatch.setenv(dispatch.ENV_VAR, "nonsense")
+    with pytest.raises(UserFacingError, match=dispatch.ENV_VAR):
+        sparse_reference_attention(**inputs, block_size=8)
+    clean_dispatch.delenv(dispatch.ENV_VAR)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserFacingError, match="'triton' is not available"):
+            sparse_reference_attention(**inputs, block_size=8, backend="triton")
+        with pytest.raises(UserFacingError, match="'xformers' is not available"):
+            sparse_reference_attention(**inputs, block_size=8, backend="xformers")
+
+
+def test_comfyui_flags_map_to_backends():
+    class Flags:
+        use_pytorch_cross_attention = False
+        use_flash_attention = False
+        use_sage_attention = False
+
+    flags = Flags()
+    assert dispatch.backend_for_comfyui_flags(flags) == "auto"
+    flags.use_sage_attention = True
+    assert dispatch.backend_for_comfyui_flags(flags) == "auto"
+    flags.use_pytorch_cross_attention = True
+    assert dispatch.backend_for_comfyui_flags(flags) == "dense"
+
+
+def test_available_backends_reports_reasons():
+    inputs = make_inputs(dtype=torch.float32)
+    report = dispatch.available_backends(inputs["q"], shapes_of(inputs))
+    assert set(report) == set(dispatch.BACKEND_NAMES)
+    assert report["dense"] == "" and report["reference"] == ""
+    if not torch.cuda.is_available():
+        assert report["triton"] and report["xformers"]
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_user_facing_errors():
+    inputs = make_inputs(dtype=torch.float32)
+    good = dict(inputs)
+
+    def call(**overrides):
+        return sparse_reference_attention(**{**good, **overrides}, block_size=8)
+
+    with pytest.raises(UserFacingError, match="k must have the same shape as q"):
+        call(k=inputs["k"][:, :, :5])
+    with pytest.raises(UserFacingError, match="multiple of the key/value heads"):
+        call(q=torch.randn(2, 3, 21, 8), k=torch.randn(2, 3, 21, 8), v=torch.randn(2, 3, 21, 8))
+    with pytest.raises(UserFacingError, match="pass both ref_k and ref_v"):
+        call(ref_v=None)
+    with pytest.raises(UserFacingError, match="same number of key/value heads"):
+        call(static_k=torch.randn(2, 1, 3, 8), static_v=torch.randn(2, 1, 3, 8))
+    with pytest.raises(UserFacingError, match="4-D"):
+        call(q=inputs["q"][0])
+    with pytest.raises(UserFacingError, match="d=8"):
+        call(ref_k=torch.randn(2, 2, 45, 4), ref_v=torch.randn(2, 2, 45, 4))
+    with pytest.raises(UserFacingError, match="one dtype"):
+        call(ref_k=inputs["ref_k"].double())
+    with pytest.raises(UserFacingError, match=r"ref_lengths must lie in \[0, Lr=45\]"):
+        call(ref_lengths=torch.tensor([46, 3]))
+    with pytest.raises(UserFacingError, match="ref_lengths must be an integer tensor"):
+        call(ref_lengths=torch.tensor([3]))
+    with pytest.raises(UserFacingError, match="block_indices must hold reference block ids"):
+        call(block_indices=torch.full((2, 2, 3, 2), 6, dtype=torch.int32))
+    with pytest.raises(UserFacingError, match="block_indices must be an integer tensor"):
+        call(block_indices=torch.zeros(2, 2, 4, 2, dtype=torch.int32))
+    with pytest.raises(UserFacingError, match="forced_blocks must be an integer tensor"):
+        call(forced_blocks=torch.zeros(2, 2, 2, 1, dtype=torch.long))
+    with pytest.raises(UserFacingError, match="centroids must be"):
+        call(centroids=torch.zeros(2, 2, 5, 8))
+    with pytest.raises(UserFacingError, match="block_size must be a positive integer"):
+        sparse_reference_attention(**good, block_size=0)
+    with pytest.raises(UserFacingError, match="top_k must be a non-negative integer"):
+        sparse_reference_attention(**good, block_size=8, top_k=-1)
+    assert issubclass(UserFacingError, ValueError)
+
+
+def test_given_block_indices_and_centroids_are_used():
+    inputs = make_inputs(dtype=torch.float64)
+    block_indices = torch.tensor([5, -1], dtype=torch.int32).expand(2, 2, 3, 2)
+    out = sparse_reference_attention(**inputs, block_size=8, block_indices=block_indices, backend="reference")
+    expected, _ = brute_force(**inputs, ref_lengths=None, block_indices=block_indices, block_size=8)
+    torch.testing.assert_close(out, expected)
+    centroids = reference_block_centroids(inputs["ref_k"], block_size=8)
+    routed = sparse_reference_attention(**inputs, block_size=8, centroids=centroids, top_k=2, backend="reference")
+    torch.testing.assert_close(routed, sparse_reference_attention(**inputs, block_size=8, top_k=2, backend="reference"))
