@@ -87,6 +87,21 @@ def _fully_shard_function():
         return None
 
 
+def _register_forward_method_function():
+    try:
+        from torch.distributed.fsdp import register_fsdp_forward_method  # type: ignore[attr-defined]
+
+        return register_fsdp_forward_method
+    except ImportError:
+        pass
+    try:
+        from torch.distributed._composable.fsdp import register_fsdp_forward_method  # type: ignore
+
+        return register_fsdp_forward_method
+    except ImportError:
+        return None
+
+
 def fsdp_available() -> bool:
     return _fully_shard_function() is not None
 
@@ -109,7 +124,7 @@ def resolve_parallel_mode(mode: str, context: DistributedContext) -> str:
 def shardable_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks FSDP2 shards one by one (each gathered just in time)."""
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.ModuleList):
+    if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
         return list(blocks)
     return []
 
@@ -135,6 +150,13 @@ def wrap_model(model: nn.Module, mode: str, context: DistributedContext, *, find
         for block in shardable_blocks(model):
             fully_shard(block)
         fully_shard(model)
+        entry_methods = model.fsdp_entry_methods() if hasattr(model, "fsdp_entry_methods") else []
+        if entry_methods:
+            register = _register_forward_method_function()
+            if register is None:
+                raise UserFacingError(f"this torch {torch.__version__} cannot shard a model whose blocks have extra entry methods; use --parallel ddp.")
+            for module, name in entry_methods:
+                register(module, name)
         return model
     raise UserFacingError(f"unknown parallel mode {mode!r}")
 

@@ -1,0 +1,89 @@
+"""The five curriculum stages as configurations of the one trainer (sizes and settings as data).
+
+| stage        | objective                                   | starts from         | trains             |
+|--------------|---------------------------------------------|---------------------|--------------------|
+| video        | flow matching, scene-text conditioned, no audio | random init      | DiT + text encoder |
+| audio        | model.flow.training_step (audio + reference)| stage-1 checkpoint  | DiT                |
+| personality  | same, on one person's shards                | stage-2 checkpoint  | LoRA (or full)     |
+| distill      | trajectory-segment distillation to 4 steps | stage-2/3 checkpoint| student DiT        |
+| dpo          | Diffusion-DPO on preference pairs           | stage-2/3/4 checkpoint | DiT (ref frozen)|
+
+``tiny-smoke`` is stage ``audio`` on the ``tiny`` model with built-in synthetic batches: what
+``torchrun --nproc-per-node 2 -m sparse_avatar.train --config tiny-smoke --steps 3 --out DIR``
+runs in seconds on a CPU.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+
+from ..errors import UserFacingError
+from .trainer import TrainerConfig
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    stage: str  # video | audio | personality | distill | dpo
+    model_config: str  # default model size (tiny / small / base / xl)
+    trainer: TrainerConfig
+    global_batch_size: int = 8
+    target_frames: tuple[int, int] = (8, 16)
+    reference_frames: tuple[int, int] = (16, 64)
+    needs_init: bool = False  # needs --init CHECKPOINT (a previous stage's output)
+    lora_rank: int = 0  # personality: 0 = full fine-tune
+    student_steps: int = 4
+    teacher_substeps: int = 4
+    dpo_beta: float = 500.0
+    synthetic_data: bool = False
+    notes: dict = field(default_factory=dict)
+
+
+STAGE_NAMES = ("video", "audio", "personality", "distill", "dpo")
+
+TRAINING_CONFIGS: dict[str, StageConfig] = {
+    "video": StageConfig("video", "video", "small", TrainerConfig(total_steps=100_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999, checkpoint_every=2000, gradient_checkpointing=True)),
+    "audio": StageConfig("audio", "audio", "small", TrainerConfig(total_steps=200_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999, checkpoint_every=2000, gradient_checkpointing=True), needs_init=False),
+    # Personality: a 2-minute reference at 256² is ~3000 frames; 1500 LoRA steps of 16-frame
+    # clips see every frame ~8 times, the budget for "≤ 15 min on one H100".
+    "personality": StageConfig("personality", "personality", "small", TrainerConfig(total_steps=1500, lr=5e-4, warmup_steps=50, weight_decay=0.0, ema_decay=0.0, checkpoint_every=500), global_batch_size=4, needs_init=True, lora_rank=16),
+    "distill": StageConfig("distill", "distill", "small", TrainerConfig(total_steps=20_000, lr=2e-5, warmup_steps=200, ema_decay=0.999, checkpoint_every=2000), needs_init=True),
+    "dpo": StageConfig("dpo", "dpo", "small", TrainerConfig(total_steps=2000, lr=5e-6, warmup_steps=50, weight_decay=0.0, ema_decay=0.0, checkpoint_every=500), global_batch_size=4, needs_init=True),
+    "tiny-smoke": StageConfig(
+        "tiny-smoke", "audio", "tiny",
+        TrainerConfig(total_steps=3, lr=1e-3, warmup_steps=0, ema_decay=0.99, parallel="auto", log_every=1),
+        global_batch_size=2, target_frames=(4, 4), reference_frames=(4, 4), synthetic_data=True,
+    ),
+}
+
+
+def get_training_config(name: str) -> StageConfig:
+    try:
+        return TRAINING_CONFIGS[name]
+    except KeyError:
+        raise UserFacingError(f"unknown training config {name!r}; choose one of: {', '.join(TRAINING_CONFIGS)}.") from None
+
+
+def with_overrides(config: StageConfig, **trainer_changes) -> StageConfig:
+    changes = {k: v for k, v in trainer_changes.items() if v is not None}
+    return replace(config, trainer=replace(config.trainer, **changes))
+
+
+def build_objective(stage: StageConfig, avatar: nn.Module, *, text_conditioner=None):
+    """(objective, frozen companion model or None) for a stage; the companion is the teacher
+    (distill) or the DPO reference: a frozen copy of the starting weights."""
+    from . import objectives
+
+    if stage.stage == "video":
+        return objectives.flow_matching_objective(use_audio=False, use_reference=False), None
+    if stage.stage in ("audio", "personality"):
+        return objectives.model_flow_objective(), None
+    if stage.stage == "distill":
+        teacher = copy.deepcopy(avatar)
+        return objectives.distillation_objective(teacher, student_steps=stage.student_steps, teacher_substeps=stage.teacher_substeps), teacher
+    if stage.stage == "dpo":
+        reference = copy.deepcopy(avatar)
+        return objectives.dpo_objective(reference, beta=stage.dpo_beta), reference
+    raise UserFacingError(f"unknown stage {stage.stage!r}; choose one of: {', '.join(STAGE_NAMES)}.")

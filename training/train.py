@@ -1,0 +1,171 @@
+"""The training entry: ``python -m sparse_avatar.train`` or, on several GPUs / hosts,
+``torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m sparse_avatar.train
+--config STAGE --data SHARDS --out RUN``.
+
+Re-running the same command resumes from the newest checkpoint in ``--out`` (on any process
+count). The final weights (EMA when on) are written as a normal model checkpoint
+``RUN/model.safetensors`` (LoRA stage: ``RUN/lora.safetensors``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import UserFacingError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sparse_avatar.train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config: video, audio, personality, distill, dpo or tiny-smoke")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, train_log.jsonl, final model)")
+    parser.add_argument("--data", help="shard folder from `preprocess` (not needed for tiny-smoke)")
+    parser.add_argument("--pairs", help="dpo: preference pairs JSONL")
+    parser.add_argument("--init", help="starting checkpoint (.safetensors); required from the personality stage on")
+    parser.add_argument("--model-config", help="model size (tiny/small/base/xl); default: the stage's")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (sets the LR schedule length)")
+    parser.add_argument("--batch-size", type=int, help="GLOBAL batch size (split over processes)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--ema-decay", type=float)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--lora-rank", type=int, help="personality: LoRA rank (0 = full fine-tune)")
+    parser.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp"), default=None)
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    parser.add_argument("--precision", choices=("bf16", "fp32"))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--tensorboard", action="store_true", default=None)
+    parser.add_argument("--no-resume", action="store_true", help="start fresh even if --out has checkpoints")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..model.checkpoint import load_checkpoint, new_model, save_checkpoint
+    from .distributed import init_distributed, shutdown_distributed
+    from .stages import build_objective, get_training_config, with_overrides
+    from .objectives import StepModule
+    from .trainer import Trainer
+
+    stage = get_training_config(args.config)
+    stage = with_overrides(
+        stage, total_steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+        checkpoint_every=args.checkpoint_every, parallel=args.parallel, precision=args.precision, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, tensorboard=args.tensorboard,
+    )
+    if stage.needs_init and not args.init:
+        raise UserFacingError(f"the {stage.stage} stage starts from a trained model: pass --init CHECKPOINT.safetensors (the previous stage's RUN/model.safetensors).")
+    context = init_distributed(args.device)
+    try:
+        torch.manual_seed(stage.trainer.seed)
+        if args.init:
+            avatar = load_checkpoint(args.init, device="cpu")
+        else:
+            avatar = new_model(args.model_config or stage.model_config, seed=stage.trainer.seed)
+        base_fingerprint = avatar.fingerprint()
+        global_batch = args.batch_size or stage.global_batch_size
+        source = make_batch_source(stage, avatar, args, global_batch)
+
+        lora_rank = stage.lora_rank if args.lora_rank is None else args.lora_rank
+        if stage.stage == "personality" and lora_rank > 0:
+            from .lora import apply_lora
+
+            apply_lora(avatar.dit, rank=lora_rank)
+        text_conditioner = None
+        if stage.stage == "video":
+            from .text_encoder import TextConditioner
+
+            text_conditioner = TextConditioner(avatar.config.hidden)
+        objective, companion = build_objective(stage, avatar, text_conditioner=text_conditioner)
+        if companion is not None:
+            companion.to(context.device)
+        step_module = StepModule(avatar, objective, text_conditioner=text_conditioner)
+        metadata = {"model_config": avatar.config.to_json(), "stage": stage.stage, "training_config": stage.name}
+        trainer = Trainer(
+            step_module, lambda module, batch, generator: module(batch), source, stage.trainer, args.out,
+            context=context, model_metadata=metadata,
+        )
+        if not args.no_resume:
+            trainer.resume()
+        result = trainer.fit()
+        summary = {"step": result.step, "last_loss": result.last_loss, "world_size": context.world_size, "parallel": trainer.parallel_mode}
+        export_final(trainer, step_module, stage, avatar, base_fingerprint, Path(args.out), context, save_checkpoint, lora_rank)
+        if context.is_main:
+            print(json.dumps({"done": summary}), flush=True)
+        return summary
+    finally:
+        shutdown_distributed(context)
+
+
+def make_batch_source(stage, avatar, args, global_batch: int):
+    if stage.stage == "dpo":
+        from .preferences import PreferencePairs
+
+        if not args.pairs:
+            raise UserFacingError("the dpo stage needs --pairs PAIRS.jsonl (see training/preferences.py for the format).")
+        return PreferencePairs(args.pairs, global_batch_size=global_batch, frame_size=avatar.config.frame_size, seed=stage.trainer.seed)
+    if stage.synthetic_data and not args.data:
+        from .synthetic import SyntheticTalkingHeads
+
+        return SyntheticTalkingHeads(
+            global_batch_size=global_batch, frame_size=avatar.config.frame_size, speech_dim=avatar.config.speech_feature_dim,
+            target_frames=stage.target_frames[1], reference_frames=stage.reference_frames[1], seed=stage.trainer.seed,
+        )
+    if not args.data:
+        raise UserFacingError(f"--data SHARDS is required for the {stage.name} config (make shards with `python -m sparse_avatar preprocess`).")
+    from .data import ShardedClipDataset
+
+    dataset = ShardedClipDataset(
+        args.data, global_batch_size=global_batch, target_frames=stage.target_frames, reference_frames=stage.reference_frames, seed=stage.trainer.seed
+    )
+    if dataset.frame_size != avatar.config.frame_size or dataset.speech_dim != avatar.config.speech_feature_dim:
+        raise UserFacingError(
+            f"shards in {args.data} hold {dataset.frame_size}px crops with {dataset.speech_dim}-dim speech features; the "
+            f"{avatar.config.name} model needs {avatar.config.frame_size}px and {avatar.config.speech_feature_dim}. "
+            f"Re-run preprocess with --size {avatar.config.frame_size}."
+        )
+    return dataset
+
+
+def export_final(trainer, step_module, stage, avatar, base_fingerprint, out_dir: Path, context, save_checkpoint, lora_rank: int) -> None:
+    """Final weights as a normal model checkpoint (EMA applied), or the LoRA file."""
+    weights = trainer.export_weights(use_ema=True)  # collective under FSDP2
+    if not context.is_main:
+        return
+    avatar_state = step_module.avatar_state_dict(weights)
+    if stage.stage == "personality" and lora_rank > 0:
+        from .lora import save_lora
+
+        export = avatar if trainer.parallel_mode != "fsdp" else None
+        if export is None:
+            raise UserFacingError("LoRA export under FSDP2 is not supported; train the personality stage with --parallel ddp.")
+        avatar.load_state_dict(avatar_state)
+        save_lora(avatar.dit, out_dir / "lora.safetensors", base_fingerprint=base_fingerprint, extra_metadata={"steps": str(trainer.step)})
+        return
+    from ..model.checkpoint import new_model
+
+    fresh = new_model(avatar.config)
+    fresh.dit.load_state_dict({k[len("dit."):]: v for k, v in avatar_state.items() if k.startswith("dit.")})
+    save_checkpoint(fresh, out_dir / "model.safetensors", training_stage=stage.stage, extra_metadata={"steps": str(trainer.step)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserFacingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
