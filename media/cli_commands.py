@@ -238,7 +238,7 @@ def run_demo(args) -> int:
     level = (loudness - loudness.min()) / (np.ptp(loudness) + 1e-8)
     for index in range(len(edited)):
         height = int(round(level[index] * 120))
-        edited[index, 240 - height: 240, 8:24] = (40, 220, 90)
+        edited[index, 240 - height: 240, 40:56] = (40, 220, 90)
     pasted = paste_back(decoded, edited, transforms)
     untouched = paste_back(decoded, crops, transforms)
     mse = float(np.mean((untouched.astype(np.float64) - decoded.astype(np.float64)) ** 2))

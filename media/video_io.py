@@ -370,10 +370,13 @@ def load_reference_video(
     end_s: float | None = None,
     max_side: int | None = None,
     allowed_roots=None,
+    on_frame: Callable[[int, int], None] | None = None,
 ) -> ReferenceVideo:
     """Decode a reference clip from a path, a ComfyUI IMAGE batch or a ComfyUI VIDEO object.
 
     IMAGE batches carry no frame rate: ``fps`` (default 25) says what they were recorded at.
+    ``allowed_roots`` confines file paths (see ``resolve_input_path``). ``on_frame(done, total)``
+    is called after each decoded frame (progress bars, cancellation); ``total`` is an estimate.
     """
     _check_range(fps, start_s, end_s)
     if max_side is not None and max_side < 16:
@@ -390,9 +393,20 @@ def load_reference_video(
             )
     if isinstance(source, (str, os.PathLike)):
         path = resolve_input_path(source, allowed_roots)
-        frames = [array for _, _, array in iter_video_frames(path, fps=fps, start_s=start_s, end_s=end_s, max_side=max_side)]
+        info = probe_media(path)
+        if not info.has_video:
+            raise UserFacingError(
+                f"{path.name} is an audio-only file; a reference video is needed here (use the file as driving audio instead)"
+            )
+        out_fps = float(fps) if fps else info.cfr_fps
+        span = min(end_s if end_s is not None else math.inf, info.duration_s) - (start_s or 0.0)
+        expected = max(1, int(math.ceil(span * out_fps)))
+        frames = []
+        for _, _, array in iter_video_frames(path, fps=out_fps, start_s=start_s, end_s=end_s, max_side=max_side):
+            frames.append(array)
+            if on_frame is not None:
+                on_frame(len(frames), max(expected, len(frames)))
         frames_array = np.stack(frames)
-        out_fps = float(fps) if fps else probe_media(path).cfr_fps
         try:
             audio = extract_aligned_audio(path, start_s=start_s or 0.0, duration_s=len(frames) / out_fps)
         except _FFMPEG_ERRORS as error:

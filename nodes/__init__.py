@@ -8,6 +8,8 @@ import importlib
 
 # One module per stage of the pipeline.
 _NODE_MODULES: tuple[str, ...] = (
+    "reference_video",
+    "speech",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

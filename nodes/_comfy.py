@@ -1,0 +1,80 @@
+"""The few ComfyUI hooks the nodes use, imported lazily and degrading to no-ops outside ComfyUI.
+
+Nodes call these instead of importing ``comfy`` / ``folder_paths`` themselves, so every node class
+runs in plain tests, and a ComfyUI API change is fixed in one place.
+"""
+from __future__ import annotations
+
+import os
+
+
+class _NoProgress:
+    def update(self, value: int = 1) -> None:
+        pass
+
+    def update_absolute(self, value: int, total: int | None = None) -> None:
+        pass
+
+
+def progress_bar(total: int):
+    """``comfy.utils.ProgressBar(total)`` in ComfyUI (drawn on the node), else an object that ignores updates."""
+    try:
+        import comfy.utils
+    except ImportError:
+        return _NoProgress()
+    return comfy.utils.ProgressBar(max(1, int(total)))
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (no-op outside ComfyUI)."""
+    try:
+        import comfy.model_management
+    except ImportError:
+        return
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def input_directory() -> str | None:
+    """ComfyUI's input folder, or None outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return folder_paths.get_input_directory()
+
+
+def media_roots() -> list[str] | None:
+    """Folders a node may read user media from (input, output, temp); None outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.get_temp_directory()]
+
+
+def annotated_path(name: str) -> str:
+    """Full path of a file widget value such as ``clip.mp4`` or ``clip.mp4 [output]``."""
+    try:
+        import folder_paths
+    except ImportError:
+        return name
+    return folder_paths.get_annotated_filepath(name)
+
+
+def annotated_path_exists(name: str) -> bool:
+    try:
+        import folder_paths
+    except ImportError:
+        return os.path.isfile(name)
+    return folder_paths.exists_annotated_filepath(name)
+
+
+def input_files(extensions: tuple[str, ...]) -> list[str]:
+    """Sorted names of files in ComfyUI's input folder with one of ``extensions`` (empty outside ComfyUI)."""
+    folder = input_directory()
+    if not folder or not os.path.isdir(folder):
+        return []
+    return sorted(
+        name for name in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, name)) and name.lower().endswith(extensions)
+    )

@@ -1,0 +1,112 @@
+"""Load Reference Video: a file from ComfyUI's input folder, or a VIDEO / IMAGE input, decoded by
+``media.load_reference_video`` into a REFERENCE_VIDEO (frames + fps + the clip's own audio).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import UserFacingError
+from ..media import audio_to_comfy, frames_to_comfy_image, load_reference_video
+from ..media.video_io import VIDEO_EXTENSIONS
+from . import _comfy
+
+CATEGORY = "sparse-avatar"
+
+
+class LoadReferenceVideo:
+    """Decode the reference clip of the person; everything downstream reads it once from here."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("REFERENCE_VIDEO", "IMAGE", "AUDIO", "FLOAT")
+    RETURN_NAMES = ("reference", "frames", "audio", "fps")
+    OUTPUT_TOOLTIPS = (
+        "The decoded reference (frames, fps, own audio aligned to frame 0) for Extract Identity.",
+        "The same frames as an IMAGE batch, for preview or other nodes.",
+        "The clip's own audio (16 kHz mono, exactly as long as the frames; silence when it has none).",
+        "Frame rate of the decoded frames.",
+    )
+    FUNCTION = "load"
+    DESCRIPTION = ("Loads the reference video of the person: constant frame rate, rotation applied, optional time "
+                   "range and downscale. The whole clip becomes the identity reference.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "video": (_comfy.input_files(VIDEO_EXTENSIONS), {
+                    "video_upload": True,
+                    "tooltip": "Video file in ComfyUI's input folder (mp4/mov/mkv/webm). Ignored when a VIDEO or "
+                               "IMAGE input is connected.",
+                }),
+                "fps": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 120.0, "step": 0.01,
+                                  "tooltip": "Frame rate to decode at; 0 keeps the source's rate. Variable-rate "
+                                             "clips are resampled to a constant rate."}),
+                "start_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 36000.0, "step": 0.1,
+                                            "tooltip": "Where the reference starts, in seconds from the first frame."}),
+                "end_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 36000.0, "step": 0.1,
+                                          "tooltip": "Where it ends; 0 = the end of the clip."}),
+                "max_side": ("INT", {"default": 1024, "min": 0, "max": 8192, "step": 8,
+                                     "tooltip": "Downscale so the longer side is at most this many pixels (saves "
+                                                "memory on 4K clips); 0 = full size."}),
+            },
+            "optional": {
+                "video_input": ("VIDEO", {"tooltip": "A VIDEO from another node (e.g. core Load Video); used "
+                                                     "instead of the file."}),
+                "images": ("IMAGE", {"tooltip": "An IMAGE batch used as the reference instead of the file; its "
+                                                "frame rate is 'fps' (25 when fps is 0)."}),
+            },
+        }
+
+    def load(self, video, fps=0.0, start_seconds=0.0, end_seconds=0.0, max_side=1024, video_input=None, images=None):
+        options = {
+            "fps": fps or None,
+            "start_s": start_seconds or None,
+            "end_s": end_seconds or None,
+            "max_side": max_side or None,
+        }
+        if video_input is not None:
+            source, allowed = video_input, None
+        elif images is not None:
+            source, allowed = images, None
+        else:
+            if not video:
+                raise UserFacingError("no reference video chosen; upload one with the 'video' widget or connect a VIDEO")
+            source, allowed = _comfy.annotated_path(video), _comfy.media_roots()
+
+        progress = None
+
+        def on_frame(done: int, total: int) -> None:
+            nonlocal progress
+            _comfy.check_interrupted()
+            if progress is None:
+                progress = _comfy.progress_bar(total)
+            progress.update_absolute(done, total)
+
+        _comfy.check_interrupted()
+        reference = load_reference_video(source, allowed_roots=allowed, on_frame=on_frame, **options)
+        audio = reference.audio if reference.audio is not None else np.zeros(
+            int(round(reference.duration_s * reference.sample_rate)), np.float32)
+        return (reference, frames_to_comfy_image(reference.frames), audio_to_comfy(audio, reference.sample_rate),
+                float(reference.fps))
+
+    @classmethod
+    def IS_CHANGED(cls, video, **_):
+        # Modification time + size instead of hashing: re-hashing a long clip on every queue is slow.
+        path = _comfy.annotated_path(video) if video else ""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return ""
+        return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, video, **_):
+        if video and not _comfy.annotated_path_exists(video):
+            return f"reference video not found: {video}; upload it or pick another file"
+        return True
+
+
+NODE_CLASS_MAPPINGS = {"SparseAvatarLoadReferenceVideo": LoadReferenceVideo}
+NODE_DISPLAY_NAME_MAPPINGS = {"SparseAvatarLoadReferenceVideo": "Load Reference Video"}
