@@ -1,0 +1,510 @@
+"""Face tracking over a video: detect on a stride, pick one face, smooth the box track, fill gaps.
+
+Detector: OpenCV's bundled Haar cascades (frontal default, then frontal alt2, then profile both
+ways), whose weights ship inside the opencv wheel, so nothing is downloaded at run time. We looked
+for a stronger offline detector in a PyPI wheel: current mediapipe wheels no longer bundle the
+legacy face-detection model and require opencv-contrib-python, which clashes with the
+opencv-python-headless we depend on. Any object with ``detect(frame_rgb) -> [N, 4] boxes`` can be
+passed as ``detector=`` instead.
+
+Pipeline (``track_face``):
+1. The detector runs on every ``detect_every``-th frame (about 8 per second by default), on a
+   downscaled copy, so tracking costs a small fraction of decoding.
+2. One face is followed: the largest face on the first frame with a face, then on each examined
+   frame the candidate overlapping the last accepted box most (so two equal faces never swap).
+   When the followed face has been lost for ``reacquire_s`` the largest face is taken again.
+3. A Rauch-Tung-Striebel smoother (constant-velocity Kalman filter run forward, then backward) on
+   the box centre and log-size gives a zero-phase, jitter-free track and interpolates every frame
+   that was not examined or where the face was missed. Detections far from the smoothed track are
+   dropped as false positives and the track is smoothed again.
+4. Too few detections -> ``UserFacingError`` telling the user to crop the video or pass a face box.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UserFacingError
+
+DEFAULT_DETECTIONS_PER_SECOND = 8.0
+DEFAULT_SMOOTHING_HZ = 1.5
+# A face counts towards n_faces_seen when at least this fraction of the followed face's size:
+# Haar's occasional small false positives in the background must not be reported as a 2nd person.
+_SIGNIFICANT_FACE_FRACTION = 0.5
+# Share of examined frames on which extra faces must appear before we report them.
+_MULTI_FACE_MIN_SHARE = 0.2
+# Measurement noise of a detected box, in units of the face size (centre) and log units (size).
+_MEASUREMENT_STD = 0.05
+# Detections farther than this from the smoothed track (face-size units / log size) are outliers.
+_OUTLIER_CENTRE = 0.5
+_OUTLIER_LOG_SIZE = 0.35
+# How often the whole frame is scanned while a face is being followed near its last position.
+_FULL_SCAN_INTERVAL_S = 1.0
+
+
+class HaarFaceDetector:
+    """OpenCV Haar cascades on a downscaled grey frame. Returns boxes [N, 4] (x0, y0, x1, y1)."""
+
+    name = "opencv-haar"
+
+    def __init__(self, *, detection_side: int = 320, min_face_fraction: float = 0.08):
+        import cv2
+
+        self._cv2 = cv2
+        self.detection_side = int(detection_side)
+        self.min_face_fraction = float(min_face_fraction)
+        cascade_dir = cv2.data.haarcascades
+        self._frontal = [
+            cv2.CascadeClassifier(cascade_dir + "haarcascade_frontalface_default.xml"),
+            cv2.CascadeClassifier(cascade_dir + "haarcascade_frontalface_alt2.xml"),
+        ]
+        self._profile = cv2.CascadeClassifier(cascade_dir + "haarcascade_profileface.xml")
+        if any(cascade.empty() for cascade in [*self._frontal, self._profile]):
+            raise UserFacingError(
+                f"OpenCV's face cascades are missing from {cascade_dir}; reinstall opencv-python-headless"
+            )
+
+    def _run(self, grey: np.ndarray, cascades, min_side: int, max_side: int | None = None) -> np.ndarray:
+        """Boxes [N, 4] (x0, y0, x1, y1) in ``grey``'s pixels from the first cascade that finds any."""
+        options = dict(scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+        if max_side is not None:
+            options["maxSize"] = (max_side, max_side)
+        for cascade in cascades:
+            found = np.asarray(cascade.detectMultiScale(grey, **options), np.float64).reshape(-1, 4)
+            if len(found):
+                break
+        if not len(found) and self._profile in cascades:
+            # The profile cascade only knows one side: run it on the mirrored image too.
+            right = np.asarray(self._profile.detectMultiScale(grey[:, ::-1].copy(), **options), np.float64).reshape(-1, 4)
+            right[:, 0] = grey.shape[1] - right[:, 0] - right[:, 2]
+            found = right
+        return np.stack([found[:, 0], found[:, 1], found[:, 0] + found[:, 2], found[:, 1] + found[:, 3]], axis=1)
+
+    def _grey(self, image_rgb: np.ndarray, factor: float) -> np.ndarray:
+        cv2 = self._cv2
+        if factor < 1.0:
+            height, width = image_rgb.shape[:2]
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            image_rgb = cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA)
+        return cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2GRAY))
+
+    def detect(self, frame_rgb: np.ndarray) -> np.ndarray:
+        """All faces in the whole frame (downscaled to ``detection_side``)."""
+        factor = min(1.0, self.detection_side / max(frame_rgb.shape[:2]))
+        grey = self._grey(frame_rgb, factor)
+        min_side = max(20, int(self.min_face_fraction * min(grey.shape)))
+        boxes = self._run(grey, [*self._frontal, self._profile], min_side)
+        return (boxes / factor).astype(np.float32)
+
+    def detect_near(self, frame_rgb: np.ndarray, box: np.ndarray, *, cascades=None) -> np.ndarray:
+        """Faces of about ``box``'s size near ``box``: a small region at a small scale, so tracking
+        a found face costs a fraction of a full-frame scan."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        side = max(x1 - x0, y1 - y0)
+        centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
+        height, width = frame_rgb.shape[:2]
+        left, top = max(0, int(centre_x - self._ROI_SIDE * side / 2)), max(0, int(centre_y - self._ROI_SIDE * side / 2))
+        right = min(width, int(math.ceil(centre_x + self._ROI_SIDE * side / 2)))
+        bottom = min(height, int(math.ceil(centre_y + self._ROI_SIDE * side / 2)))
+        if right - left < 8 or bottom - top < 8:
+            return np.empty((0, 4), np.float32)
+        factor = min(1.0, self._TRACK_FACE_SIDE / side)
+        grey = self._grey(frame_rgb[top:bottom, left:right], factor)
+        expected = side * factor
+        boxes = self._run(
+            grey,
+            cascades or [*self._frontal, self._profile],
+            max(20, int(expected / self._SIZE_RANGE)),
+            int(expected * self._SIZE_RANGE) + 1,
+        )
+        return (boxes / factor + np.array([left, top, left, top])).astype(np.float32)
+
+    def confirm(self, frame_rgb: np.ndarray, box: np.ndarray) -> bool:
+        """Second opinion on a face the default cascade found: the alt2 cascade must find it too.
+        Used before reporting a second person, because single-cascade false positives on
+        static backgrounds repeat frame after frame."""
+        found = self.detect_near(frame_rgb, box, cascades=[self._frontal[1]])
+        return bool(len(found)) and float(_iou(np.asarray(box, np.float32), found).max()) > 0.3
+
+    # Tracking region = this many face sides around the last box; the face is scaled to about
+    # _TRACK_FACE_SIDE pixels there, and looked for between 1/_SIZE_RANGE and _SIZE_RANGE times
+    # its last size.
+    _ROI_SIDE = 2.2
+    _TRACK_FACE_SIDE = 64.0
+    _SIZE_RANGE = 1.5
+
+
+@dataclass
+class FaceTrack:
+    """One face box per frame, in source pixels (edge convention: pixel i spans [i, i+1]).
+
+    ``boxes`` [T, 4] (x0, y0, x1, y1): smoothed, square, every frame filled.
+    ``raw_boxes`` [T, 4]: accepted detections, NaN where none. ``examined`` [T]: the detector ran
+    on that frame. ``coverage``: share of examined frames with an accepted face (1.0 for a user box).
+    """
+
+    boxes: np.ndarray
+    raw_boxes: np.ndarray
+    examined: np.ndarray
+    frame_size: tuple[int, int]
+    fps: float
+    coverage: float
+    n_faces_seen: int
+    warnings: list[str] = field(default_factory=list)
+    source: str = HaarFaceDetector.name
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def detected(self) -> np.ndarray:
+        """bool [T]: an accepted detection on this frame."""
+        return ~np.isnan(self.raw_boxes[:, 0])
+
+    def centres_and_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Box centres [T, 2] (x, y) and side lengths [T]."""
+        centres = (self.boxes[:, :2] + self.boxes[:, 2:]) / 2
+        return centres, self.boxes[:, 2] - self.boxes[:, 0]
+
+    def to_metadata(self) -> dict:
+        """JSON-friendly summary (for identity files): smoothed boxes rounded to 0.01 px."""
+        return {
+            "frame_size": list(self.frame_size),
+            "fps": self.fps,
+            "coverage": round(float(self.coverage), 4),
+            "n_faces_seen": int(self.n_faces_seen),
+            "source": self.source,
+            "boxes": np.round(self.boxes.astype(np.float64), 2).tolist(),
+        }
+
+
+def smooth_box_track(
+    raw_boxes: np.ndarray, fps: float, *, smoothing_hz: float = DEFAULT_SMOOTHING_HZ, measurement_interval: int = 1
+) -> np.ndarray:
+    """Zero-phase smoothing + gap filling of a box track.
+
+    ``raw_boxes`` [T, 4] (x0, y0, x1, y1) with NaN rows where there is no measurement. Returns
+    square boxes [T, 4] with every row filled: frames before the first (after the last)
+    measurement hold the first (last) smoothed box. ``smoothing_hz`` is roughly where the
+    smoother stops following motion; ``measurement_interval`` is the detector stride, so the
+    smoothing strength does not change when fewer frames are measured.
+    """
+    raw_boxes = np.asarray(raw_boxes, np.float64)
+    measured = ~np.isnan(raw_boxes).any(axis=1)
+    if not measured.any():
+        raise ValueError("smooth_box_track needs at least one measured box")
+    centres = (raw_boxes[:, :2] + raw_boxes[:, 2:]) / 2
+    sizes = np.maximum(raw_boxes[:, 2] - raw_boxes[:, 0], raw_boxes[:, 3] - raw_boxes[:, 1])
+    unit = float(np.median(sizes[measured]))
+    # Channels in face-size units so one noise model fits every resolution.
+    observations = np.column_stack([centres / unit, np.log(np.maximum(sizes, 1e-6) / unit)])
+    smoothed = _rts_constant_velocity(observations, measured, 1.0 / fps, smoothing_hz, measurement_interval)
+    centre = smoothed[:, :2] * unit
+    half = np.exp(smoothed[:, 2]) * unit / 2
+    return np.column_stack([centre[:, 0] - half, centre[:, 1] - half, centre[:, 0] + half, centre[:, 1] + half]).astype(np.float32)
+
+
+def _rts_constant_velocity(
+    observations: np.ndarray, measured: np.ndarray, dt: float, smoothing_hz: float, measurement_interval: int
+) -> np.ndarray:
+    """RTS smoother, constant-velocity model, channels [T, C] sharing one noise model.
+
+    Because all channels share the noise model, the covariances and gains are the same scalars
+    for every channel: only the state means are vectors.
+    """
+    n_frames, _ = observations.shape
+    indices = np.flatnonzero(measured)
+    first, last = int(indices[0]), int(indices[-1])
+    measurement_var = _MEASUREMENT_STD**2
+    # Continuous white-acceleration density chosen so the steady-state filter bandwidth is about
+    # smoothing_hz: omega^4 = q / (r * dt_between_measurements).
+    omega = 2 * math.pi * smoothing_hz
+    q = omega**4 * measurement_var * dt * max(1, measurement_interval)
+    q11, q12, q22 = q * dt**3 / 3, q * dt**2 / 2, q * dt
+
+    span = last - first + 1
+    mean_pred = np.zeros((span, 2, observations.shape[1]))
+    mean_filt = np.zeros_like(mean_pred)
+    cov_pred = np.zeros((span, 3))  # (p11, p12, p22)
+    cov_filt = np.zeros((span, 3))
+    mean = np.stack([observations[first], np.zeros(observations.shape[1])])
+    p11, p12, p22 = measurement_var, 0.0, (1.0 / dt) ** 2 * measurement_var
+    for step in range(span):
+        if step:
+            mean = np.stack([mean[0] + dt * mean[1], mean[1]])
+            p11, p12, p22 = p11 + 2 * dt * p12 + dt * dt * p22 + q11, p12 + dt * p22 + q12, p22 + q22
+        mean_pred[step], cov_pred[step] = mean, (p11, p12, p22)
+        if measured[first + step]:
+            innovation = observations[first + step] - mean[0]
+            denominator = p11 + measurement_var
+            gain1, gain2 = p11 / denominator, p12 / denominator
+            mean = np.stack([mean[0] + gain1 * innovation, mean[1] + gain2 * innovation])
+            p11, p12, p22 = (1 - gain1) * p11, (1 - gain1) * p12, p22 - gain2 * p12
+        mean_filt[step], cov_filt[step] = mean, (p11, p12, p22)
+
+    smoothed = np.empty((span, observations.shape[1]))
+    mean_smooth = mean_filt[-1]
+    smoothed[-1] = mean_smooth[0]
+    for step in range(span - 2, -1, -1):
+        f11, f12, f22 = cov_filt[step]
+        n11, n12, n22 = cov_pred[step + 1]
+        # G = P_filt F^T P_pred^-1 with F = [[1, dt], [0, 1]]
+        a11, a12, a21, a22 = f11 + dt * f12, f12, f12 + dt * f22, f22
+        determinant = n11 * n22 - n12 * n12
+        i11, i12, i22 = n22 / determinant, -n12 / determinant, n11 / determinant
+        g11, g12 = a11 * i11 + a12 * i12, a11 * i12 + a12 * i22
+        g21, g22 = a21 * i11 + a22 * i12, a21 * i12 + a22 * i22
+        difference = mean_smooth - mean_pred[step + 1]
+        mean_smooth = np.stack(
+            [
+                mean_filt[step][0] + g11 * difference[0] + g12 * difference[1],
+                mean_filt[step][1] + g21 * difference[0] + g22 * difference[1],
+            ]
+        )
+        smoothed[step] = mean_smooth[0]
+
+    result = np.empty_like(observations)
+    result[first : last + 1] = smoothed
+    result[:first] = smoothed[0]
+    result[last + 1 :] = smoothed[-1]
+    return result
+
+
+def _iou(box: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    x0 = np.maximum(box[0], candidates[:, 0])
+    y0 = np.maximum(box[1], candidates[:, 1])
+    x1 = np.minimum(box[2], candidates[:, 2])
+    y1 = np.minimum(box[3], candidates[:, 3])
+    intersection = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return intersection / np.maximum(area(box) + area(candidates) - intersection, 1e-9)
+
+
+def _frames_of(frames_or_iterator) -> Iterable[tuple[np.ndarray, float | None]]:
+    """Yields (frame, time_s or None) from an array [T,H,W,3], frames, or iter_video_frames tuples."""
+    for item in frames_or_iterator:
+        if isinstance(item, tuple) and len(item) == 3:
+            yield item[2], float(item[1])
+        else:
+            yield item, None
+
+
+def _check_frame(frame, frame_size) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise UserFacingError(
+            f"frames must be uint8 RGB [height, width, 3], got {frame.dtype} {tuple(frame.shape)}; "
+            "convert ComfyUI images with comfy_image_to_frames"
+        )
+    if frame_size is not None and frame.shape[:2] != frame_size:
+        raise UserFacingError(f"frame size changed from {frame_size} to {frame.shape[:2]} inside one video; re-encode it")
+    return frame
+
+
+def _validated_face_box(face_box, frame_size) -> np.ndarray:
+    try:
+        box = np.asarray(face_box, np.float64).reshape(4)
+    except (TypeError, ValueError):
+        raise UserFacingError(f"face box must be four numbers (x0, y0, x1, y1) in pixels, got {face_box!r}") from None
+    height, width = frame_size
+    x0, y0, x1, y1 = box
+    if not np.isfinite(box).all() or x1 - x0 < 8 or y1 - y0 < 8:
+        raise UserFacingError(f"face box {tuple(box)} is empty or tiny; give (x0, y0, x1, y1) with x1 > x0 and y1 > y0")
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise UserFacingError(f"face box {tuple(box)} lies outside the {width}x{height} frame; give it in pixels of the video")
+    return box
+
+
+def track_face(
+    frames_or_iterator,
+    *,
+    fps: float | None = None,
+    min_coverage: float = 0.5,
+    face_box=None,
+    detect_every: int | None = None,
+    detector=None,
+    smoothing_hz: float = DEFAULT_SMOOTHING_HZ,
+    reacquire_s: float = 1.0,
+) -> FaceTrack:
+    """Track the (largest) face through a video; see the module docstring for the method.
+
+    ``frames_or_iterator``: uint8 RGB frames [T, H, W, 3], an iterable of frames, or the
+    ``(index, time_s, frame)`` tuples of ``iter_video_frames`` (streamed: frames are not kept).
+    ``fps`` defaults to the spacing of those timestamps, else 25. ``face_box`` (x0, y0, x1, y1)
+    skips detection and uses that box on every frame. Raises ``UserFacingError`` when a face is
+    found on less than ``min_coverage`` of the examined frames.
+    """
+    if face_box is not None:
+        n_frames, frame_size, fps = 0, None, fps
+        first_times = []
+        for frame, time_s in _frames_of(frames_or_iterator):
+            frame_size = _check_frame(frame, frame_size).shape[:2]
+            n_frames += 1
+            if time_s is not None and len(first_times) < 2:
+                first_times.append(time_s)
+        if n_frames == 0:
+            raise UserFacingError("the video has no frames; check the file or the start/end range")
+        box = _validated_face_box(face_box, frame_size)
+        side = max(box[2] - box[0], box[3] - box[1])
+        centre = (box[:2] + box[2:]) / 2
+        square = np.concatenate([centre - side / 2, centre + side / 2]).astype(np.float32)
+        boxes = np.repeat(square[None], n_frames, axis=0)
+        return FaceTrack(
+            boxes=boxes,
+            raw_boxes=boxes.copy(),
+            examined=np.zeros(n_frames, bool),
+            frame_size=tuple(frame_size),
+            fps=_resolve_fps(fps, first_times),
+            coverage=1.0,
+            n_faces_seen=1,
+            source="user_box",
+        )
+
+    detector = detector if detector is not None else HaarFaceDetector()
+    can_track_near = hasattr(detector, "detect_near")
+    raw, examined, face_counts = [], [], []
+    first_times: list[float] = []
+    frame_size = None
+    followed = None  # last accepted box
+    followed_at = last_full_scan = -(10**9)
+    stride = None
+    for index, (frame, time_s) in enumerate(_frames_of(frames_or_iterator)):
+        frame = _check_frame(frame, frame_size)
+        frame_size = frame.shape[:2]
+        if time_s is not None and len(first_times) < 2:
+            first_times.append(time_s)
+        if stride is None:
+            # Fixed at the first frame. With fps unknown (timestamps give it only from the second
+            # frame) the 25 fps stride is used.
+            frames_per_second = fps or 25.0
+            stride = detect_every or max(1, round(frames_per_second / DEFAULT_DETECTIONS_PER_SECOND))
+        raw.append(np.full(4, np.nan, np.float32))
+        examined.append(index % stride == 0)
+        if not examined[-1]:
+            continue
+        # Near the followed face most of the time (cheap); the whole frame about once a second,
+        # to count people and to find the face again after losing it.
+        full_scan = (
+            not can_track_near
+            or followed_at != index - stride
+            or index - last_full_scan >= _FULL_SCAN_INTERVAL_S * frames_per_second
+        )
+        if not full_scan:
+            candidates = np.asarray(detector.detect_near(frame, followed), np.float32).reshape(-1, 4)
+            if not len(candidates):
+                full_scan = True
+        if full_scan:
+            last_full_scan = index
+            candidates = np.asarray(detector.detect(frame), np.float32).reshape(-1, 4)
+        if not len(candidates):
+            if full_scan:
+                face_counts.append(0)
+            continue
+        areas = (candidates[:, 2] - candidates[:, 0]) * (candidates[:, 3] - candidates[:, 1])
+        chosen = None
+        if followed is not None:
+            overlaps = _iou(followed, candidates)
+            if overlaps.max() > 0.1:
+                chosen = int(overlaps.argmax())
+        if chosen is None and index - followed_at >= reacquire_s * frames_per_second:
+            chosen = int(areas.argmax())
+        if chosen is None:
+            if full_scan:
+                face_counts.append(0)
+            continue
+        followed, followed_at = candidates[chosen], index
+        raw[-1] = candidates[chosen]
+        if full_scan:
+            face_counts.append(1 + _count_other_faces(detector, frame, candidates, areas, chosen))
+
+    n_frames = len(raw)
+    if n_frames == 0:
+        raise UserFacingError("the video has no frames; check the file or the start/end range")
+    fps = _resolve_fps(fps, first_times)
+    raw_boxes = np.stack(raw)
+    examined = np.asarray(examined)
+    n_examined = int(examined.sum())
+    detected = ~np.isnan(raw_boxes[:, 0])
+    if detected.any():
+        smoothed = smooth_box_track(raw_boxes, fps, smoothing_hz=smoothing_hz, measurement_interval=stride)
+        outliers = _outliers(raw_boxes, smoothed)
+        if outliers.any() and outliers.sum() < detected.sum():
+            raw_boxes[outliers] = np.nan
+            detected = ~np.isnan(raw_boxes[:, 0])
+            smoothed = smooth_box_track(raw_boxes, fps, smoothing_hz=smoothing_hz, measurement_interval=stride)
+    coverage = float(detected.sum()) / max(1, n_examined)
+    if coverage < min_coverage or not detected.any():
+        raise UserFacingError(
+            f"reference video has no face in {100 * (1 - coverage):.0f}% of frames; "
+            "crop it to the person's face or pass a face box (x0, y0, x1, y1)"
+        )
+
+    face_counts = np.asarray(face_counts)
+    with_face = face_counts[face_counts > 0]
+    n_faces_seen = 1
+    for count in range(2, int(with_face.max()) + 1 if len(with_face) else 1):
+        if (with_face >= count).mean() >= _MULTI_FACE_MIN_SHARE and (with_face >= count).sum() >= 2:
+            n_faces_seen = count
+    warnings = []
+    if n_faces_seen > 1:
+        share = (with_face >= 2).mean()
+        warnings.append(
+            f"{n_faces_seen} faces seen in {100 * share:.0f}% of the examined frames; following the largest one. "
+            "Crop the video or pass a face box to choose another person."
+        )
+    if coverage < 0.9:
+        warnings.append(f"face found in only {100 * coverage:.0f}% of the examined frames; the gaps are interpolated")
+    return FaceTrack(
+        boxes=smoothed,
+        raw_boxes=raw_boxes,
+        examined=examined,
+        frame_size=tuple(frame_size),
+        fps=fps,
+        coverage=coverage,
+        n_faces_seen=n_faces_seen,
+        warnings=warnings,
+        source=getattr(detector, "name", type(detector).__name__),
+    )
+
+
+def _count_other_faces(detector, frame, candidates, areas, chosen) -> int:
+    """Faces besides the chosen one that look like another person: not overlapping it, at least
+    half its size, and confirmed by a second cascade when the detector offers one."""
+    others = 0
+    for index in range(len(candidates)):
+        if index == chosen or areas[index] < _SIGNIFICANT_FACE_FRACTION**2 * areas[chosen]:
+            continue
+        if _iou(candidates[chosen], candidates[index : index + 1])[0] > 0:
+            continue
+        if hasattr(detector, "confirm") and not detector.confirm(frame, candidates[index]):
+            continue
+        others += 1
+    return others
+
+
+def _resolve_fps(fps, first_times: list[float]) -> float:
+    if fps is not None:
+        fps = float(fps)
+        if not math.isfinite(fps) or fps <= 0:
+            raise UserFacingError(f"fps must be a positive number, got {fps}")
+        return fps
+    if len(first_times) == 2 and first_times[1] > first_times[0]:
+        return 1.0 / (first_times[1] - first_times[0])
+    return 25.0
+
+
+def _outliers(raw_boxes: np.ndarray, smoothed: np.ndarray) -> np.ndarray:
+    detected = ~np.isnan(raw_boxes[:, 0])
+    size = smoothed[:, 2] - smoothed[:, 0]
+    raw_size = np.maximum(raw_boxes[:, 2] - raw_boxes[:, 0], raw_boxes[:, 3] - raw_boxes[:, 1])
+    centre_error = np.hypot(
+        (raw_boxes[:, 0] + raw_boxes[:, 2] - smoothed[:, 0] - smoothed[:, 2]) / 2,
+        (raw_boxes[:, 1] + raw_boxes[:, 3] - smoothed[:, 1] - smoothed[:, 3]) / 2,
+    ) / size
+    with np.errstate(invalid="ignore", divide="ignore"):
+        size_error = np.abs(np.log(raw_size / size))
+    return detected & ((centre_error > _OUTLIER_CENTRE) | (size_error > _OUTLIER_LOG_SIZE))
