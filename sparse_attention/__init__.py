@@ -6,10 +6,12 @@ Public API (the contract the model codes against; see README.md for the math and
     coarse_reference_attention, set_default_backend.
 """
 from .api import sparse_reference_attention
+from .coarse import coarse_reference_attention
 from .dispatch import set_default_backend
 from .reference import reference_block_centroids, route_reference_blocks
 
 __all__ = [
+    "coarse_reference_attention",
     "reference_block_centroids",
     "route_reference_blocks",
     "sparse_reference_attention",

@@ -77,10 +77,10 @@ def check_ref_lengths(ref_lengths: torch.Tensor | None, batch: int, ref_len: int
         raise UserFacingError(f"ref_lengths must hold integers (torch.long); got {ref_lengths.dtype}.")
     if ref_lengths.device != device:
         raise UserFacingError(f"ref_lengths is on {ref_lengths.device} but the queries are on {device}; move it with .to(q.device).")
-    if batch and (int(ref_lengths.min()) < 0 or int(ref_lengths.max()) > ref_len):
-        raise UserFacingError(
-            f"ref_lengths must lie in [0, Lr={ref_len}]; got values from {int(ref_lengths.min())} to {int(ref_lengths.max())}."
-        )
+    if batch:
+        low, high = torch.stack([ref_lengths.min(), ref_lengths.max()]).tolist()  # one host sync
+        if low < 0 or high > ref_len:
+            raise UserFacingError(f"ref_lengths must lie in [0, Lr={ref_len}]; got values from {low} to {high}.")
 
 
 def check_attention_inputs(
@@ -173,8 +173,10 @@ def check_block_indices(block_indices: torch.Tensor, shapes: AttentionShapes) ->
         )
     if block_indices.is_floating_point() or block_indices.dtype == torch.bool:
         raise UserFacingError(f"block_indices must hold integers (int32); got {block_indices.dtype}.")
-    if block_indices.numel() and (int(block_indices.min()) < -1 or int(block_indices.max()) >= shapes.ref_blocks):
-        raise UserFacingError(
-            f"block_indices must hold reference block ids in [0, nR={shapes.ref_blocks}) or -1 for an unused slot; "
-            f"got values from {int(block_indices.min())} to {int(block_indices.max())}."
-        )
+    if block_indices.numel():
+        low, high = torch.stack([block_indices.min(), block_indices.max()]).tolist()
+        if low < -1 or high >= shapes.ref_blocks:
+            raise UserFacingError(
+                f"block_indices must hold reference block ids in [0, nR={shapes.ref_blocks}) or -1 for an unused slot; "
+                f"got values from {low} to {high}."
+            )

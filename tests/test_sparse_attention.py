@@ -433,3 +433,48 @@ def test_given_block_indices_and_centroids_are_used():
     centroids = reference_block_centroids(inputs["ref_k"], block_size=8)
     routed = sparse_reference_attention(**inputs, block_size=8, centroids=centroids, top_k=2, backend="reference")
     torch.testing.assert_close(routed, sparse_reference_attention(**inputs, block_size=8, top_k=2, backend="reference"))
+
+
+# ---- coarse branch ---------------------------------------------------------------------------
+
+
+def test_coarse_branch_matches_loops_and_excludes_invalid_blocks():
+    from sparse_avatar.sparse_attention import coarse_reference_attention
+
+    inputs = make_inputs(batch=2, heads=4, kv_heads=2, query_len=11, static_len=None, ref_len=19)
+    ref_lengths = torch.tensor([19, 0])
+    block = 4
+    centroids = reference_block_centroids(inputs["ref_k"], ref_lengths, block)
+    value_centroids = reference_block_centroids(inputs["ref_v"], ref_lengths, block)
+    out, lse = coarse_reference_attention(inputs["q"], centroids, value_centroids, ref_lengths, block_size=block, return_lse=True)
+    assert out.shape == inputs["q"].shape and lse.shape == inputs["q"].shape[:3]
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    for h in range(4):
+        for i in range(11):
+            start = (i // block) * block
+            query = inputs["q"][0, h, start:start + block].mean(0)
+            keys = inputs["ref_k"][0, h // 2]
+            key_means = torch.stack([keys[j:j + block].mean(0) for j in range(0, 19, block)])
+            value_means = torch.stack([inputs["ref_v"][0, h // 2, j:j + block].mean(0) for j in range(0, 19, block)])
+            weights = torch.softmax(key_means @ query / math.sqrt(8), 0)
+            torch.testing.assert_close(out[0, h, i], weights @ value_means)
+
+
+def test_coarse_branch_gradients_reach_queries_and_reference():
+    from sparse_avatar.sparse_attention import coarse_reference_attention
+
+    inputs = make_inputs(batch=1, heads=2, kv_heads=1, query_len=5, static_len=None, ref_len=7, head_dim=3)
+    q = inputs["q"].requires_grad_(True)
+    ref_k = inputs["ref_k"].requires_grad_(True)
+    ref_v = inputs["ref_v"].requires_grad_(True)
+    ref_lengths = torch.tensor([6])
+
+    def function(q, ref_k, ref_v):
+        centroids = reference_block_centroids(ref_k, ref_lengths, 2)
+        value_centroids = reference_block_centroids(ref_v, ref_lengths, 2)
+        return coarse_reference_attention(q, centroids, value_centroids, ref_lengths, block_size=2, return_lse=True)
+
+    assert torch.autograd.gradcheck(function, (q, ref_k, ref_v), eps=1e-6, atol=1e-7)
+    out, _ = function(q, ref_k, ref_v)
+    out.sum().backward()
+    assert ref_k.grad[0, 0, :6].abs().sum() > 0 and torch.equal(ref_k.grad[0, 0, 6], torch.zeros(3, dtype=torch.float64))
