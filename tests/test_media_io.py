@@ -412,3 +412,41 @@ def test_resolve_input_path_refuses_escapes(tmp_path):
         resolve_input_path(link, [root])
     with pytest.raises(UserFacingError, match="folder"):
         resolve_input_path(root, [tmp_path])
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_probe_features_and_formats(tmp_path, capsys):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from sparse_avatar.cli import main
+
+    clip = make_clip(tmp_path / "clip.mp4", level_frames(10, 64, 48), fps=25, audio=tone(0.4, 16000))
+    assert main(["probe", str(clip), "--no-faces", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["n_frames"] == 10 and record["video_codec"] == "h264" and record["has_audio"] and record["faces"] is None
+
+    speech = write_audio_file(tmp_path / "speech.wav", tone(2.0, 44100), 44100, codec="pcm_s16le")
+    assert main(["features", str(speech), "--fps", "30", "--out", str(tmp_path / "f.npy")]) == 0
+    assert np.load(tmp_path / "f.npy", allow_pickle=False).shape[0] == 60
+    assert main(["features", str(speech), "--fps", "25", "--frames", "40", "--out", str(tmp_path / "f.safetensors")]) == 0
+    assert load_file(str(tmp_path / "f.safetensors"))["features"].shape[0] == 40
+    assert main(["features", str(speech), "--out", str(tmp_path / "f.txt")]) == 2
+    assert "must end in .npy or .safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "f.txt").exists()
+
+
+def test_cli_demo_runs_the_media_pipeline(tmp_path, capsys):
+    from sparse_avatar.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--seconds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "face tracked" in printed and "PSNR" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["demo.mp4", "source.mp4", "speech_features.npy"]
+    info = probe_media(out / "demo.mp4")
+    assert info.n_frames == 50 and info.has_audio and info.audio_duration_s == pytest.approx(2.0, abs=0.04)
+    assert np.load(out / "speech_features.npy").shape[0] == 50
