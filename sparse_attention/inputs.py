@@ -174,9 +174,14 @@ def check_block_indices(block_indices: torch.Tensor, shapes: AttentionShapes) ->
     if block_indices.is_floating_point() or block_indices.dtype == torch.bool:
         raise UserFacingError(f"block_indices must hold integers (int32); got {block_indices.dtype}.")
     if block_indices.numel():
-        low, high = torch.stack([block_indices.min(), block_indices.max()]).tolist()
+        ordered = block_indices.sort(dim=-1).values
+        repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()
+        low, high, has_repeats = torch.stack([block_indices.min(), block_indices.max(), repeated.to(block_indices.dtype)]).tolist()
         if low < -1 or high >= shapes.ref_blocks:
             raise UserFacingError(
                 f"block_indices must hold reference block ids in [0, nR={shapes.ref_blocks}) or -1 for an unused slot; "
                 f"got values from {low} to {high}."
             )
+        if has_repeats:
+            # A repeated block would be counted twice by some backends and once by others.
+            raise UserFacingError("block_indices repeat a block id within one query block; each id may appear once (use -1 for unused slots).")
