@@ -32,8 +32,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def valid_positions(ref_lengths: torch.Tensor | None, batch: int, padded_len: int, device: torch.device) -> torch.Tensor:
     """[B, padded_len] bool: True where a reference position holds a real token."""
     positions = torch.arange(padded_len, device=device)
-    if ref_lengths is None:
-        return positions.expand(batch, padded_len) >= 0  # all True; Lr-padding is handled by the caller
+    if ref_lengths is None:  # all valid; positions past Lr (block padding) are the caller's business
+        return torch.ones(batch, padded_len, dtype=torch.bool, device=device)
     return positions[None, :] < ref_lengths.to(device=device, dtype=torch.long)[:, None]
 
 
@@ -154,9 +154,11 @@ def route_reference_blocks(
     pieces = []
     if forced_count:
         forced = forced_blocks.to(device=device, dtype=torch.long).expand(batch, kv_heads, query_blocks, forced_count)
-        forced_is_valid = (forced >= 0) & torch.gather(
-            block_valid[:, None, None, :].expand(batch, kv_heads, query_blocks, ref_blocks), -1, forced.clamp(min=0)
-        ) if ref_blocks else torch.zeros_like(forced, dtype=torch.bool)
+        if ref_blocks:
+            forced_block_valid = block_valid[:, None, None, :].expand(batch, kv_heads, query_blocks, ref_blocks)
+            forced_is_valid = (forced >= 0) & torch.gather(forced_block_valid, -1, forced.clamp(min=0))
+        else:
+            forced_is_valid = torch.zeros_like(forced, dtype=torch.bool)
         # A later copy of an id already forced earlier in the row is dropped.
         same = forced[..., :, None] == forced[..., None, :]
         earlier = torch.ones(forced_count, forced_count, dtype=torch.bool, device=device).tril(diagonal=-1)
