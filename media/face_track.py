@@ -411,7 +411,7 @@ def track_face(
             if overlaps.max() > 0.1:
                 chosen = int(overlaps.argmax())
         if chosen is None and index - followed_at >= reacquire_s * frames_per_second:
-            chosen = int(areas.argmax())
+            chosen = _acquire(detector, frame, candidates, areas)
         if chosen is None:
             if full_scan:
                 face_counts.append(0)
@@ -469,6 +469,15 @@ def track_face(
         warnings=warnings,
         source=getattr(detector, "name", type(detector).__name__),
     )
+
+
+def _acquire(detector, frame, candidates, areas) -> int | None:
+    """The largest candidate that a second cascade confirms (when the detector can confirm):
+    starting to follow a false positive would cost the whole track, so we ask twice here."""
+    for index in np.argsort(-areas):
+        if not hasattr(detector, "confirm") or detector.confirm(frame, candidates[index]):
+            return int(index)
+    return None
 
 
 def _count_other_faces(detector, frame, candidates, areas, chosen) -> int:
