@@ -401,14 +401,10 @@ def load_reference_video(
         out_fps = float(fps) if fps else info.cfr_fps
         span = min(end_s if end_s is not None else math.inf, info.duration_s) - (start_s or 0.0)
         expected = max(1, int(math.ceil(span * out_fps)))
-        frames = []
-        for _, _, array in iter_video_frames(path, fps=out_fps, start_s=start_s, end_s=end_s, max_side=max_side):
-            frames.append(array)
-            if on_frame is not None:
-                on_frame(len(frames), max(expected, len(frames)))
-        frames_array = np.stack(frames)
+        frames_array = _collect_frames(
+            iter_video_frames(path, fps=out_fps, start_s=start_s, end_s=end_s, max_side=max_side), expected, on_frame)
         try:
-            audio = extract_aligned_audio(path, start_s=start_s or 0.0, duration_s=len(frames) / out_fps)
+            audio = extract_aligned_audio(path, start_s=start_s or 0.0, duration_s=len(frames_array) / out_fps)
         except _FFMPEG_ERRORS as error:
             raise UserFacingError(f"the audio track of {path.name} is damaged ({_short(error)}); re-export the file") from None
         warnings = []
@@ -421,6 +417,32 @@ def load_reference_video(
     raise UserFacingError(
         f"cannot use a {type(source).__name__} as a reference video; pass a file path, an IMAGE batch or a VIDEO"
     )
+
+
+def _collect_frames(frames: Iterable[tuple[int, float, np.ndarray]], expected: int, on_frame) -> np.ndarray:
+    """Stack streamed frames into one array, filling a buffer sized from the probe.
+
+    Appending to a list and stacking at the end holds every frame twice and copies it once more;
+    on long clips that costs more than decoding did.
+    """
+    buffer = None
+    extra: list[np.ndarray] = []
+    count = 0
+    for _, _, image in frames:
+        if buffer is None:
+            buffer = np.empty((expected, *image.shape), image.dtype)
+        if count < expected:
+            buffer[count] = image
+        else:
+            extra.append(image)
+        count += 1
+        if on_frame is not None:
+            on_frame(count, max(expected, count))
+    if buffer is None:
+        raise UserFacingError("the video has no frames in the requested range; check the start/end times")
+    if extra:
+        return np.concatenate([buffer, np.stack(extra)])
+    return buffer[:count]
 
 
 def _reference_from_arrays(frames, source_fps, comfy_audio, fps, start_s, end_s, max_side) -> ReferenceVideo:
