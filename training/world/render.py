@@ -28,7 +28,7 @@ FACE_CENTRE = (0.5, 0.54)       # face centre as fractions of the frame side, be
 @dataclass
 class FaceState:
     """Per-frame state of the moving parts; every field is a float32 array of length T."""
-    openness: np.ndarray     # mouth, 0 closed … 1 open
+    openness: np.ndarray     # mouth, 0 closed … mouth_gain (the person's widest opening)
     width: np.ndarray        # mouth, 0 narrow … 1 wide
     rounding: np.ndarray     # mouth, 0 spread … 1 rounded
     blink: np.ndarray        # eyelid closure, 0 open … 1 closed
@@ -89,16 +89,19 @@ def motion_track(dynamic: DynamicTraits, mouth: MouthTrack, fps: float, clip_see
     t = np.arange(n) / fps
     # Mouth: zero-phase smoothing so the habit never shifts lip sync in time.
     sigma_frames = (0.012 + 0.05 * (1 - dynamic.mouth_speed)) * fps
-    openness = np.clip(dynamic.mouth_gain * gaussian_filter1d(mouth.openness.astype(np.float64), sigma_frames), 0, 1)
+    # No clipping after the gain: a wide-mouthed speaker opens further, the timing is untouched.
+    openness = dynamic.mouth_gain * gaussian_filter1d(mouth.openness.astype(np.float64), sigma_frames)
     width = gaussian_filter1d(mouth.width.astype(np.float64), sigma_frames)
     rounding = gaussian_filter1d(mouth.rounding.astype(np.float64), sigma_frames)
-    # Blinks: a Poisson process at the person's rate, at least 0.35 s apart; each closes the lid
-    # fully for ~90 ms within a ~240 ms movement.
+    # Blinks: at the person's rate with intervals jittered ±25 % (regular enough that a 20 s clip
+    # shows the habit, irregular enough to look alive); each closes the lid fully for ~90 ms
+    # within a ~240 ms movement.
     blink = np.zeros(n)
-    time_s = rng.exponential(60.0 / dynamic.blink_rate_per_min) * 0.5
+    interval_s = 60.0 / dynamic.blink_rate_per_min
+    time_s = rng.uniform(0.2, 1.0) * interval_s
     while time_s < n / fps:
         blink = np.maximum(blink, np.clip(1.6 * (1 - np.abs(t - time_s) / 0.12), 0, 1))
-        time_s += 0.35 + rng.exponential(60.0 / dynamic.blink_rate_per_min)
+        time_s += interval_s * rng.uniform(0.75, 1.25)
     # Head sway: the person's own frequency dominates; a weaker faster component keeps it alive.
     f = dynamic.sway_frequency_hz
     phase = rng.uniform(0, 2 * np.pi, 4)
@@ -293,7 +296,7 @@ class HeadRenderer:
             ex, ey = cx + side * s.eye_spacing * a + dx, cy - 0.1 * b + dy
             outline = _ellipse_points(ex, ey, half_w, half_h, 24)
             cv2.fillPoly(canvas, [_pts(outline)], (245, 245, 240, 255), cv2.LINE_AA, _SHIFT)
-            iris_r = min(0.55 * half_w, 1.0 * half_h)
+            iris_r = min(0.45 * half_w, 0.9 * half_h)
             cv2.circle(canvas, _pts((ex + 0.3 * dx, ey))[0, 0].tolist(), int(iris_r * _SCALE), _rgba(s.eye_colour), -1, cv2.LINE_AA, _SHIFT)
             cv2.circle(canvas, _pts((ex + 0.3 * dx, ey))[0, 0].tolist(), int(0.45 * iris_r * _SCALE), (15, 15, 15, 255), -1, cv2.LINE_AA, _SHIFT)
             if blink > 0.02:

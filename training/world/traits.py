@@ -31,7 +31,8 @@ EYE_COLOURS = {"brown": (96, 58, 30), "dark_brown": (60, 36, 20), "blue": (60, 1
 TEETH_COLOURS = [(250, 250, 244), (238, 232, 208), (224, 214, 180)]
 HAIR_STYLES = ("bald", "short", "side_part", "long", "bun", "curly")
 SKIN_PATTERNS = ("plain", "freckles", "moles", "blotchy", "rough")
-ACCESSORY_COLOURS = [(20, 20, 20), (120, 30, 30), (30, 60, 130), (160, 120, 40), (200, 200, 210)]
+# No near-white accessory: eye whites are the blink signal the metrics read.
+ACCESSORY_COLOURS = [(20, 20, 20), (120, 30, 30), (30, 60, 130), (160, 120, 40), (150, 150, 165)]
 BACKGROUND_KINDS = ("flat", "gradient", "stripes", "checker", "dots", "room")
 
 
@@ -58,7 +59,7 @@ class StaticTraits:
     skin_colour: tuple
     skin_pattern: str
     skin_pattern_seed: int
-    eye_shape: float         # eye half-height / half-width (almond .35 … round .6)
+    eye_shape: float         # eye half-height / half-width (almond .4 … round .62)
     eye_size: float          # eye half-width / a
     eye_spacing: float       # eye centre distance from the midline / a
     eye_colour_name: str
@@ -125,8 +126,8 @@ def sample_static_traits(identity_seed: int) -> StaticTraits:
         skin_colour=skin,
         skin_pattern=str(rng.choice(SKIN_PATTERNS)),
         skin_pattern_seed=int(rng.integers(1 << 31)),
-        eye_shape=float(rng.uniform(0.35, 0.6)),
-        eye_size=float(rng.uniform(0.17, 0.23)),
+        eye_shape=float(rng.uniform(0.4, 0.62)),
+        eye_size=float(rng.uniform(0.2, 0.26)),
         eye_spacing=float(rng.uniform(0.36, 0.44)),
         eye_colour_name=eye_name,
         eye_colour=_jitter_colour(rng, EYE_COLOURS[eye_name], 8),
