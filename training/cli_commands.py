@@ -29,5 +29,33 @@ def add_world_command(subparsers) -> None:
     parser.set_defaults(handler=_world)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .world.suite import evaluate
+
+    summary = evaluate(args.suite, args.model, args.out, limit=args.limit, steps=args.steps, device=args.device) \
+        if args.model not in ("ground-truth", "copy-reference") else evaluate(args.suite, args.model, args.out, limit=args.limit)
+    print(json.dumps(summary, indent=1))
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
+def add_eval_command(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="score a model on a held-out Avatar World suite",
+                                   description="Render the suite's held-out cases (reference clip + different driving "
+                                               "speech), run the model, and write summary.json, cases.json, report.md "
+                                               "and plots/ into --out.")
+    parser.add_argument("--suite", default="avatar-world-v1", help="suite name (default avatar-world-v1)")
+    parser.add_argument("--model", required=True,
+                        help="a checkpoint (.safetensors), 'ground-truth' (the renderer: ceiling) or 'copy-reference' (floor)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps for checkpoint models (default 20)")
+    parser.add_argument("--device", default="cpu", help="torch device for checkpoint models (default cpu)")
+    parser.set_defaults(handler=_eval)
+
+
 def register(subparsers) -> None:
     add_world_command(subparsers)
+    add_eval_command(subparsers)
