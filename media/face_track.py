@@ -8,15 +8,16 @@ opencv-python-headless we depend on. Any object with ``detect(frame_rgb) -> [N, 
 passed as ``detector=`` instead.
 
 Pipeline (``track_face``):
-1. The detector runs on every ``detect_every``-th frame (about 8 per second by default), on a
+1. The detector runs on every ``detect_every``-th frame (5 per second by default), on a
    downscaled copy, so tracking costs a small fraction of decoding.
 2. One face is followed: the largest face on the first frame with a face, then on each examined
    frame the candidate overlapping the last accepted box most (so two equal faces never swap).
    When the followed face has been lost for ``reacquire_s`` the largest face is taken again.
-3. A Rauch-Tung-Striebel smoother (constant-velocity Kalman filter run forward, then backward) on
-   the box centre and log-size gives a zero-phase, jitter-free track and interpolates every frame
-   that was not examined or where the face was missed. Detections far from the smoothed track are
-   dropped as false positives and the track is smoothed again.
+3. Detections far from the median of their neighbouring detections (position or size) are
+   dropped as false positives. A Rauch-Tung-Striebel smoother (constant-velocity Kalman filter
+   run forward, then backward) on the box centre and log-size then gives a zero-phase,
+   jitter-free track and interpolates every frame that was not examined or where the face was
+   missed.
 4. Too few detections -> ``UserFacingError`` telling the user to crop the video or pass a face box.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..errors import UserFacingError
 
-DEFAULT_DETECTIONS_PER_SECOND = 8.0
+DEFAULT_DETECTIONS_PER_SECOND = 5.0
 DEFAULT_SMOOTHING_HZ = 1.5
 # A face counts towards n_faces_seen when at least this fraction of the followed face's size:
 # Haar's occasional small false positives in the background must not be reported as a 2nd person.
@@ -38,11 +39,11 @@ _SIGNIFICANT_FACE_FRACTION = 0.5
 _MULTI_FACE_MIN_SHARE = 0.2
 # Measurement noise of a detected box, in units of the face size (centre) and log units (size).
 _MEASUREMENT_STD = 0.05
-# Detections farther than this from the smoothed track (face-size units / log size) are outliers.
+# Detections farther than this from their neighbours (face-size units / log size) are outliers.
 _OUTLIER_CENTRE = 0.5
 _OUTLIER_LOG_SIZE = 0.35
 # How often the whole frame is scanned while a face is being followed near its last position.
-_FULL_SCAN_INTERVAL_S = 1.0
+_FULL_SCAN_INTERVAL_S = 2.0
 
 
 class HaarFaceDetector:
@@ -67,9 +68,15 @@ class HaarFaceDetector:
                 f"OpenCV's face cascades are missing from {cascade_dir}; reinstall opencv-python-headless"
             )
 
-    def _run(self, grey: np.ndarray, cascades, min_side: int, max_side: int | None = None) -> np.ndarray:
-        """Boxes [N, 4] (x0, y0, x1, y1) in ``grey``'s pixels from the first cascade that finds any."""
-        options = dict(scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+    def _run(
+        self, grey: np.ndarray, cascades, min_side: int, max_side: int | None = None, *, coarse: bool = False
+    ) -> np.ndarray:
+        """Boxes [N, 4] (x0, y0, x1, y1) in ``grey``'s pixels from the first cascade that finds any.
+
+        ``coarse``: fewer scales and neighbours, for the small search region around a known face
+        (half the cost; the region and size range already rule out most false positives).
+        """
+        options = dict(scaleFactor=1.2 if coarse else 1.1, minNeighbors=3 if coarse else 5, minSize=(min_side, min_side))
         if max_side is not None:
             options["maxSize"] = (max_side, max_side)
         for cascade in cascades:
@@ -101,7 +108,12 @@ class HaarFaceDetector:
 
     def detect_near(self, frame_rgb: np.ndarray, box: np.ndarray, *, cascades=None) -> np.ndarray:
         """Faces of about ``box``'s size near ``box``: a small region at a small scale, so tracking
-        a found face costs a fraction of a full-frame scan."""
+        a found face costs a fraction of a full-frame scan. A coarse search first, a fine one when
+        that finds nothing (still far cheaper than scanning the frame)."""
+        found = self._detect_in_region(frame_rgb, box, cascades, coarse=True)
+        return found if len(found) else self._detect_in_region(frame_rgb, box, cascades, coarse=False)
+
+    def _detect_in_region(self, frame_rgb: np.ndarray, box: np.ndarray, cascades, *, coarse: bool) -> np.ndarray:
         x0, y0, x1, y1 = (float(v) for v in box)
         side = max(x1 - x0, y1 - y0)
         centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
@@ -116,9 +128,11 @@ class HaarFaceDetector:
         expected = side * factor
         boxes = self._run(
             grey,
-            cascades or [*self._frontal, self._profile],
+            # alt2 first here: it is the faster of the two frontal cascades on small regions.
+            cascades or [self._frontal[1], self._frontal[0], self._profile],
             max(20, int(expected / self._SIZE_RANGE)),
             int(expected * self._SIZE_RANGE) + 1,
+            coarse=coarse,
         )
         return (boxes / factor + np.array([left, top, left, top])).astype(np.float32)
 
@@ -126,15 +140,15 @@ class HaarFaceDetector:
         """Second opinion on a face the default cascade found: the alt2 cascade must find it too.
         Used before reporting a second person, because single-cascade false positives on
         static backgrounds repeat frame after frame."""
-        found = self.detect_near(frame_rgb, box, cascades=[self._frontal[1]])
+        found = self._detect_in_region(frame_rgb, box, [self._frontal[1]], coarse=False)
         return bool(len(found)) and float(_iou(np.asarray(box, np.float32), found).max()) > 0.3
 
     # Tracking region = this many face sides around the last box; the face is scaled to about
     # _TRACK_FACE_SIDE pixels there, and looked for between 1/_SIZE_RANGE and _SIZE_RANGE times
     # its last size.
     _ROI_SIDE = 2.2
-    _TRACK_FACE_SIDE = 64.0
-    _SIZE_RANGE = 1.5
+    _TRACK_FACE_SIDE = 48.0
+    _SIZE_RANGE = 1.3
 
 
 @dataclass
@@ -249,6 +263,7 @@ def _rts_constant_velocity(
     smoothed = np.empty((span, observations.shape[1]))
     mean_smooth = mean_filt[-1]
     smoothed[-1] = mean_smooth[0]
+    velocity_first, velocity_last = None, mean_smooth[1]
     for step in range(span - 2, -1, -1):
         f11, f12, f22 = cov_filt[step]
         n11, n12, n22 = cov_pred[step + 1]
@@ -266,11 +281,17 @@ def _rts_constant_velocity(
             ]
         )
         smoothed[step] = mean_smooth[0]
+    velocity_first = mean_smooth[1] if span > 1 else velocity_last
 
     result = np.empty_like(observations)
     result[first : last + 1] = smoothed
-    result[:first] = smoothed[0]
-    result[last + 1 :] = smoothed[-1]
+    # Outside the measured span: carry on with the end velocity for a short while (a sudden stop
+    # would be a visible kink in the crop), then hold.
+    coast = max(1, measurement_interval)
+    before = np.minimum(np.arange(first, 0, -1), coast)[:, None]
+    after = np.minimum(np.arange(1, n_frames - last), coast)[:, None]
+    result[:first] = smoothed[0] - velocity_first * before * dt
+    result[last + 1 :] = smoothed[-1] + velocity_last * after * dt
     return result
 
 
@@ -386,7 +407,7 @@ def track_face(
         examined.append(index % stride == 0)
         if not examined[-1]:
             continue
-        # Near the followed face most of the time (cheap); the whole frame about once a second,
+        # Near the followed face most of the time (cheap); the whole frame every 2 s,
         # to count people and to find the face again after losing it.
         full_scan = (
             not can_track_near
@@ -429,13 +450,12 @@ def track_face(
     examined = np.asarray(examined)
     n_examined = int(examined.sum())
     detected = ~np.isnan(raw_boxes[:, 0])
+    outliers = _outliers(raw_boxes)
+    if outliers.sum() * 2 < detected.sum():  # most detections must agree, else keep them all
+        raw_boxes[outliers] = np.nan
+        detected = ~np.isnan(raw_boxes[:, 0])
     if detected.any():
         smoothed = smooth_box_track(raw_boxes, fps, smoothing_hz=smoothing_hz, measurement_interval=stride)
-        outliers = _outliers(raw_boxes, smoothed)
-        if outliers.any() and outliers.sum() < detected.sum():
-            raw_boxes[outliers] = np.nan
-            detected = ~np.isnan(raw_boxes[:, 0])
-            smoothed = smooth_box_track(raw_boxes, fps, smoothing_hz=smoothing_hz, measurement_interval=stride)
     coverage = float(detected.sum()) / max(1, n_examined)
     if coverage < min_coverage or not detected.any():
         raise UserFacingError(
@@ -447,7 +467,8 @@ def track_face(
     with_face = face_counts[face_counts > 0]
     n_faces_seen = 1
     for count in range(2, int(with_face.max()) + 1 if len(with_face) else 1):
-        if (with_face >= count).mean() >= _MULTI_FACE_MIN_SHARE and (with_face >= count).sum() >= 2:
+        seen_on = int((with_face >= count).sum())
+        if seen_on / len(with_face) >= _MULTI_FACE_MIN_SHARE and seen_on >= min(2, len(with_face)):
             n_faces_seen = count
     warnings = []
     if n_faces_seen > 1:
@@ -506,14 +527,21 @@ def _resolve_fps(fps, first_times: list[float]) -> float:
     return 25.0
 
 
-def _outliers(raw_boxes: np.ndarray, smoothed: np.ndarray) -> np.ndarray:
-    detected = ~np.isnan(raw_boxes[:, 0])
-    size = smoothed[:, 2] - smoothed[:, 0]
-    raw_size = np.maximum(raw_boxes[:, 2] - raw_boxes[:, 0], raw_boxes[:, 3] - raw_boxes[:, 1])
-    centre_error = np.hypot(
-        (raw_boxes[:, 0] + raw_boxes[:, 2] - smoothed[:, 0] - smoothed[:, 2]) / 2,
-        (raw_boxes[:, 1] + raw_boxes[:, 3] - smoothed[:, 1] - smoothed[:, 3]) / 2,
-    ) / size
-    with np.errstate(invalid="ignore", divide="ignore"):
-        size_error = np.abs(np.log(raw_size / size))
-    return detected & ((centre_error > _OUTLIER_CENTRE) | (size_error > _OUTLIER_LOG_SIZE))
+def _outliers(raw_boxes: np.ndarray, neighbours: int = 2) -> np.ndarray:
+    """Detections that disagree with the median of the ``neighbours`` detections on each side
+    (leave-one-out, so a single wrong box cannot drag its own reference along as a smoother would)."""
+    indices = np.flatnonzero(~np.isnan(raw_boxes[:, 0]))
+    boxes = raw_boxes[indices].astype(np.float64)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    sizes = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    flagged = np.zeros(len(raw_boxes), bool)
+    if len(indices) < 3:
+        return flagged
+    for position, frame_index in enumerate(indices):
+        others = [p for p in range(position - neighbours, position + neighbours + 1) if p != position and 0 <= p < len(indices)]
+        reference_centre = np.median(centres[others], axis=0)
+        reference_size = float(np.median(sizes[others]))
+        centre_error = float(np.hypot(*(centres[position] - reference_centre))) / reference_size
+        size_error = abs(math.log(sizes[position] / reference_size))
+        flagged[frame_index] = centre_error > _OUTLIER_CENTRE or size_error > _OUTLIER_LOG_SIZE
+    return flagged
