@@ -84,6 +84,14 @@ def estimate_skin_colour(frames) -> np.ndarray:
     return _mode_colour(centre)
 
 
+def _distance_to_segment(pixels: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Distance of each RGB pixel [..., 3] to the colour segment start-end."""
+    direction = end - start
+    offset = pixels.astype(np.float64) - start
+    along = np.clip((offset @ direction) / float(direction @ direction), 0, 1)
+    return np.linalg.norm(offset - along[..., None] * direction, axis=-1)
+
+
 def _skin_threshold(skin: np.ndarray) -> float:
     return max(22.0, 0.15 * float(np.linalg.norm(skin)))
 
@@ -148,8 +156,13 @@ def _measure_one(frame: np.ndarray, skin: np.ndarray, threshold: float, kernel: 
     if sclera.sum() >= 2:
         near_sclera = cv2.dilate(sclera.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=max(1, int(round(a / 14)))).astype(bool)
         iris = near_sclera & ~sclera & not_skin[band] & (brightness > 35) & region[band]
-        if iris.sum() >= 2:
-            eye_rgb = _mode_colour(band_pixels[iris])
+        # Anti-aliased edges mix sclera with skin: drop pixels near the skin-white segment, and
+        # prefer coloured pixels to the grey white-pupil mixes (a grey iris falls back to all).
+        off_blend = _distance_to_segment(band_pixels, skin, np.array([245.0, 245.0, 240.0])) > 20
+        coloured = iris & off_blend & (spread > 12)
+        chosen = coloured if coloured.sum() >= 2 else iris & off_blend
+        if chosen.sum() >= 2:
+            eye_rgb = _mode_colour(band_pixels[chosen])
         rows = np.nonzero(sclera.any(axis=1))[0]
         eye_row = band[0].start + int(np.median(rows))
     else:
