@@ -181,7 +181,19 @@ def main() -> int:
             f"{row['track_fps']} | {row['crop_fps']} | **{row['in_memory_fps']}** | {row['streaming_two_pass_fps']} | "
             f"{row['face_coverage']:.0%} |"
         )
-    lines += ["", "Produced by `python bench/media_throughput.py`.", ""]
+    lines += [
+        "",
+        "Reading the table: *decode* = PyAV decode + RGB conversion into one preallocated array; *track* =",
+        "`track_face` on that array; *crop* = `crop_faces`; *in memory* = the three in sequence; *streaming* =",
+        "pass 1 decodes into `track_face` without keeping frames, pass 2 decodes again and crops each frame.",
+        "Streaming often matches or beats in-memory although it decodes twice: writing every full-size frame",
+        "into a fresh multi-hundred-MB array (first touch of its pages) can cost more than decoding, and it is",
+        "the number that swings most between runs on this shared machine (1080p decode measured 24 to 300",
+        "frames/s in runs minutes apart). Long or large references should be streamed or loaded with `max_side`.",
+        "",
+        "Produced by `python bench/media_throughput.py`.",
+        "",
+    ]
     (args.out / "media_throughput.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'media_throughput.json'} and .md")
     return 0

@@ -502,7 +502,11 @@ def write_video(
     if not (isinstance(fps, (int, float, Fraction)) and math.isfinite(float(fps)) and 0 < float(fps) <= 240):
         raise UserFacingError(f"fps must be between 0 and 240, got {fps}")
     if audio is not None:
-        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim == 2 and 1 in audio.shape:
+            audio = audio.reshape(-1)
+        if audio.ndim != 1:
+            raise UserFacingError(f"audio to write must be mono samples [S], got shape {audio.shape}; mix it down first")
         if not np.isfinite(audio).all():
             raise UserFacingError("the audio to write contains NaN/infinite samples; check the step that produced it")
     final_path = Path(path).expanduser().resolve()

@@ -223,6 +223,8 @@ def test_nothing_partial_left_behind(tmp_path):
         write_video(out_dir / "video.mp4", level_frames(2, 16, 16), float("nan"))
     with pytest.raises(UserFacingError):
         write_video(out_dir / "video.avi", level_frames(2, 16, 16), 25)
+    with pytest.raises(UserFacingError, match="mono"):
+        write_video(out_dir / "video.mp4", level_frames(2, 16, 16), 25, audio=np.zeros((2, 800), np.float32))
     assert list(out_dir.iterdir()) == []
 
 
