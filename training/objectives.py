@@ -295,6 +295,6 @@ def dpo_objective(reference_model: nn.Module, *, beta: float = 500.0):
             reference_w = per_sample_error(reference_module, batch, winner, noise, t, reference_caches_)
             reference_l = per_sample_error(reference_module, batch, loser, noise, t, reference_caches_)
         loss, margin = diffusion_dpo_loss(policy_w, policy_l, reference_w, reference_l, beta)
-        return loss, {"reward_margin": float(margin.mean()), "winner_error": float(policy_w.mean()), "loser_error": float(policy_l.mean())}
+        return loss, {"reward_margin": float(margin.mean()), "winner_error": float(policy_w.detach().mean()), "loser_error": float(policy_l.detach().mean())}
 
     return objective
