@@ -138,37 +138,20 @@ def _feather_ramp(crop_coordinate: np.ndarray, size: int, feather: float) -> np.
     return (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)
 
 
-def _match_colour(pasted: np.ndarray, original: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Shift/scale ``pasted``'s LAB mean and std (weighted by ``alpha``) onto ``original``'s."""
-    import cv2
+@dataclass
+class _PasteParts:
+    """One frame's paste-back pieces, in float32 RGB 0..1 over the region the crop covers."""
 
-    # Statistics from every 3rd pixel each way: the same numbers to well under one grey level,
-    # at a ninth of the cost.
-    weights = alpha[::3, ::3].reshape(-1, 1).astype(np.float64)
-    total = weights.sum()
-    if total < 1.0:
-        return pasted
-    pasted_lab = cv2.cvtColor(pasted, cv2.COLOR_RGB2LAB)
-
-    def statistics(image_lab):
-        samples = image_lab.reshape(-1, 3).astype(np.float64)
-        mean = (samples * weights).sum(axis=0) / total
-        std = np.sqrt(((samples - mean) ** 2 * weights).sum(axis=0) / total)
-        return mean, std
-
-    pasted_mean, pasted_std = statistics(pasted_lab[::3, ::3])
-    original_mean, original_std = statistics(cv2.cvtColor(np.ascontiguousarray(original[::3, ::3]), cv2.COLOR_RGB2LAB))
-    # Bounded gain: a flat generated region must not be blown up into noise.
-    gain = np.clip(original_std / np.maximum(pasted_std, 1e-6), 0.5, 2.0)
-    matched = (pasted_lab - pasted_mean.astype(np.float32)) * gain.astype(np.float32) + original_mean.astype(np.float32)
-    return np.clip(cv2.cvtColor(matched.astype(np.float32), cv2.COLOR_LAB2RGB), 0.0, 1.0)
+    top: int
+    bottom: int
+    left: int
+    right: int
+    pasted: np.ndarray
+    original: np.ndarray
+    alpha: np.ndarray
 
 
-def paste_back_frame(
-    frame: np.ndarray, crop: np.ndarray, transform: CropTransform, *, feather: float = 0.12, color_match: bool = True
-) -> np.ndarray:
-    """One frame with ``crop`` warped back into the square it came from, blended by a feathered
-    mask; returns a new uint8 frame."""
+def _paste_parts(frame: np.ndarray, crop: np.ndarray, transform: CropTransform, feather: float) -> _PasteParts | None:
     crop = np.asarray(crop)
     if crop.shape != (transform.size, transform.size, 3) or crop.dtype != np.uint8:
         raise UserFacingError(
@@ -180,31 +163,87 @@ def paste_back_frame(
     x0, y0, x1, y1 = transform.box
     left, top = int(max(0, np.floor(x0))), int(max(0, np.floor(y0)))
     right, bottom = int(min(width, np.ceil(x1))), int(min(height, np.ceil(y1)))
-    result = np.array(frame, copy=True)
     if right <= left or bottom <= top:
-        return result
+        return None
     # Crop -> frame region [top:bottom, left:right]: inverse of the crop matrix, shifted.
     back = transform.inverse_matrix.copy()
     back[:, 2] -= np.array([left, top], np.float64)
     pasted = _resample(crop, back, right - left, bottom - top).astype(np.float32) / 255.0
-    original = result[top:bottom, left:right].astype(np.float32) / 255.0
-    factor, shift = transform.matrix[:, 0:2].diagonal(), transform.matrix[:, 2]
+    original = np.asarray(frame[top:bottom, left:right], np.float32) / 255.0
+    factor, shift = transform.matrix.diagonal(), transform.matrix[:, 2]
     crop_x = np.arange(left, right) * factor[0] + shift[0]
     crop_y = np.arange(top, bottom) * factor[1] + shift[1]
     alpha = _feather_ramp(crop_y, transform.size, feather)[:, None] * _feather_ramp(crop_x, transform.size, feather)[None, :]
-    if color_match:
-        pasted = _match_colour(pasted, original, alpha)
-    blended = original + (pasted - original) * alpha[..., None]
-    result[top:bottom, left:right] = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+    return _PasteParts(top, bottom, left, right, pasted, original, alpha)
+
+
+def _colour_statistics(parts: _PasteParts) -> np.ndarray | None:
+    """LAB mean and std under the mask: [4, 3] = pasted mean, pasted std, original mean, original std."""
+    import cv2
+
+    # Every 3rd pixel each way: the same numbers to well under one grey level, at a ninth of the cost.
+    weights = parts.alpha[::3, ::3].reshape(-1, 1).astype(np.float64)
+    total = weights.sum()
+    if total < 1.0:
+        return None
+    rows = []
+    for image in (parts.pasted, parts.original):
+        samples = cv2.cvtColor(np.ascontiguousarray(image[::3, ::3]), cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
+        mean = (samples * weights).sum(axis=0) / total
+        rows += [mean, np.sqrt(((samples - mean) ** 2 * weights).sum(axis=0) / total)]
+    return np.stack(rows)
+
+
+def _apply_colour(pasted: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+    """Shift/scale ``pasted``'s LAB mean and std onto the original's."""
+    import cv2
+
+    pasted_mean, pasted_std, original_mean, original_std = statistics.astype(np.float32)
+    # Bounded gain: a flat generated region must not be blown up into noise.
+    gain = np.clip(original_std / np.maximum(pasted_std, 1e-6), 0.5, 2.0)
+    matched = (cv2.cvtColor(pasted, cv2.COLOR_RGB2LAB) - pasted_mean) * gain + original_mean
+    return np.clip(cv2.cvtColor(matched, cv2.COLOR_LAB2RGB), 0.0, 1.0)
+
+
+def _blend_into(result: np.ndarray, parts: _PasteParts, pasted: np.ndarray) -> None:
+    blended = parts.original + (pasted - parts.original) * parts.alpha[..., None]
+    result[parts.top : parts.bottom, parts.left : parts.right] = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+
+
+def paste_back_frame(
+    frame: np.ndarray, crop: np.ndarray, transform: CropTransform, *, feather: float = 0.12, color_match: bool = True
+) -> np.ndarray:
+    """One frame with ``crop`` warped back into the square it came from, blended by a feathered
+    mask (colour matched on this frame's statistics alone); returns a new uint8 frame."""
+    result = np.array(frame, copy=True)
+    parts = _paste_parts(frame, crop, transform, feather)
+    if parts is None:
+        return result
+    statistics = _colour_statistics(parts) if color_match else None
+    _blend_into(result, parts, parts.pasted if statistics is None else _apply_colour(parts.pasted, statistics))
     return result
 
 
-def paste_back(frames, crops, transforms, *, feather: float = 0.12, color_match: bool = True) -> np.ndarray:
+def _smooth_over_time(statistics: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average along axis 0 with the ends repeated, so a clip's colour correction
+    changes smoothly instead of flickering with each frame's mouth pose."""
+    if window <= 1 or len(statistics) < 2:
+        return statistics
+    half = window // 2
+    padded = np.concatenate([np.repeat(statistics[:1], half, 0), statistics, np.repeat(statistics[-1:], half, 0)])
+    cumulative = np.concatenate([np.zeros_like(statistics[:1]), np.cumsum(padded, axis=0)])
+    return (cumulative[2 * half + 1 :] - cumulative[: -2 * half - 1]) / (2 * half + 1)
+
+
+def paste_back(
+    frames, crops, transforms, *, feather: float = 0.12, color_match: bool = True, color_window: int = 9
+) -> np.ndarray:
     """Every crop pasted back into its frame -> uint8 [T, H, W, 3] (the inputs are not changed).
 
     ``feather``: share of the crop side over which the mask fades to the original frame.
     ``color_match``: match the pasted region's LAB mean/std to the original inside the mask, so a
-    generated face with a slight colour shift leaves no seam.
+    generated face with a slight colour shift leaves no seam. The correction is averaged over
+    ``color_window`` neighbouring frames (1: per frame) so it does not flicker.
     """
     frames = np.asarray(frames)
     if len(frames) != len(crops) or len(crops) != len(transforms):
@@ -212,9 +251,22 @@ def paste_back(frames, crops, transforms, *, feather: float = 0.12, color_match:
             f"paste_back needs one crop and one transform per frame, got {len(frames)} frames, "
             f"{len(crops)} crops and {len(transforms)} transforms"
         )
-    return np.stack(
-        [
-            paste_back_frame(frame, crop, transform, feather=feather, color_match=color_match)
-            for frame, crop, transform in zip(frames, crops, transforms)
-        ]
-    ) if len(frames) else frames.copy()
+    result = frames.copy()
+    statistics: list[np.ndarray | None] = [None] * len(frames)
+    if color_match:
+        # First pass: statistics only (the warped regions are recomputed in the second pass
+        # rather than kept, so memory stays at one frame's worth).
+        for index, (frame, crop, transform) in enumerate(zip(frames, crops, transforms)):
+            parts = _paste_parts(frame, crop, transform, feather)
+            statistics[index] = None if parts is None else _colour_statistics(parts)
+        measured = [index for index, stats in enumerate(statistics) if stats is not None]
+        if measured:
+            smoothed = _smooth_over_time(np.stack([statistics[index] for index in measured]), int(color_window))
+            for index, stats in zip(measured, smoothed):
+                statistics[index] = stats
+    for index, (frame, crop, transform) in enumerate(zip(frames, crops, transforms)):
+        parts = _paste_parts(frame, crop, transform, feather)
+        if parts is not None:
+            pasted = parts.pasted if statistics[index] is None else _apply_colour(parts.pasted, statistics[index])
+            _blend_into(result[index], parts, pasted)
+    return result

@@ -334,3 +334,25 @@ def test_crop_bad_arguments():
         crop_faces(np.stack([frame, frame]), track)
     with pytest.raises(UserFacingError, match="got 0 frames but the face track has 1"):
         crop_faces([], track)
+
+
+def test_colour_correction_follows_slow_casts_not_each_frames_mouth():
+    # Dubbing: the source's mouth opens on every other frame (a dark patch inside the face
+    # region) while the generated face stays the same. Matching each frame alone would pump the
+    # whole pasted face darker and lighter with the source's mouth; the smoothed correction must not.
+    frame = _textured_frame(seed=4)
+    frames = np.stack([frame] * 9)
+    frames[1::2, 140:160, 140:180] = 20
+    crops, transforms = crop_faces(frames[:1], _track_for(frame.shape, [_box(160, 120, 90)]), size=96)
+    generated = np.repeat(crops, 9, axis=0)
+    cheek = (slice(90, 110), slice(120, 140))  # away from the mouth patch
+
+    def swing(result):
+        return np.ptp([f[cheek].astype(float).mean() for f in result])
+
+    per_frame = paste_back(frames, generated, transforms * 9, color_window=1)
+    smoothed = paste_back(frames, generated, transforms * 9, color_window=9)
+    assert swing(per_frame) > 3 * swing(smoothed)
+    assert swing(smoothed) < 4
+    single = np.stack([paste_back_frame(f, c, t) for f, c, t in zip(frames, generated, transforms * 9)])
+    np.testing.assert_array_equal(single, per_frame)
