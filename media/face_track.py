@@ -301,8 +301,12 @@ def _iou(box: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     x1 = np.minimum(box[2], candidates[:, 2])
     y1 = np.minimum(box[3], candidates[:, 3])
     intersection = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return intersection / np.maximum(area(box) + area(candidates) - intersection, 1e-9)
+    union = _area(box) + _area(candidates) - intersection
+    return intersection / np.maximum(union, 1e-9)
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def _frames_of(frames_or_iterator) -> Iterable[tuple[np.ndarray, float | None]]:

@@ -66,7 +66,11 @@ def _check_fps(fps) -> float:
 
 
 def _check_n_frames(n_frames) -> int:
-    if isinstance(n_frames, bool) or int(n_frames) != n_frames or n_frames < 1:
+    try:
+        whole = not isinstance(n_frames, bool) and int(n_frames) == n_frames and n_frames >= 1
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
         raise UserFacingError(f"n_frames must be a positive whole number, got {n_frames!r}")
     return int(n_frames)
 
@@ -126,7 +130,11 @@ def speech_features(wave, sample_rate: int, fps: float, n_frames: int | None = N
     Returns float32 ``[n_frames, SPEECH_FEATURE_DIM]`` in [-1, 1]; deterministic.
     """
     fps = _check_fps(fps)
-    if isinstance(sample_rate, bool) or not float(sample_rate).is_integer() or sample_rate <= 0:
+    try:
+        valid_rate = not isinstance(sample_rate, bool) and float(sample_rate).is_integer() and sample_rate > 0
+    except (TypeError, ValueError, OverflowError):
+        valid_rate = False
+    if not valid_rate:
         raise UserFacingError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
     sample_rate = int(sample_rate)
     wave = _resample_to_speech_rate(_mono_wave(wave), sample_rate)

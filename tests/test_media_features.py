@@ -115,6 +115,20 @@ def test_bad_audio_is_a_user_facing_error(wave, fps, match):
         speech_features(wave, SR, fps)
 
 
+@pytest.mark.parametrize("n_frames", [0, -3, 2.5, "ten", True])
+def test_bad_frame_count(n_frames):
+    with pytest.raises(UserFacingError, match="n_frames"):
+        speech_features(_chirp(1.0), SR, 25, n_frames=n_frames)
+    with pytest.raises(UserFacingError, match="n_frames"):
+        encoder_output_to_frame_features(_encoder_output(), 25, n_frames)
+
+
+@pytest.mark.parametrize("sample_rate", [0, -16000, 44.1, "16k", None])
+def test_bad_sample_rate(sample_rate):
+    with pytest.raises(UserFacingError, match="sample_rate"):
+        speech_features(_chirp(1.0), sample_rate, 25)
+
+
 def test_too_short_audio_is_an_error():
     with pytest.raises(UserFacingError, match="shorter than half a frame"):
         speech_features(np.zeros(100, np.float32), SR, 25)
