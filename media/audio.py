@@ -124,7 +124,11 @@ def decode_audio_stream(container, stream, *, from_s: float | None = None) -> tu
     if rate <= 0:
         raise UserFacingError("the audio stream has no sample rate; re-encode it (e.g. ffmpeg -i in -ar 16000 out.wav)")
     channels = int(context.channels or 0) or 1
-    layout = context.layout.name if context.layout is not None else _DEFAULT_LAYOUTS.get(channels, "mono")
+    # Mono/stereo by count: some files carry unnamed layouts ("2 channels") swresample refuses.
+    if channels <= 2 or context.layout is None:
+        layout = _DEFAULT_LAYOUTS.get(channels, "mono")
+    else:
+        layout = context.layout.name
     mixer = _MonoMixer(layout, channels, rate)
     if from_s is not None and from_s > 1.0:
         # Seek a little early: the first packet after a seek may start after the requested time.

@@ -499,8 +499,14 @@ def write_video(
     and interleaved as frames arrive (so ``frames`` may be a generator). Odd sizes are padded to
     even. Nothing is left at ``path`` (or beside it) if anything fails.
     """
-    if not (isinstance(fps, (int, float, Fraction)) and math.isfinite(float(fps)) and 0 < float(fps) <= 240):
+    try:
+        fps_value = float(fps)
+    except (TypeError, ValueError):
+        fps_value = math.nan
+    if not (math.isfinite(fps_value) and 0 < fps_value <= 240):
         raise UserFacingError(f"fps must be between 0 and 240, got {fps}")
+    # 29.97 -> 2997/100 and 30000/1001 stay exact; the container time base is 1/rate.
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps_value).limit_denominator(1001)
     if audio is not None:
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim == 2 and 1 in audio.shape:
@@ -515,7 +521,7 @@ def write_video(
     final_path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = atomic_temp_path(final_path)
     try:
-        n_frames = _encode_mp4(temp_path, frames, fps, audio, sample_rate, crf)
+        n_frames = _encode_mp4(temp_path, frames, rate, audio, sample_rate, crf)
         if n_frames == 0:
             raise UserFacingError("no frames to write; the video would be empty")
         os.replace(temp_path, final_path)
@@ -525,8 +531,7 @@ def write_video(
     return final_path
 
 
-def _encode_mp4(temp_path: Path, frames, fps, audio, sample_rate, crf) -> int:
-    rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
+def _encode_mp4(temp_path: Path, frames, rate: Fraction, audio, sample_rate, crf) -> int:
     with av.open(str(temp_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
         video_stream = None
         audio_stream = audio_frame_size = None

@@ -236,23 +236,28 @@ def test_transform_and_max_side_stream_frames(tmp_path):
 
 
 def test_reference_audio_is_aligned_to_first_video_frame(tmp_path):
-    # Video starts 0.32 s into the file (8 frames at 25 fps), audio at 0.1 s; a click sits at file
-    # time 1.32 s, i.e. exactly 1.0 s after the first video frame.
-    rate = 48000
-    audio = np.zeros(int(2.5 * rate), np.float32)
-    click_file_time = 1.32
-    click = int(round((click_file_time - 0.1) * rate))
-    audio[click: click + 48] = 0.9
-    path = make_clip(tmp_path / "offset.mkv", level_frames(50, 32, 32), fps=25, video_start_s=0.32,
-                     audio=audio, audio_rate=rate, audio_start_s=0.1, audio_codec="pcm_s16le")
+    # Video starts 0.32 s into the file (8 frames at 25 fps), audio at 0.1 s. Clicks sit exactly
+    # 1.0 s (loud) and 2.6 s (softer) after the first video frame.
+    rate, video_start, audio_start = 48000, 0.32, 0.1
+    audio = np.zeros(int(4.5 * rate), np.float32)
+    for video_time, level in ((1.0, 0.9), (2.6, 0.6)):
+        click = int(round((video_start + video_time - audio_start) * rate))
+        audio[click: click + 48] = level
+    path = make_clip(tmp_path / "offset.mkv", level_frames(100, 32, 32), fps=25, video_start_s=video_start,
+                     audio=audio, audio_rate=rate, audio_start_s=audio_start, audio_codec="pcm_s16le")
     reference = load_reference_video(path)
-    assert reference.has_audio and reference.n_frames == 50 and reference.fps == pytest.approx(25)
-    assert reference.audio.shape == (2 * 16000,) and reference.audio.dtype == np.float32
+    assert reference.has_audio and reference.n_frames == 100 and reference.fps == pytest.approx(25)
+    assert reference.audio.shape == (4 * 16000,) and reference.audio.dtype == np.float32
     assert abs(int(np.argmax(np.abs(reference.audio))) - 16000) <= 8
-    # A range starting later shifts the audio with the frames.
+    # A range starting later shifts the audio with the frames ...
     later = load_reference_video(path, start_s=0.5)
-    assert later.n_frames == 38
+    assert later.n_frames == 88
     assert abs(int(np.argmax(np.abs(later.audio))) - 8000) <= 8
+    # ... also when the audio decoder has to seek first (start > 1 s).
+    seeked = load_reference_video(path, start_s=2.0, end_s=3.0)
+    assert seeked.n_frames == 25 and seeked.audio.shape == (16000,)
+    assert abs(int(np.argmax(np.abs(seeked.audio))) - 9600) <= 8
+    assert np.max(np.abs(seeked.audio[:9000])) < 0.05 and np.max(np.abs(seeked.audio)) > 0.5
 
 
 def test_reference_video_from_file_image_and_video_object(tmp_path):
@@ -344,7 +349,7 @@ def test_comfy_image_round_trip_and_channels():
 # ----------------------------------------------------------------------------------------- write
 
 
-@pytest.mark.parametrize("fps,size", [(25, (64, 48)), (29.97, (65, 37)), (60, (32, 32))])
+@pytest.mark.parametrize("fps,size", [(25, (64, 48)), (29.97, (65, 37)), (np.float32(60), (32, 32)), (Fraction(30000, 1001), (16, 16))])
 def test_write_video_exact_duration_even_size_and_audio(tmp_path, fps, size):
     width, height = size
     n_frames = 30
