@@ -56,6 +56,47 @@ def add_eval_command(subparsers) -> None:
     parser.set_defaults(handler=_eval)
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from .preprocess import preprocess_folder
+
+    result = preprocess_folder(args.input, args.out, size=args.size, fps=args.fps, crop=args.crop, workers=args.workers)
+    for video, reason in sorted(result.failed.items()):
+        print(f"skipped {video}: {reason}")
+    print(f"{len(result.written)} new shards, {len(result.skipped)} already done, {len(result.failed)} failed; index: {result.index}")
+    return 0 if result.written or result.skipped else 2
+
+
+def add_preprocess_command(subparsers) -> None:
+    parser = subparsers.add_parser("preprocess", help="turn a folder of talking-head videos into training shards",
+                                   description="Face crops at the model's frame size + per-frame speech features, one "
+                                               "shard per video; parallel and resumable. See training/preprocess.py.")
+    parser.add_argument("--in", dest="input", required=True, help="folder of videos (Avatar World output or your own; one sub-folder per person)")
+    parser.add_argument("--out", required=True, help="shard folder to write (index.json + clips/)")
+    parser.add_argument("--size", type=int, default=256, help="crop side in pixels = the model's frame size (default 256)")
+    parser.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: each video's own)")
+    parser.add_argument("--crop", choices=("auto", "face", "full"), default="auto", help="face: track and crop the face; full: resize whole frames; auto: full for Avatar World clips, else face")
+    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    parser.set_defaults(handler=_preprocess)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import run
+
+    run(args)
+    return 0
+
+
+def add_train_command(subparsers) -> None:
+    from .train import add_arguments
+
+    parser = subparsers.add_parser("train", help="train one curriculum stage (for several GPUs: torchrun -m sparse_avatar.train)",
+                                   description="Run one training stage; re-running resumes. Same options as python -m sparse_avatar.train.")
+    add_arguments(parser)
+    parser.set_defaults(handler=_train)
+
+
 def register(subparsers) -> None:
     add_world_command(subparsers)
     add_eval_command(subparsers)
+    add_preprocess_command(subparsers)
+    add_train_command(subparsers)
