@@ -140,3 +140,28 @@ def test_shared_media_folder_is_outside_the_project():
     from conftest import REPO_ROOT
 
     assert REPO_ROOT not in SHARED_MEDIA_DIR.resolve().parents
+
+
+@pytest.mark.parametrize("target", ["4K", "64x64"])
+def test_face_track_and_crop_at_extreme_resolutions(shared_media_dir, target):
+    import cv2
+
+    reference = _reference(shared_media_dir, VIDEO_FILES[0])
+    if target == "4K":
+        frames = np.stack(
+            [cv2.copyMakeBorder(cv2.resize(f, (2160, 2160)), 0, 0, 840, 840, cv2.BORDER_REFLECT) for f in reference.frames[:4]]
+        )
+    else:
+        frames = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in reference.frames[:4]])
+    track = track_face(frames, fps=reference.fps)
+    assert track.coverage == 1.0
+    crops, transforms = crop_faces(frames, track, size=256)
+    assert crops.shape == (4, 256, 256, 3)
+    # The crop is centred on the same face whatever the resolution: compare with the 512² track.
+    original = track_face(reference.frames[:4], fps=reference.fps)
+    scale = frames.shape[1] / reference.frames.shape[1]
+    offset = 840 if target == "4K" else 0
+    centres, sides = track.centres_and_sizes()
+    expected_centres, expected_sides = original.centres_and_sizes()
+    np.testing.assert_allclose(centres[:, 0], expected_centres[:, 0] * scale + offset, atol=0.1 * sides.mean())
+    np.testing.assert_allclose(sides, expected_sides * scale, rtol=0.2)
