@@ -181,3 +181,30 @@ def test_bridge_accepts_torch_tensors_and_2d():
 def test_bridge_bad_input(output, kwargs, match):
     with pytest.raises(UserFacingError, match=match):
         encoder_output_to_frame_features(output, 25, 10, **kwargs)
+
+
+@pytest.mark.parametrize("fps", [25, 29.97, 60, 150])
+def test_vectorised_pooling_matches_a_plain_loop(fps):
+    """The prefix-sum pooling against the definition: for each sub-step, average the power of
+    the 5 ms mel frames centred inside it (or take the nearest one), then the fixed dB map."""
+    import librosa
+
+    wave = _chirp(0.9, seed=7)
+    n_frames = round(0.9 * fps)
+    features = speech_features(wave, SR, fps)
+    padded = np.pad(wave, (0, 4000))[: int(np.ceil(n_frames / fps * SR)) + 80 + 256]
+    mel = librosa.feature.melspectrogram(
+        y=padded, sr=SR, n_fft=512, win_length=400, hop_length=80, n_mels=80, fmin=0.0, fmax=8000, center=True,
+        pad_mode="constant", power=2.0,
+    ).T
+    centres_s = np.arange(len(mel)) * 80 / SR
+    expected = np.zeros((n_frames, SUB_STEPS, N_MELS))
+    for frame in range(n_frames):
+        for sub in range(SUB_STEPS):
+            start = (frame + sub / SUB_STEPS) / fps
+            stop = (frame + (sub + 1) / SUB_STEPS) / fps
+            inside = (centres_s >= start - 1e-9) & (centres_s < stop - 1e-9)
+            power = mel[inside].mean(axis=0) if inside.any() else mel[int(np.argmin(np.abs(centres_s - (start + stop) / 2)))]
+            decibels = 10 * np.log10(np.maximum(power, 1e-8))
+            expected[frame, sub] = (np.clip(decibels, -80, 30) + 80) / 110 * 2 - 1
+    np.testing.assert_allclose(features, expected.reshape(n_frames, -1), atol=2e-4)
