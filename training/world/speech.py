@@ -157,7 +157,10 @@ class MouthTrack:
 def _frame_windows(wave_16k: np.ndarray, fps: float, n_frames: int) -> np.ndarray:
     window = int(round(_WINDOW_S * SAMPLE_RATE))
     half = window // 2
-    padded = np.pad(np.asarray(wave_16k, np.float32), (half, half + window))
+    # Audio shorter than the frames asked for reads as silence at the end.
+    needed = int(np.ceil(n_frames * SAMPLE_RATE / fps)) + window
+    wave_16k = np.asarray(wave_16k, np.float32)
+    padded = np.pad(wave_16k, (half, half + window + max(0, needed - len(wave_16k))))
     starts = np.round(np.arange(n_frames) * SAMPLE_RATE / fps).astype(np.int64)
     index = starts[:, None] + np.arange(window)[None, :]
     return padded[index] * np.hanning(window).astype(np.float32)[None, :]
