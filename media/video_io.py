@@ -105,6 +105,8 @@ def _rotation_of_frame(frame, stream) -> int:
     ``frame.rotation``); the legacy ``rotate`` tag stores the clockwise one.
     """
     counter_clockwise = getattr(frame, "rotation", None)
+    if counter_clockwise is None:  # PyAV < 13: read the display matrix side data ourselves
+        counter_clockwise = _display_matrix_rotation(frame)
     if counter_clockwise:
         degrees = -float(counter_clockwise)
     else:
@@ -113,6 +115,19 @@ def _rotation_of_frame(frame, stream) -> int:
         except (TypeError, ValueError):
             degrees = 0.0
     return int(round(degrees / 90.0)) * 90 % 360
+
+
+def _display_matrix_rotation(frame) -> float | None:
+    """FFmpeg's ``av_display_rotation_get`` on a frame's DISPLAYMATRIX side data (counter-clockwise)."""
+    for item in getattr(frame, "side_data", None) or ():
+        if "DISPLAYMATRIX" not in str(getattr(item, "type", "")):
+            continue
+        matrix = np.frombuffer(bytes(item), dtype="<i4", count=9).astype(np.float64) / 65536.0
+        scale_x, scale_y = math.hypot(matrix[0], matrix[3]), math.hypot(matrix[1], matrix[4])
+        if scale_x == 0 or scale_y == 0:
+            return None
+        return -math.degrees(math.atan2(matrix[1] / scale_y, matrix[0] / scale_x))
+    return None
 
 
 def _default_decode_fps(stream) -> float:

@@ -183,6 +183,19 @@ def test_rotation_metadata_is_applied(tmp_path, clockwise):
     assert np.abs(image.astype(int) - upright.astype(int)).mean() < 6
 
 
+@pytest.mark.parametrize("clockwise", [90, 180, 270])
+def test_display_matrix_fallback_for_older_pyav(tmp_path, clockwise):
+    """PyAV < 13 has no frame.rotation; the side-data parser must give the same angle."""
+    from sparse_avatar.media.video_io import _display_matrix_rotation
+
+    path = make_clip(tmp_path / "phone.mp4", level_frames(2, 32, 16), display_rotation=-clockwise)
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+    assert (-_display_matrix_rotation(frame)) % 360 == pytest.approx(clockwise)
+    if hasattr(frame, "rotation"):
+        assert _display_matrix_rotation(frame) % 360 == pytest.approx(frame.rotation % 360)
+
+
 def test_vfr_is_resampled_to_cfr_by_nearest_timestamp(tmp_path):
     times = [0.0, 0.1, 0.15, 0.4, 0.45, 0.5, 0.9]
     frames = level_frames(len(times), 32, 32)
