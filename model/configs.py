@@ -1,0 +1,142 @@
+"""Named model sizes, as data (like the size table at the bottom of facebookresearch/DiT models.py).
+
+A config is everything needed to rebuild the network from a checkpoint: it is stored as JSON in
+the checkpoint metadata, and a checkpoint is refused when its config cannot build the weights it
+holds. Sizes:
+
+| name  | hidden | depth | heads / kv heads | params  | latent codec | frame | use                     |
+|-------|--------|-------|------------------|---------|--------------|-------|-------------------------|
+| tiny  | 64     | 4     | 4 / 2            | ~0.4 M  | pixel-f4     | 32²   | CPU tests               |
+| small | 512    | 12    | 8 / 2            | ~57 M   | pixel-f8     | 256²  | CPU demo, quick training|
+| base  | 1024   | 24    | 16 / 4           | ~0.45 B | pixel-f8     | 256²  | shipped default (GPU)   |
+| xl    | 2048   | 28    | 32 / 8           | ~1.8 B  | pixel-f8     | 256²  | large-scale training    |
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from ..errors import UserFacingError
+
+# Mirror of media.SPEECH_FEATURE_DIM (the per-frame log-mel vector). Mirrored rather than imported
+# so the model package does not load librosa at import time; tests assert the two agree.
+SPEECH_FEATURE_DIM = 160
+# Identifies the speech features a checkpoint was trained on; a different feature extractor gives
+# vectors that mean something else even at the same width.
+SPEECH_FEATURE_ID = "logmel80x2-16k-v1"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    latent_codec: str  # codec id, see model/codecs.py ("pixel-f4", "comfy-vae:...")
+    latent_channels: int  # channels of the codec's latents
+    frame_size: int  # square face-crop side in pixels the model renders
+    patch_size: tuple[int, int, int]  # (t, h, w) latent cells per token
+    hidden: int
+    depth: int
+    heads: int
+    kv_heads: int  # key/value heads of the static + reference branches (G = heads // kv_heads)
+    static_tokens: int  # S: learned resampler queries per layer (static identity)
+    block_size: int  # reference block size b for sparse routing
+    top_k: int  # reference blocks each query block attends to
+    audio_window: int  # speech-feature frames on EACH side of a frame that its tokens see
+    speech_feature_dim: int = SPEECH_FEATURE_DIM
+    speech_feature_id: str = SPEECH_FEATURE_ID
+    mlp_ratio: float = 4.0
+    rope_theta: float = 10000.0
+    # Training-time behaviour (part of the config so every stage trains the same way).
+    audio_dropout: float = 0.1  # probability a sample's audio is replaced by the null embedding (CFG)
+    reference_dropout: float = 0.1  # probability a batch is trained without reference (CFG)
+    motion_frames_prob: float = 0.5  # probability a sample conditions on known leading frames
+    max_motion_frames: int = 4  # most leading frames given as motion context in training
+    static_consistency_weight: float = 0.1
+    timestep_mean: float = 0.0  # logit-normal t: t = sigmoid(N(mean, std))
+    timestep_std: float = 1.0
+    shift_base_tokens: int = 256  # tokens per frame at which the resolution shift is 1
+    default_chunk_frames: int = 48
+    default_overlap_frames: int = 8
+    extra: dict = field(default_factory=dict)  # free-form notes (never read by the network)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.hidden % self.heads:
+            problems.append(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.kv_heads < 1 or self.heads % self.kv_heads:
+            problems.append(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            problems.append(f"patch_size must be three positive ints (t, h, w); got {self.patch_size}")
+        if self.depth < 1 or self.static_tokens < 0 or self.top_k < 1 or self.block_size < 1:
+            problems.append("depth, top_k and block_size must be >= 1 and static_tokens >= 0")
+        if problems:
+            raise UserFacingError(f"invalid model config {self.name!r}: " + "; ".join(problems) + ".")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as error:
+            raise UserFacingError(f"the checkpoint's model config is not valid JSON ({error}); the file is damaged or not a sparse-avatar checkpoint.") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserFacingError(
+                f"the model config has fields this version does not know: {', '.join(unknown)}; "
+                "the checkpoint was made by a newer sparse-avatar; update the pack."
+            )
+        data = dict(data)
+        if "patch_size" in data:
+            data["patch_size"] = tuple(data["patch_size"])
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise UserFacingError(f"the model config is incomplete ({error}); the checkpoint is damaged or from an incompatible version.") from None
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny", latent_codec="pixel-f4", latent_channels=48, frame_size=32, patch_size=(1, 1, 1),
+        hidden=128, depth=4, heads=4, kv_heads=2, mlp_ratio=2.0, static_tokens=8, block_size=64, top_k=4, audio_window=2,
+        shift_base_tokens=64, default_chunk_frames=16, default_overlap_frames=4,
+    ),
+    "small": ModelConfig(
+        name="small", latent_codec="pixel-f8", latent_channels=192, frame_size=256, patch_size=(1, 2, 2),
+        hidden=512, depth=12, heads=8, kv_heads=2, static_tokens=32, block_size=128, top_k=8, audio_window=4,
+    ),
+    "base": ModelConfig(
+        name="base", latent_codec="pixel-f8", latent_channels=192, frame_size=256, patch_size=(1, 2, 2),
+        hidden=1024, depth=24, heads=16, kv_heads=4, static_tokens=64, block_size=128, top_k=8, audio_window=4,
+    ),
+    "xl": ModelConfig(
+        name="xl", latent_codec="pixel-f8", latent_channels=192, frame_size=256, patch_size=(1, 2, 2),
+        hidden=2048, depth=18, heads=32, kv_heads=8, static_tokens=64, block_size=128, top_k=16, audio_window=4,
+    ),
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise UserFacingError(f"unknown model config {name!r}; choose one of: {', '.join(CONFIGS)}.") from None

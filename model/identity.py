@@ -1,0 +1,164 @@
+"""Identity: everything the generator needs from a reference video, computed once and cached.
+
+``extract_identity`` runs the reference pass (linear in the reference length, see dit.py) and
+keeps, per layer:
+  - dynamic identity: the reference K/V of every reference token, plus block centroids for
+    routing (talking rhythm, habitual expressions, blinks, head motion live in *which moments*
+    of the reference a query finds);
+  - static identity: S static tokens (K/V), a resampling of all reference tokens by learned
+    queries, trained to be time-invariant (teeth, skin, geometry, hair, accessories).
+
+``save_identity`` / ``load_identity`` store it as .safetensors (exact round trip) with metadata:
+source hash, fps, crop track, the model's fingerprint. ``mix_identity(a, b)`` takes static
+identity from A and dynamic identity from B.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserFacingError
+from .dit import LayerCache
+
+IDENTITY_FORMAT = "sparse-avatar-identity"
+IDENTITY_VERSION = "1"
+
+
+@dataclass
+class Identity:
+    """Per-layer tensors, stacked over layers: static_k/v [L, B, Hkv, S, d], ref_k/v
+    [L, B, Hkv, Lr, d], centroids [L, B, Hkv, nR, d], ref_lengths [B] (tokens). metadata: str -> str
+    (model_fingerprint, fps, source_hash, crop_track JSON, reference_frames, ...)."""
+
+    static_k: torch.Tensor
+    static_v: torch.Tensor
+    ref_k: torch.Tensor
+    ref_v: torch.Tensor
+    centroids: torch.Tensor
+    ref_lengths: torch.Tensor
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return self.ref_k.shape[0]
+
+    @property
+    def fps(self) -> float | None:
+        value = self.metadata.get("fps")
+        return float(value) if value not in (None, "") else None
+
+    def layer_caches(self, *, device=None, dtype=None) -> list[LayerCache]:
+        def cast(tensor):
+            return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype is not None else tensor.dtype)
+
+        lengths = cast(self.ref_lengths)
+        return [
+            LayerCache(cast(self.static_k[i]), cast(self.static_v[i]), cast(self.ref_k[i]), cast(self.ref_v[i]), cast(self.centroids[i]), lengths)
+            for i in range(self.depth)
+        ]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "static_k": self.static_k, "static_v": self.static_v, "ref_k": self.ref_k, "ref_v": self.ref_v,
+            "centroids": self.centroids, "ref_lengths": self.ref_lengths,
+        }
+
+
+def identity_from_caches(caches: list[LayerCache], metadata: dict | None = None) -> Identity:
+    def stack(name):
+        return torch.stack([getattr(cache, name).detach() for cache in caches])
+
+    lengths = caches[0].ref_lengths
+    if lengths is None:
+        lengths = torch.full((caches[0].ref_k.shape[0],), caches[0].ref_k.shape[2], dtype=torch.long)
+    return Identity(
+        static_k=stack("static_k"), static_v=stack("static_v"), ref_k=stack("ref_k"), ref_v=stack("ref_v"),
+        centroids=stack("centroids"), ref_lengths=lengths.detach().cpu().long(), metadata=dict(metadata or {}),
+    )
+
+
+@torch.no_grad()
+def extract_identity(model, reference_frames, reference_audio=None, *, fps: float | None = None, metadata: dict | None = None) -> Identity:
+    """Reference pass. reference_frames: np.uint8 [T, H, W, 3] face crops at the model's frame size
+    (or float tensor [T, H, W, 3] in 0..1); reference_audio: the reference's own speech features
+    [T, F] (None when the reference is silent). Returns an Identity on the CPU."""
+    frames = model.frames_to_tensor(reference_frames)
+    if frames.shape[0] < 1:
+        raise UserFacingError("the reference video has no frames; pass a clip of at least one second.")
+    latents = model.encode_frames(frames[None])
+    audio = None
+    if reference_audio is not None:
+        audio = model.features_to_tensor(reference_audio, frames.shape[0])[None]
+    reference_kv = model.dit.encode_reference(latents, audio)
+    caches = model.dit.layer_caches(reference_kv)
+    info = {
+        "format": IDENTITY_FORMAT, "version": IDENTITY_VERSION, "model_fingerprint": model.fingerprint(),
+        "reference_frames": str(frames.shape[0]), "frame_size": str(frames.shape[1]), "has_audio": str(reference_audio is not None).lower(),
+    }
+    if fps is not None:
+        info["fps"] = repr(float(fps))
+    for key, value in (metadata or {}).items():
+        info[key] = value if isinstance(value, str) else json.dumps(value)
+    identity = identity_from_caches(caches, info)
+    return Identity(**{name: tensor.cpu() for name, tensor in identity.tensors().items()}, metadata=identity.metadata)
+
+
+def mix_identity(static_source: Identity, dynamic_source: Identity) -> Identity:
+    """Static identity (appearance) from A, dynamic identity (reference K/V: motion, habits) from B."""
+    a, b = static_source, dynamic_source
+    if a.metadata.get("model_fingerprint") != b.metadata.get("model_fingerprint"):
+        raise UserFacingError("the two identities were extracted with different models; extract both with the same checkpoint before mixing.")
+    if a.static_k.shape[0] != b.ref_k.shape[0] or a.static_k.shape[1] != b.ref_k.shape[1]:
+        raise UserFacingError("the two identities have different layer counts or batch sizes; extract both with the same checkpoint, one reference each.")
+    metadata = dict(b.metadata)
+    metadata["static_source_hash"] = a.metadata.get("source_hash", "")
+    metadata["dynamic_source_hash"] = b.metadata.get("source_hash", "")
+    metadata["mixed"] = "true"
+    return Identity(a.static_k, a.static_v, b.ref_k, b.ref_v, b.centroids, b.ref_lengths, metadata)
+
+
+def save_identity(identity: Identity, path) -> Path:
+    """Write atomically as .safetensors (tensors as they are, metadata as strings)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserFacingError(f"identity files are .safetensors; got {path.name!r}. Name the file '<name>.safetensors'.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {str(k): str(v) for k, v in identity.metadata.items()}
+    metadata["format"], metadata["version"] = IDENTITY_FORMAT, IDENTITY_VERSION
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in identity.tensors().items()}
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp_name, metadata=metadata)
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return path
+
+
+def load_identity(path) -> Identity:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserFacingError(f"identity file not found: {path}. Extract one with 'Extract Identity' / save_identity first.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise UserFacingError(f"{path.name} is not a readable .safetensors file ({error}); the file is damaged or not an identity.") from None
+    if metadata.get("format") != IDENTITY_FORMAT:
+        raise UserFacingError(f"{path.name} is not a sparse-avatar identity (format {metadata.get('format')!r}); pass a file made by save_identity.")
+    missing = [name for name in ("static_k", "static_v", "ref_k", "ref_v", "centroids", "ref_lengths") if name not in tensors]
+    if missing:
+        raise UserFacingError(f"{path.name} lacks {', '.join(missing)}; the identity file is damaged. Extract it again.")
+    return Identity(**tensors, metadata=metadata)

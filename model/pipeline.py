@@ -1,0 +1,261 @@
+"""Long-video generation: reference + speech -> frames, for any audio length.
+
+``render`` cuts the output into chunks of ``chunk_frames`` frames. Every chunk after the first
+starts with ``overlap_frames`` frames already made by the previous chunk: they enter as known
+context (context channels + exact replacement during sampling), so motion continues across the
+border instead of restarting. Every chunk attends to the SAME full-reference identity, which is
+what keeps identity and colour from drifting over minutes. Exactly one frame per speech-feature
+frame comes out.
+
+Dub mode keeps the source video's pixels outside the mouth mask: the visible source is known
+context for the model, and after decoding the output is composited so pixels outside the mask
+are the source's, byte for byte.
+
+``render_files`` is the end-to-end path of the CLI (and a model for the nodes): decode, face crop,
+identity, speech features, render, paste back (dub), mux the driving audio into an mp4.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import UserFacingError
+from .flow import check_sampler, guided_velocity, sample_flow
+from .identity import Identity, extract_identity
+
+MODES = ("generate", "dub")
+DEFAULT_FPS = 25.0
+SPEECH_SAMPLE_RATE = 16000
+
+
+@dataclass
+class RenderProgress:
+    """Passed to the progress callback after every sampler step."""
+
+    chunk: int  # 0-based
+    chunks: int
+    step: int  # 1-based, within the chunk
+    steps: int
+    latents: torch.Tensor  # current latents of the chunk [1, C, T, h, w] (for previews)
+
+    @property
+    def fraction(self) -> float:
+        return (self.chunk * self.steps + self.step) / (self.chunks * self.steps)
+
+
+def default_dub_mask(size: int) -> np.ndarray:
+    """float32 [size, size] in {0, 1}: the lower face of a face crop (media.crop_faces framing),
+    i.e. the region dub mode re-renders."""
+    mask = np.zeros((size, size), np.float32)
+    top, bottom = int(round(size * 0.52)), int(round(size * 0.92))
+    left, right = int(round(size * 0.22)), int(round(size * 0.78))
+    mask[top:bottom, left:right] = 1.0
+    return mask
+
+
+def chunk_plan(total_frames: int, chunk_frames: int, overlap_frames: int) -> list[tuple[int, int, int]]:
+    """[(start, end, known)]: chunk i covers frames [start, end); its first `known` frames were
+    made by the previous chunk. Every frame is produced exactly once."""
+    if chunk_frames < 1:
+        raise UserFacingError(f"chunk length must be at least 1 frame; got {chunk_frames}.")
+    if not 0 <= overlap_frames < chunk_frames:
+        raise UserFacingError(f"overlap ({overlap_frames} frames) must be at least 0 and smaller than the chunk length ({chunk_frames}).")
+    plan, made = [], 0
+    while made < total_frames:
+        known = min(overlap_frames, made)
+        start = made - known
+        end = min(start + chunk_frames, total_frames)
+        plan.append((start, end, known))
+        made = end
+    return plan
+
+
+def _ping_pong(frames: np.ndarray, length: int) -> np.ndarray:
+    """Loop a source clip forwards and backwards to cover `length` frames without a jump."""
+    if len(frames) >= length:
+        return frames[:length]
+    cycle = np.concatenate([frames, frames[-2:0:-1]]) if len(frames) > 2 else frames
+    repeats = -(-length // len(cycle))
+    return np.concatenate([cycle] * repeats)[:length]
+
+
+def speech_features_for(audio_or_features, fps: float, config) -> np.ndarray:
+    """Per-frame speech features from features [T, F], a 16 kHz mono waveform, a file path or a
+    ComfyUI AUDIO dict."""
+    if isinstance(audio_or_features, np.ndarray) and audio_or_features.ndim == 2:
+        return audio_or_features.astype(np.float32, copy=False)
+    if isinstance(audio_or_features, torch.Tensor) and audio_or_features.dim() == 2:
+        return audio_or_features.detach().cpu().float().numpy()
+    from .. import media
+
+    if isinstance(audio_or_features, np.ndarray) and audio_or_features.ndim == 1:
+        wave = audio_or_features.astype(np.float32, copy=False)
+    else:
+        wave = media.load_audio(audio_or_features, sample_rate=SPEECH_SAMPLE_RATE)
+    return media.speech_features(wave, SPEECH_SAMPLE_RATE, fps)
+
+
+@torch.no_grad()
+def render(
+    model,
+    reference,
+    audio_or_features,
+    *,
+    mode: str = "generate",
+    steps: int = 20,
+    sampler: str = "euler",
+    audio_guidance: float = 1.0,
+    reference_guidance: float = 1.0,
+    seed: int = 0,
+    chunk_frames: int | None = None,
+    overlap_frames: int | None = None,
+    fps: float | None = None,
+    dub_frames: np.ndarray | None = None,
+    dub_mask: np.ndarray | None = None,
+    progress: Callable[[RenderProgress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Frames np.uint8 [T, S, S, 3] (S = model frame size), one per speech-feature frame.
+
+    reference: an Identity, or face-crop frames np.uint8 [Tr, S, S, 3] (extracted here, silent).
+    audio_or_features: speech features [T, F] at `fps`, or audio (see speech_features_for).
+    dub mode: dub_frames np.uint8 [Td, S, S, 3] face crops of the source (looped ping-pong when
+    shorter than the audio); dub_mask float [S, S] (1 = re-render; default lower face).
+    progress(RenderProgress) after every step; should_cancel() before every step
+    (raises model.flow.SamplingCancelled).
+    """
+    config = model.config
+    if mode not in MODES:
+        raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
+    check_sampler(sampler, steps)
+    if model.codec.temporal_factor != 1:
+        raise UserFacingError(f"chunked rendering needs a per-frame latent codec; {model.codec.id} compresses time by {model.codec.temporal_factor}.")
+    identity = reference if isinstance(reference, Identity) else extract_identity(model, reference, None, fps=fps)
+    if identity.metadata.get("model_fingerprint") not in (None, model.fingerprint()):
+        raise UserFacingError("this identity was extracted with a different model; extract it again with the loaded checkpoint.")
+    fps = float(fps or identity.fps or DEFAULT_FPS)
+    features = speech_features_for(audio_or_features, fps, config)
+    total = features.shape[0]
+    if total < 1:
+        raise UserFacingError("the driving audio is shorter than one video frame; pass at least a fraction of a second of speech.")
+    features_tensor = model.features_to_tensor(features, total)
+    chunk_frames = int(chunk_frames or config.default_chunk_frames)
+    overlap_frames = int(config.default_overlap_frames if overlap_frames is None else overlap_frames)
+    plan = chunk_plan(total, chunk_frames, min(overlap_frames, chunk_frames - 1))
+
+    size = config.frame_size
+    pixel_mask = None
+    source = None
+    if mode == "dub":
+        if dub_frames is None or len(dub_frames) == 0:
+            raise UserFacingError("dub mode needs the source frames to re-render (dub_frames).")
+        source = _ping_pong(np.asarray(dub_frames), total)
+        pixel_mask = default_dub_mask(size) if dub_mask is None else np.asarray(dub_mask, np.float32)
+        if pixel_mask.shape != (size, size):
+            raise UserFacingError(f"the dub mask must be {size}x{size} (the model's frame size); got {pixel_mask.shape}.")
+        pixel_mask = (pixel_mask > 0.5).astype(np.float32)
+
+    device, dtype = model.device, model.dtype
+    caches = identity.layer_caches(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(int(seed))
+    channels, _, rows, cols = model.codec.latent_shape(1, size, size)
+    if mode == "dub":
+        # A latent cell is known only if none of its pixels is to be re-rendered.
+        factor = model.codec.spatial_factor
+        cell_mask = torch.from_numpy(pixel_mask).reshape(rows, factor, cols, factor).amax(dim=(1, 3))
+        source_known = (1.0 - cell_mask).to(device, dtype)[None, None, None]  # [1, 1, 1, h, w]
+    output = np.empty((total, size, size, 3), np.uint8)
+    made_latents = None  # latents of all frames made so far, on device (only the tail is reused)
+    for chunk_index, (start, end, known) in enumerate(plan):
+        length = end - start
+        context = torch.zeros(1, channels, length, rows, cols, device=device, dtype=dtype)
+        mask = torch.zeros(1, 1, length, rows, cols, device=device, dtype=dtype)
+        if mode == "dub":
+            source_frames = model.frames_to_tensor(source[start:end])[None]
+            context = model.encode_frames(source_frames)
+            mask = source_known.expand(1, 1, length, rows, cols).clone()
+        if known:
+            context[:, :, :known] = made_latents[:, :, -known:]
+            mask[:, :, :known] = 1.0
+        noise = torch.randn((1, channels, length, rows, cols), generator=generator).to(device, dtype)
+        velocity = guided_velocity(
+            model, caches, features_tensor[start:end][None], audio_guidance=audio_guidance, reference_guidance=reference_guidance,
+            context_latents=context, context_mask=mask,
+        )
+
+        def on_step(step, total_steps, latents, _chunk=chunk_index):
+            if progress is not None:
+                progress(RenderProgress(_chunk, len(plan), step + 1, total_steps, latents))
+
+        latents = sample_flow(
+            velocity, noise, steps=steps, sampler=sampler, shift=model.resolution_shift(rows * cols // (config.patch_size[1] * config.patch_size[2])),
+            known=(context, mask), on_step=on_step, should_cancel=should_cancel,
+        )
+        new_latents = latents[:, :, known:]
+        made_latents = new_latents if made_latents is None else torch.cat([made_latents[:, :, -max(overlap_frames, 1):], new_latents], dim=2)
+        frames = (model.decode_latents(new_latents)[0].cpu().numpy() * 255.0).round().astype(np.uint8)
+        if mode == "dub":
+            inside = pixel_mask[None, :, :, None] > 0.5
+            frames = np.where(inside, frames, source[start + known:end])
+        output[start + known:end] = frames
+    return output
+
+
+#################################################################################
+#                           End to end: files in, mp4 out                       #
+#################################################################################
+
+def _file_hash(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def prepare_reference(model, reference_video, *, max_frames: int | None = None):
+    """ReferenceVideo (media.load_reference_video) -> (Identity, face crops, crop transforms)."""
+    from .. import media
+
+    frames = reference_video.frames if max_frames is None else reference_video.frames[:max_frames]
+    track = media.track_face(frames)
+    crops, transforms = media.crop_faces(frames, track, size=model.config.frame_size)
+    reference_features = None
+    if reference_video.has_audio and reference_video.audio is not None:
+        reference_features = media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=len(crops))
+    boxes = getattr(track, "boxes", None)
+    metadata = {
+        "source_hash": str(reference_video.source_hash or ""),
+        "crop_track": json.dumps(np.asarray(boxes).round(2).tolist()) if boxes is not None else "",
+    }
+    identity = extract_identity(model, crops, reference_features, fps=reference_video.fps, metadata=metadata)
+    return identity, crops, transforms
+
+
+def render_files(model, reference_path, audio_path, out_path, *, mode: str = "generate", steps: int = 20, sampler: str = "euler",
+                 seed: int = 0, audio_guidance: float = 1.0, reference_guidance: float = 1.0, chunk_frames=None, overlap_frames=None,
+                 progress=None, should_cancel=None) -> Path:
+    """Reference video + driving audio files -> mp4 exactly as long as the audio, audio muxed.
+    generate: the face-crop video; dub: the source video (looped) with the lower face re-rendered."""
+    from .. import media
+
+    reference_video = media.load_reference_video(str(reference_path))
+    identity, crops, transforms = prepare_reference(model, reference_video)
+    fps = float(reference_video.fps)
+    wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)
+    features = media.speech_features(wave, SPEECH_SAMPLE_RATE, fps)
+    frames = render(
+        model, identity, features, mode=mode, steps=steps, sampler=sampler, seed=seed, audio_guidance=audio_guidance,
+        reference_guidance=reference_guidance, chunk_frames=chunk_frames, overlap_frames=overlap_frames, fps=fps,
+        dub_frames=crops if mode == "dub" else None, progress=progress, should_cancel=should_cancel,
+    )
+    if mode == "dub":
+        order = _ping_pong(np.arange(len(crops)), len(frames))
+        frames = media.paste_back(reference_video.frames[order], frames, [transforms[i] for i in order])
+    return Path(media.write_video(out_path, frames, fps, audio=wave, sample_rate=SPEECH_SAMPLE_RATE))
