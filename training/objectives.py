@@ -110,35 +110,47 @@ def velocity(step_module: StepModule, batch: dict, noisy: torch.Tensor, t: torch
 
 # ----------------------------------------------------------------------------- flow matching
 
-def model_flow_objective():
+def model_flow_objective(*, per_sample: bool = True):
     """Stages 2 and 3: the model's own ``model.flow.training_step`` (flow loss, motion-frame
-    context, condition dropout, static-consistency loss), run once PER SAMPLE with a generator
-    seeded by that sample's seed, and averaged. Per-sample calls make the result independent of
-    how the global batch is split over ranks, and let each reference keep its own length (no
-    padding); the price is B small forward passes instead of one batched pass.
+    context, condition dropout, static-consistency loss).
+
+    ``per_sample=True`` (default): once PER SAMPLE with a generator seeded by that sample's seed,
+    averaged. The result is then independent of how the global batch is split over ranks (the
+    2-process == 1-process guarantee), and each reference keeps its own length (no padding); the
+    price is B small forward passes. ``per_sample=False``: one batched call (GPU throughput),
+    with a generator seeded from the batch's first sample seed and every reference cut to the
+    shortest valid length in the batch.
     """
     from ..model.flow import training_step
 
+    def sample_inputs(batch, rows, reference_length):
+        return {
+            "target_frames": _as_unit_float(batch["target_frames"][rows]),
+            "target_audio": batch["target_speech"][rows],
+            "reference_frames": _as_unit_float(batch["reference_frames"][rows, :reference_length]),
+            "reference_audio": batch["reference_speech"][rows, :reference_length],
+        }
+
     def objective(step_module: StepModule, batch: dict):
         avatar = step_module.avatar
-        losses, metrics_sum = [], {}
         size = batch["target_frames"].shape[0]
-        for i in range(size):
-            length = int(batch["reference_lengths"][i])
-            sample = {
-                "target_frames": _as_unit_float(batch["target_frames"][i : i + 1]),
-                "target_audio": batch["target_speech"][i : i + 1],
-                "reference_frames": _as_unit_float(batch["reference_frames"][i : i + 1, :length]),
-                "reference_audio": batch["reference_speech"][i : i + 1, :length],
-            }
-            generator = torch.Generator().manual_seed(int(batch["sample_seeds"][i]))
-            loss, metrics = training_step(avatar, sample, generator=generator)
-            losses.append(loss)
-            for key, value in metrics.items():
-                metrics_sum[key] = metrics_sum.get(key, 0.0) + float(value) / size
-        grid = avatar.dit.token_grid((batch["target_frames"].shape[1], *avatar.codec.latent_shape(1, *batch["target_frames"].shape[2:4])[2:]))
-        metrics_sum["tokens"] = float(size * grid[0] * grid[1] * grid[2])
-        return torch.stack(losses).mean(), metrics_sum
+        if per_sample:
+            losses, metrics = [], {}
+            for i in range(size):
+                generator = torch.Generator().manual_seed(int(batch["sample_seeds"][i]))
+                loss, sample_metrics = training_step(avatar, sample_inputs(batch, slice(i, i + 1), int(batch["reference_lengths"][i])), generator=generator)
+                losses.append(loss)
+                for key, value in sample_metrics.items():
+                    metrics[key] = metrics.get(key, 0.0) + float(value) / size
+            loss = torch.stack(losses).mean()
+        else:
+            generator = torch.Generator().manual_seed(int(batch["sample_seeds"][0]))
+            loss, metrics = training_step(avatar, sample_inputs(batch, slice(None), int(batch["reference_lengths"].min())), generator=generator)
+            metrics = {key: float(value) for key, value in metrics.items()}
+        frames, height, width = batch["target_frames"].shape[1:4]
+        grid = avatar.dit.token_grid(avatar.codec.latent_shape(frames, height, width))
+        metrics["tokens"] = float(size * grid[0] * grid[1] * grid[2])
+        return loss, metrics
 
     return objective
 

@@ -1,0 +1,227 @@
+"""Training throughput of stage 2 (audio-to-video) on Avatar World data.
+
+    python bench/training.py --device cuda --out bench/results                 # small + base, ~2 min each
+    python bench/training.py --device cpu --configs tiny --seconds 20 --out /tmp/bench   # smoke test
+
+Per model config: samples/s, tokens/s (target-clip tokens; the reference pass is counted in the
+FLOPs, not in tokens), model FLOPs utilisation (MFU), peak memory, and the loss curve. Writes
+``OUT/training.json``, ``OUT/training.md`` (table) and ``OUT/training_loss.png``.
+
+Data: ``--data SHARDS`` (from ``python -m sparse_avatar preprocess``), else Avatar World clips are
+generated and preprocessed into a temporary folder at each model's frame size (needs espeak-ng).
+
+MFU = achieved model FLOPs / peak dense bf16 FLOPs of the GPU. Model FLOPs per sample (training
+= 3x forward) count the matmuls of the blocks over clip AND reference tokens (the reference pass
+runs with gradients), plus clip attention over [clip + static + selected reference] keys and the
+frame-local attention of the reference pass. Embedders, norms and the router are left out, so MFU
+is slightly understated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Peak dense bf16 tensor-core FLOP/s (no sparsity) by GPU name fragment.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, flops in PEAK_BF16_FLOPS.items():
+        if fragment in name:
+            return flops
+    return None
+
+
+def block_matmul_params(config) -> int:
+    """Weights of the per-token matmuls in one block (qkv, out, reference K/V, audio q/out, MLP)."""
+    hidden, head_dim = config.hidden, config.head_dim
+    mlp_hidden = int(hidden * config.mlp_ratio)
+    return (
+        3 * hidden * hidden + hidden * hidden  # qkv + attention out
+        + hidden * 2 * config.kv_heads * head_dim  # reference K/V projection
+        + 2 * hidden * hidden  # audio query + audio out
+        + 2 * hidden * mlp_hidden  # MLP
+    )
+
+
+def training_flops_per_sample(config, clip_tokens: int, reference_tokens: int, tokens_per_frame: int, audio_tokens_per_frame: int) -> float:
+    matmul = 2 * block_matmul_params(config) * (clip_tokens + reference_tokens)
+    attended_reference = min(reference_tokens, config.top_k * config.block_size)
+    clip_attention = 4 * config.hidden * clip_tokens * (clip_tokens + config.static_tokens + attended_reference)
+    reference_attention = 4 * config.hidden * reference_tokens * tokens_per_frame  # frame-local
+    audio_attention = 4 * config.hidden * (clip_tokens + reference_tokens) * audio_tokens_per_frame
+    forward = config.depth * (matmul + clip_attention + reference_attention + audio_attention)
+    return 3.0 * forward  # backward ~ 2x forward
+
+
+def make_shards(frame_size: int, workdir: Path, clips: int, seconds: float) -> Path:
+    from sparse_avatar.training.preprocess import preprocess_folder
+    from sparse_avatar.training.world.generate import generate_world
+
+    world = workdir / f"world_{frame_size}"
+    shards = workdir / f"shards_{frame_size}"
+    generate_world(clips, seconds, min(256, max(64, frame_size)), world, seed=0, clips_per_identity=2)
+    preprocess_folder(world, shards, size=frame_size, crop="full")
+    return shards
+
+
+def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
+    from sparse_avatar.model.checkpoint import new_model
+    from sparse_avatar.training.data import ShardedClipDataset
+    from sparse_avatar.training.distributed import DistributedContext
+    from sparse_avatar.training.objectives import StepModule, model_flow_objective
+    from sparse_avatar.training.trainer import Trainer, TrainerConfig
+
+    avatar = new_model(name)
+    config = avatar.config
+    shards = Path(args.data) if args.data else make_shards(config.frame_size, workdir, args.world_clips, args.world_seconds)
+    dataset = ShardedClipDataset(
+        shards, global_batch_size=args.batch_size, target_frames=(args.frames, args.frames),
+        reference_frames=(args.reference_frames, args.reference_frames), seed=0,
+    )
+    trainer_config = TrainerConfig(
+        total_steps=10**6, lr=1e-4, warmup_steps=20, ema_decay=0.999, precision="bf16",
+        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, parallel="none",
+    )
+    context = DistributedContext(0, 1, 0, device, None)
+    trainer = Trainer(
+        StepModule(avatar, model_flow_objective(per_sample=False)), lambda m, b, g: m(b), dataset, trainer_config,
+        workdir / f"run_{name}", context=context, log=lambda line: None,
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    curve, timed_samples, timed_tokens, timed_seconds = [], 0, 0.0, 0.0
+    started = time.perf_counter()
+    while time.perf_counter() - started < args.seconds or trainer.step < args.warmup + 3:
+        record = trainer.train_step()
+        curve.append([record["step"], record["loss"]])
+        if trainer.step > args.warmup:  # the first steps pay for autotuning / compilation
+            timed_samples += args.batch_size
+            timed_tokens += record["tokens"]
+            timed_seconds += record["step_time_s"]
+        if args.max_steps and trainer.step >= args.max_steps:
+            break
+    tokens_per_frame = avatar.tokens_per_frame()
+    clip_tokens = args.frames * tokens_per_frame // config.patch_size[0]
+    reference_tokens = args.reference_frames * tokens_per_frame // config.patch_size[0]
+    flops = training_flops_per_sample(config, clip_tokens, reference_tokens, tokens_per_frame, config.patch_size[0] + 2 * config.audio_window)
+    samples_per_s = timed_samples / timed_seconds
+    peak = peak_flops(device, args.peak_tflops)
+    return {
+        "config": name,
+        "parameters": sum(p.numel() for p in avatar.parameters()),
+        "frame_size": config.frame_size,
+        "batch_size": args.batch_size,
+        "target_frames": args.frames,
+        "reference_frames": args.reference_frames,
+        "clip_tokens_per_sample": clip_tokens,
+        "reference_tokens_per_sample": reference_tokens,
+        "steps": trainer.step,
+        "timed_steps": trainer.step - args.warmup,
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": timed_tokens / timed_seconds,
+        "model_tflops_per_sample": flops / 1e12,
+        "achieved_tflops": flops * samples_per_s / 1e12,
+        "mfu": (flops * samples_per_s / peak) if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "compile": args.compile,
+        "loss_first": curve[0][1],
+        "loss_last": sum(l for _, l in curve[-10:]) / len(curve[-10:]),
+        "loss_curve": curve,
+    }
+
+
+def write_outputs(results: list[dict], environment: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training.json").write_text(json.dumps({"environment": environment, "results": results}, indent=1))
+    lines = [
+        f"# Training throughput (stage 2, Avatar World) — {environment['device_name']}",
+        "",
+        "| config | params | batch × frames (ref frames) | samples/s | tokens/s | MFU | peak mem GB | loss first → last |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
+        lines.append(
+            f"| {r['config']} | {r['parameters'] / 1e6:.1f} M | {r['batch_size']} × {r['target_frames']} ({r['reference_frames']}) | "
+            f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {memory} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |"
+        )
+    lines += ["", f"torch {environment['torch']}, bf16 autocast, gradient checkpointing {results[0]['gradient_checkpointing'] if results else ''}, "
+              f"{environment['seconds']} s per config after {environment['warmup']} warm-up steps."]
+    (out / "training.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for r in results:
+        steps, losses = zip(*r["loss_curve"])
+        axis.plot(steps, losses, label=r["config"])
+    axis.set_xlabel("step")
+    axis.set_ylabel("flow-matching loss")
+    axis.set_yscale("log")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "training_loss.png", dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", default="small,base")
+    parser.add_argument("--data", help="shard folder (default: generate Avatar World clips)")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--seconds", type=float, default=120.0, help="timed budget per config")
+    parser.add_argument("--max-steps", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--reference-frames", type=int, default=64)
+    parser.add_argument("--world-clips", type=int, default=16)
+    parser.add_argument("--world-seconds", type=float, default=8.0)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--peak-tflops", type=float, help="override the GPU's peak bf16 TFLOP/s for MFU")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    environment = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": sys.version.split()[0], "seconds": args.seconds, "warmup": args.warmup,
+    }
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as workdir:
+        for name in args.configs.split(","):
+            print(f"benchmarking {name} ...", flush=True)
+            result = bench_config(name.strip(), args, device, Path(workdir))
+            print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}), flush=True)
+            results.append(result)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    write_outputs(results, environment, Path(args.out))
+    print((Path(args.out) / "training.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
