@@ -188,7 +188,10 @@ def _probe_open(path: Path, container) -> MediaInfo:
     fmt = container.format.name.split(",")[0]
     if not videos:
         if audio is None:
-            raise UserFacingError(f"{path.name} contains neither video nor audio; pass a video or audio file")
+            raise UserFacingError(
+                f"{path.name} contains neither video nor audio; it is truncated, damaged or not a media file - "
+                "re-download or re-export it"
+            )
         return MediaInfo(path, fmt, 0, None, 0, 0, 0, 0.0, False, float(audio_duration or 0.0), 0,
                          len(audios), audio.codec_context.name, sample_rate, channels, True, audio_duration)
     video = videos[0]
@@ -418,6 +421,15 @@ def load_reference_video(
         expected = max(1, int(math.ceil(span * out_fps)))
         frames_array = _collect_frames(
             iter_video_frames(path, fps=out_fps, start_s=start_s, end_s=end_s, max_side=max_side), expected, on_frame)
+        # A file cut short keeps its index: the container promises frames the decoder cannot
+        # produce. Say so instead of silently returning a shorter reference.
+        if len(frames_array) < expected - 1 - 0.01 * expected:
+            decoded_end = (start_s or 0.0) + len(frames_array) / out_fps
+            raise UserFacingError(
+                f"{path.name} looks truncated: its index lists video up to {(start_s or 0.0) + span:.2f} s but frames "
+                f"decode only up to {decoded_end:.2f} s; re-download or re-export it, or set end to "
+                f"{math.floor(decoded_end * 10) / 10:.1f} s to use the intact part"
+            )
         try:
             audio = extract_aligned_audio(path, start_s=start_s or 0.0, duration_s=len(frames_array) / out_fps)
         except _FFMPEG_ERRORS as error:

@@ -53,24 +53,29 @@ def test_empty_file(tmp_path):
         assert_actionable(error, "empty")
 
 
-def test_truncated_file(tmp_path, good_clip):
-    data = good_clip.read_bytes()
-    # The writer puts the index first (faststart), so cut inside the media data ...
+def test_truncated_file(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (25, 64, 64, 3), dtype=np.uint8)  # incompressible
+    whole = write_video(tmp_path / "whole.mp4", frames, 25, audio=tone(1.0, 16000))
+    data = whole.read_bytes()
+    # write_video puts the index first (faststart): cutting the media data leaves an index that
+    # promises frames the file no longer has ...
     cut_data = tmp_path / "cut_data.mp4"
     cut_data.write_bytes(data[: len(data) * 2 // 3])
-    # ... and inside the index.
+    with pytest.raises(UserFacingError) as error:
+        load_reference_video(cut_data)
+    assert_actionable(error, "cut_data.mp4", "truncated", "set end to")
+    # ... and the intact part stays usable, as the message says.
+    usable_end = float(str(error.value).rsplit("set end to ", 1)[1].split(" s")[0])
+    assert 0 < load_reference_video(cut_data, end_s=usable_end).n_frames < 25
+    # A file cut inside its index cannot be opened at all; neither can a moov-at-end file cut short.
     cut_index = tmp_path / "cut_index.mp4"
     cut_index.write_bytes(data[:200])
-    with pytest.raises(UserFacingError) as error:
-        probe_media(cut_index)
-    assert_actionable(error, "cut_index.mp4")
-    # A file cut in its media data still gives the frames that are there, or a clear error.
-    try:
-        reference = load_reference_video(cut_data)
-    except UserFacingError as caught:
-        assert "cut_data.mp4" in str(caught)
-    else:
-        assert 0 < reference.n_frames <= 25
+    no_index = make_clip(tmp_path / "no_index.mp4", level_frames(25, 64, 64))
+    no_index.write_bytes(no_index.read_bytes()[:-400])
+    for broken in (cut_index, no_index):
+        with pytest.raises(UserFacingError) as error:
+            probe_media(broken)
+        assert_actionable(error, broken.name, "truncated")
 
 
 def test_random_bytes_file(tmp_path):
