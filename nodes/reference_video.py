@@ -82,7 +82,9 @@ class LoadReferenceVideo:
             _comfy.check_interrupted()
             if progress is None:
                 progress = _comfy.progress_bar(total)
-            progress.update_absolute(done, total)
+            # About 100 updates per clip: each one is a websocket message to the browser.
+            if done == total or done % max(1, total // 100) == 0:
+                progress.update_absolute(done, total)
 
         _comfy.check_interrupted()
         reference = load_reference_video(source, allowed_roots=allowed, on_frame=on_frame, **options)
