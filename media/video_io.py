@@ -70,6 +70,9 @@ class ReferenceVideo:
     source_hash: str  # sha256 of the file (or of the pixels for in-memory sources)
     sample_rate: int = SPEECH_SAMPLE_RATE
     warnings: list[str] = field(default_factory=list)
+    # Where frame 0 sits in the source (seconds), so a later stage can re-stream the same range
+    # from source_path at full size (iter_video_frames(source_path, fps=fps, start_s=start_s)).
+    start_s: float = 0.0
 
     @property
     def n_frames(self) -> int:
@@ -437,7 +440,8 @@ def load_reference_video(
         warnings = []
         if audio is not None and not np.isfinite(audio).all():
             audio, warnings = None, [f"the audio track of {path.name} contains invalid samples and was ignored"]
-        return ReferenceVideo(frames_array, out_fps, audio, audio is not None, path, file_sha256(path), warnings=warnings)
+        return ReferenceVideo(frames_array, out_fps, audio, audio is not None, path, file_sha256(path),
+                              warnings=warnings, start_s=start_s or 0.0)
     if hasattr(source, "shape") or isinstance(source, np.ndarray):
         return _reference_from_arrays(comfy_image_to_frames(source), 25.0 if fps is None else float(fps),
                                       None, None, start_s, end_s, max_side)
@@ -497,7 +501,7 @@ def _reference_from_arrays(frames, source_fps, comfy_audio, fps, start_s, end_s,
         if not np.isfinite(audio).all():
             audio = None
     digest = hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
-    return ReferenceVideo(np.ascontiguousarray(frames), out_fps, audio, audio is not None, None, digest)
+    return ReferenceVideo(np.ascontiguousarray(frames), out_fps, audio, audio is not None, None, digest, start_s=start)
 
 
 # ----------------------------------------------------------------------------------------- write

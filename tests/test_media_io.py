@@ -268,7 +268,7 @@ def test_reference_audio_is_aligned_to_first_video_frame(tmp_path):
     assert abs(int(np.argmax(np.abs(later.audio))) - 8000) <= 8
     # ... also when the audio decoder has to seek first (start > 1 s).
     seeked = load_reference_video(path, start_s=2.0, end_s=3.0)
-    assert seeked.n_frames == 25 and seeked.audio.shape == (16000,)
+    assert seeked.n_frames == 25 and seeked.audio.shape == (16000,) and seeked.start_s == 2.0
     assert abs(int(np.argmax(np.abs(seeked.audio))) - 9600) <= 8
     assert np.max(np.abs(seeked.audio[:9000])) < 0.05 and np.max(np.abs(seeked.audio)) > 0.5
 
