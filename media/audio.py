@@ -7,7 +7,6 @@ AUDIO dict of the same sound give the same samples.
 from __future__ import annotations
 
 import math
-import os
 from fractions import Fraction
 
 import av
