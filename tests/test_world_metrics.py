@@ -134,3 +134,22 @@ def test_eval_rejects_unknown_suite_and_missing_checkpoint(tmp_path, capsys):
     assert "unknown suite 'nope'" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)]) == 2
     assert "neither 'ground-truth'" in capsys.readouterr().err
+
+
+def test_eval_runs_a_checkpoint_through_the_pipeline(espeak, tmp_path, monkeypatch):
+    """Wiring of --model CHECKPOINT: an untrained tiny model on a 1-case, 1-second suite. Its noise
+    frames show no face, so the unmeasurable colours score the documented penalty, not NaN."""
+    from sparse_avatar.model.checkpoint import new_model, save_checkpoint
+    from sparse_avatar.training.world import suite
+    from sparse_avatar.training.world.metrics import UNMEASURED_DELTA_E
+
+    checkpoint = save_checkpoint(new_model("tiny", seed=0), tmp_path / "tiny.safetensors")
+    tiny = dataclasses.replace(suite.SUITES["avatar-world-v1"], name="tiny-test", n_cases=1, reference_seconds=1.0,
+                               driving_seconds=1.0, long_driving_seconds=1.0)
+    monkeypatch.setitem(suite.SUITES, "tiny-test", tiny)
+    summary = suite.evaluate("tiny-test", str(checkpoint), tmp_path / "run", steps=1, progress=False)
+    assert summary["model"] == "tiny.safetensors" and summary["n_cases"] == 1
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk == summary and "sync_correlation" in on_disk
+    if on_disk["face_found_fraction"] == 0.0:
+        assert on_disk["identity_skin_delta_e"] == UNMEASURED_DELTA_E and on_disk["sync_correlation"] == 0.0

@@ -31,6 +31,9 @@ from ...errors import UserFacingError
 from .speech import audio_mouth_track
 
 SYNC_MAX_OFFSET = 10          # frames searched either side for the best audio/video offset
+# A colour the generated clip does not show at all (no face found) scores as this ΔE: far worse
+# than any real mismatch (another person is 10–100), so a broken output can never look good.
+UNMEASURED_DELTA_E = 150.0
 _BORDER_COLUMNS = 0.1         # left/right strips (fraction of width) treated as pure background
 _BORDER_ROWS = 0.75           # ... down to this fraction of the height (below: shirt)
 
@@ -252,17 +255,28 @@ def _clip_colour(values: np.ndarray) -> np.ndarray:
 
 def static_appearance(measured: ClipMeasurements) -> dict:
     """Clip-level static traits as read from frames."""
+    found = measured.face_found
     return {"skin_rgb": _clip_colour(measured.skin_rgb), "top_rgb": _clip_colour(measured.top_rgb),
             "eye_rgb": _clip_colour(measured.eye_rgb),
-            "glasses": bool(np.nanmedian(measured.glasses_score) > 0.12),
-            "earrings": bool(np.nanmedian(measured.earring_score) > 0.006)}
+            "glasses": bool(found.any() and np.median(measured.glasses_score[found]) > 0.12),
+            "earrings": bool(found.any() and np.median(measured.earring_score[found]) > 0.006)}
+
+
+def _generated_delta_e(generated_rgb: np.ndarray, reference_rgb: np.ndarray) -> float:
+    """ΔE, with UNMEASURED_DELTA_E when the generated clip lacks the colour (NaN stays NaN only
+    when the reference itself lacks it: then the case says nothing about the model)."""
+    if not np.isfinite(reference_rgb).all():
+        return float("nan")
+    if not np.isfinite(generated_rgb).all():
+        return UNMEASURED_DELTA_E
+    return delta_e(generated_rgb, reference_rgb)
 
 
 def static_identity_error(generated: ClipMeasurements, reference: ClipMeasurements) -> dict:
     gen, ref = static_appearance(generated), static_appearance(reference)
-    return {"identity_skin_delta_e": delta_e(gen["skin_rgb"], ref["skin_rgb"]),
-            "identity_hair_delta_e": delta_e(gen["top_rgb"], ref["top_rgb"]),
-            "identity_eye_delta_e": delta_e(gen["eye_rgb"], ref["eye_rgb"]),
+    return {"identity_skin_delta_e": _generated_delta_e(gen["skin_rgb"], ref["skin_rgb"]),
+            "identity_hair_delta_e": _generated_delta_e(gen["top_rgb"], ref["top_rgb"]),
+            "identity_eye_delta_e": _generated_delta_e(gen["eye_rgb"], ref["eye_rgb"]),
             "identity_accessory_mismatch": float(np.mean([gen[k] != ref[k] for k in ("glasses", "earrings")]))}
 
 
@@ -327,9 +341,10 @@ def drift(measured: ClipMeasurements, window_s: float = 10.0) -> float:
     window = max(1, int(round(min(window_s, measured.seconds / 3) * measured.fps)))
     errors = []
     for track in (measured.skin_rgb, measured.top_rgb):
-        errors.append(delta_e(_clip_colour(track[:window]), _clip_colour(track[-window:])))
-    errors = [e for e in errors if np.isfinite(e)]
-    return float(np.mean(errors)) if errors else float("nan")
+        first, last = _clip_colour(track[:window]), _clip_colour(track[-window:])
+        # A face that is there at the start and gone at the end is the worst drift.
+        errors.append(delta_e(first, last) if np.isfinite(first).all() and np.isfinite(last).all() else UNMEASURED_DELTA_E)
+    return float(np.mean(errors))
 
 
 def flicker(measured: ClipMeasurements) -> float:

@@ -13,7 +13,7 @@ METRIC_NOTES = {
     "sync_correlation": "lip sync: correlation of measured mouth opening with the audio-derived truth at offset 0 (higher is better, 1 max)",
     "sync_best_correlation": "lip sync at the best offset within ±10 frames",
     "sync_best_offset": "offset (frames, video after audio > 0) of the best correlation",
-    "sync_abs_offset_frames": "|best offset| (0 is in sync)",
+    "sync_abs_offset_frames": "absolute best offset in frames (0 is in sync)",
     "identity_skin_delta_e": "skin colour ΔE vs the reference (lower is better)",
     "identity_hair_delta_e": "colour above the face (hair/hat) ΔE vs the reference",
     "identity_eye_delta_e": "iris colour ΔE vs the reference",
@@ -27,6 +27,10 @@ METRIC_NOTES = {
     "face_found_fraction": "frames where the face was found by colour segmentation",
     "generation_seconds": "wall time the model took per case",
 }
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _save(figure, path: Path) -> None:
@@ -64,7 +68,7 @@ def write_report(out: Path, summary: dict, cases: list[dict], details: list[dict
         _save(figure, plots / name)
         plt.close(figure)
         names.append(name)
-    keys = [key for key in METRIC_NOTES if key in summary and key != "generation_seconds"]
+    keys = [key for key in METRIC_NOTES if summary.get(key) is not None and key != "generation_seconds"]
     figure, axis = plt.subplots(figsize=(9, 3.5))
     axis.bar(range(len(keys)), [summary[key] for key in keys])
     axis.set_xticks(range(len(keys)), keys, rotation=60, ha="right", fontsize=7)
@@ -76,11 +80,12 @@ def write_report(out: Path, summary: dict, cases: list[dict], details: list[dict
     lines = [f"# {summary['suite']}: {summary['model']}", "",
              f"{summary['n_cases']} cases; metrics read only the generated frames and the driving audio "
              "(see training/world/metrics.py).", "", "| metric | mean | meaning |", "|---|---|---|"]
-    lines += [f"| {key} | {summary[key]:.4g} | {note} |" for key, note in METRIC_NOTES.items() if key in summary]
+    lines += [f"| {key} | {_number(summary[key])} | {note} |" for key, note in METRIC_NOTES.items() if key in summary]
     lines += ["", "![metrics](plots/metrics.png)", "", "## Per case", "",
               "| case | voice | seconds | sync | best offset | skin ΔE | blink err | sway amp err |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['case']} | {c['voice']} | {c['driving_seconds']:.0f} | {c['sync_correlation']:.3f} | {c['sync_best_offset']} | "
-              f"{c['identity_skin_delta_e']:.2f} | {c['habit_blink_rate_error']:.2f} | {c['habit_sway_amplitude_error']:.2f} |" for c in cases]
+    lines += [f"| {c['case']} | {c['voice']} | {c['driving_seconds']:.0f} | {_number(c['sync_correlation'])} | {c['sync_best_offset']} | "
+              f"{_number(c['identity_skin_delta_e'])} | {_number(c['habit_blink_rate_error'])} | {_number(c['habit_sway_amplitude_error'])} |"
+              for c in cases]
     lines += ["", "## Lip-sync curves", ""] + [f"![{name}](plots/{name})" for name in names]
     path = out / "report.md"
     temp = path.with_name(f".report.partial-{os.getpid()}.md")

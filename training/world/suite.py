@@ -136,6 +136,11 @@ def load_model(name: str, **options):
 
 
 # -- the run -----------------------------------------------------------------------------------
+def _mean_or_none(values) -> float | None:
+    """Mean over the cases that could be measured (strict JSON has no NaN: None if none could)."""
+    finite = [float(value) for value in values if value is not None and np.isfinite(value)]
+    return float(np.mean(finite)) if finite else None
+
 def _write_text_atomic(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     temp.write_text(text)
@@ -173,9 +178,11 @@ def evaluate(suite_name: str, model_name: str, out_dir, *, limit: int | None = N
                       "voice": case.truth.voice.get("voice"), **metrics})
         details.append(detail)
     keys = [key for key in cases[0] if key not in ("case", "identity_seed", "driving_seconds", "voice")]
-    summary = {key: float(np.nanmean([case[key] for case in cases])) for key in keys}
+    summary = {key: _mean_or_none([case[key] for case in cases]) for key in keys}
     summary.update({"suite": suite.name, "model": model.name, "n_cases": n_cases})
-    _write_text_atomic(out / "cases.json", json.dumps(cases, indent=1))
+    cases = [{key: (None if isinstance(value, float) and not np.isfinite(value) else value) for key, value in case.items()}
+             for case in cases]
+    _write_text_atomic(out / "cases.json", json.dumps(cases, indent=1, allow_nan=False))
     write_report(out, summary, cases, details)
-    _write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    _write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
     return summary
