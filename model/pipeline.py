@@ -85,6 +85,11 @@ def _ping_pong(frames: np.ndarray, length: int) -> np.ndarray:
     return np.concatenate([cycle] * repeats)[:length]
 
 
+def ping_pong_order(count: int, length: int) -> np.ndarray:
+    """Indices into a source clip of `count` frames that loop it forwards and backwards over `length`."""
+    return _ping_pong(np.arange(count), length)
+
+
 def speech_features_for(audio_or_features, fps: float, config) -> np.ndarray:
     """Per-frame speech features from features [T, F], a 16 kHz mono waveform, a file path or a
     ComfyUI AUDIO dict."""
@@ -120,7 +125,8 @@ def render(
     dub_mask: np.ndarray | None = None,
     progress: Callable[[RenderProgress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-) -> np.ndarray:
+    output: str = "frames",
+):
     """Frames np.uint8 [T, S, S, 3] (S = model frame size), one per speech-feature frame.
 
     reference: an Identity, or face-crop frames np.uint8 [Tr, S, S, 3] (extracted here, silent).
@@ -129,7 +135,11 @@ def render(
     shorter than the audio); dub_mask float [S, S] (1 = re-render; default lower face).
     progress(RenderProgress) after every step; should_cancel() before every step
     (raises model.flow.SamplingCancelled).
+    output="latents" returns the latents instead, float32 [1, C, T, h, w] on the CPU (the ComfyUI
+    sampler node hands them to a separate decode node); dub compositing is then the decoder's job.
     """
+    if output not in ("frames", "latents"):
+        raise UserFacingError(f"output must be 'frames' or 'latents'; got {output!r}.")
     config = model.config
     if mode not in MODES:
         raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
@@ -170,7 +180,8 @@ def render(
         factor = model.codec.spatial_factor
         cell_mask = torch.from_numpy(pixel_mask).reshape(rows, factor, cols, factor).amax(dim=(1, 3))
         source_known = (1.0 - cell_mask).to(device, dtype)[None, None, None]  # [1, 1, 1, h, w]
-    output = np.empty((total, size, size, 3), np.uint8)
+    frames_out = np.empty((total, size, size, 3), np.uint8) if output == "frames" else None
+    latents_out = []
     made_latents = None  # latents of all frames made so far, on device (only the tail is reused)
     for chunk_index, (start, end, known) in enumerate(plan):
         length = end - start
@@ -199,12 +210,15 @@ def render(
         )
         new_latents = latents[:, :, known:]
         made_latents = new_latents if made_latents is None else torch.cat([made_latents[:, :, -max(overlap_frames, 1):], new_latents], dim=2)
+        if frames_out is None:
+            latents_out.append(new_latents.float().cpu())
+            continue
         frames = (model.decode_latents(new_latents)[0].cpu().numpy() * 255.0).round().astype(np.uint8)
         if mode == "dub":
             inside = pixel_mask[None, :, :, None] > 0.5
             frames = np.where(inside, frames, source[start + known:end])
-        output[start + known:end] = frames
-    return output
+        frames_out[start + known:end] = frames
+    return frames_out if frames_out is not None else torch.cat(latents_out, dim=2)
 
 
 #################################################################################
@@ -224,7 +238,7 @@ def prepare_reference(model, reference_video, *, max_frames: int | None = None):
     from .. import media
 
     frames = reference_video.frames if max_frames is None else reference_video.frames[:max_frames]
-    track = media.track_face(frames)
+    track = media.track_face(frames, fps=reference_video.fps)
     crops, transforms = media.crop_faces(frames, track, size=model.config.frame_size)
     reference_features = None
     if reference_video.has_audio and reference_video.audio is not None:
@@ -256,6 +270,6 @@ def render_files(model, reference_path, audio_path, out_path, *, mode: str = "ge
         dub_frames=crops if mode == "dub" else None, progress=progress, should_cancel=should_cancel,
     )
     if mode == "dub":
-        order = _ping_pong(np.arange(len(crops)), len(frames))
+        order = ping_pong_order(len(crops), len(frames))
         frames = media.paste_back(reference_video.frames[order], frames, [transforms[i] for i in order])
     return Path(media.write_video(out_path, frames, fps, audio=wave, sample_rate=SPEECH_SAMPLE_RATE))

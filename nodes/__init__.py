@@ -10,6 +10,9 @@ import importlib
 _NODE_MODULES: tuple[str, ...] = (
     "reference_video",
     "speech",
+    "avatar_model",
+    "identity",
+    "generation",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -12,7 +12,7 @@ class _NoProgress:
     def update(self, value: int = 1) -> None:
         pass
 
-    def update_absolute(self, value: int, total: int | None = None) -> None:
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
         pass
 
 
@@ -78,3 +78,17 @@ def input_files(extensions: tuple[str, ...]) -> list[str]:
         name for name in os.listdir(folder)
         if os.path.isfile(os.path.join(folder, name)) and name.lower().endswith(extensions)
     )
+
+
+def make_video(images, fps: float, audio: dict | None):
+    """A core VIDEO (``VideoFromComponents``) from an IMAGE batch, frame rate and AUDIO; outside ComfyUI
+    a plain dict with the same parts, so nodes stay testable."""
+    from fractions import Fraction
+
+    frame_rate = Fraction(float(fps)).limit_denominator(1001)
+    try:
+        from comfy_api.input_impl import VideoFromComponents
+        from comfy_api.util import VideoComponents
+    except ImportError:
+        return {"images": images, "frame_rate": frame_rate, "audio": audio}
+    return VideoFromComponents(VideoComponents(images=images, frame_rate=frame_rate, audio=audio))

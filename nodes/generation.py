@@ -1,0 +1,183 @@
+"""Sparse Reference Sampler (identity + speech -> LATENT) and Decode Avatar Video (LATENT -> IMAGE, VIDEO).
+
+LATENT is the core dict ``{"samples": [1, C, T, h, w]}``; the sampler adds a ``sparse_avatar`` entry
+with what decoding needs (fps, the driving audio, and in dub mode the source frames and crop
+transforms for paste-back), so the two nodes stay independent of each other's internals.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserFacingError
+from ..media import audio_to_comfy, crop_faces, frames_to_comfy_image, track_face
+from ..media import paste_back as paste_crops_back
+from ..model.flow import SAMPLERS, MAX_STEPS, SamplingCancelled
+from ..model.identity import Identity
+from ..model.pipeline import MODES, default_dub_mask, ping_pong_order, render
+from . import _comfy
+
+CATEGORY = "sparse-avatar"
+_PREVIEW_SIDE = 256
+
+
+def _preview_image(avatar, latents: torch.Tensor):
+    """The middle frame of the chunk being sampled, as a PIL image for ComfyUI's node preview."""
+    from PIL import Image
+
+    middle = latents[:, :, latents.shape[2] // 2: latents.shape[2] // 2 + 1]
+    frame = avatar.decode_latents(middle)[0, 0].clamp(0, 1).mul(255).round().byte().cpu().numpy()
+    return Image.fromarray(frame)
+
+
+class SparseReferenceSampler:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The generated video latents (one latent frame per video frame) for Decode Avatar Video.",)
+    FUNCTION = "sample"
+    DESCRIPTION = ("Generates the talking-head video for the whole driving speech, in overlapping chunks that all "
+                   "attend to the same full reference. generate = new performance in the person's own style; "
+                   "dub = keep the source video's head motion and re-render the lower face.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("AVATAR_MODEL", {"tooltip": "From Load Avatar Model."}),
+                "identity": ("AVATAR_IDENTITY", {"tooltip": "From Extract / Load / Mix Identity."}),
+                "speech": ("SPEECH_FEATURES", {"tooltip": "From Encode Speech: one feature vector per output frame."}),
+                "mode": (MODES, {"default": "generate", "tooltip": "generate: new head motion and expressions; "
+                                 "dub: the source's motion, lower face re-rendered (needs 'source')."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": "Sampler steps per chunk "
+                                  "(distilled checkpoints need 4-8)."}),
+                "sampler": (SAMPLERS, {"default": "euler", "tooltip": "ODE solver for the flow."}),
+                "audio_guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                             "tooltip": "Classifier-free guidance on the speech (1 = off). Higher = "
+                                                        "stronger lip motion."}),
+                "reference_guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                                 "tooltip": "Guidance on the reference identity (1 = off). Higher = "
+                                                            "closer likeness."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Same seed and inputs = the same video."}),
+                "chunk_frames": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "Frames generated at once; "
+                                         "0 = the model's default. Longer = more memory."}),
+                "overlap_frames": ("INT", {"default": -1, "min": -1, "max": 256, "tooltip": "Frames carried over "
+                                           "between chunks for continuous motion; -1 = the model's default."}),
+            },
+            "optional": {
+                "source": ("REFERENCE_VIDEO", {"tooltip": "Dub mode: the video whose lower face is re-rendered "
+                                               "(usually the same Load Reference Video)."}),
+            },
+        }
+
+    def sample(self, model, identity, speech, mode="generate", steps=20, sampler="euler", audio_guidance=1.0,
+               reference_guidance=1.0, seed=0, chunk_frames=0, overlap_frames=-1, source=None):
+        if not isinstance(identity, Identity):
+            raise UserFacingError("'identity' must come from Extract, Load or Mix Identity.")
+        if not isinstance(speech, dict) or "features" not in speech:
+            raise UserFacingError("'speech' must come from Encode Speech.")
+        avatar = model.ready()
+        fps = float(speech["fps"])
+        paste = None
+        dub_frames = None
+        if mode == "dub":
+            if source is None:
+                raise UserFacingError("dub mode needs the source video: connect Load Reference Video to 'source'.")
+            track = track_face(source.frames)
+            dub_frames, transforms = crop_faces(source.frames, track, size=avatar.config.frame_size)
+            paste = {"frames": source.frames, "crops": dub_frames, "transforms": transforms}
+
+        progress = _comfy.progress_bar(100)
+
+        def on_progress(state):
+            preview = None
+            if state.step == state.steps or state.step % 4 == 0:
+                preview = ("JPEG", _preview_image(avatar, state.latents), _PREVIEW_SIDE)
+            progress.update_absolute(int(round(state.fraction * 100)), 100, preview)
+
+        def should_cancel() -> bool:
+            _comfy.check_interrupted()  # raises ComfyUI's own interrupt exception
+            return False
+
+        try:
+            latents = render(
+                avatar, identity, speech["features"], mode=mode, steps=int(steps), sampler=sampler,
+                audio_guidance=float(audio_guidance), reference_guidance=float(reference_guidance), seed=int(seed),
+                chunk_frames=int(chunk_frames) or None, overlap_frames=None if overlap_frames < 0 else int(overlap_frames),
+                fps=fps, dub_frames=dub_frames, progress=on_progress, should_cancel=should_cancel, output="latents",
+            )
+        except SamplingCancelled:
+            raise UserFacingError("sampling was cancelled") from None
+        info = {"fps": fps, "audio": speech.get("audio"), "sample_rate": speech.get("sample_rate", 16000),
+                "mode": mode, "paste_back": paste}
+        return ({"samples": latents.cpu().float(), "sparse_avatar": info},)
+
+
+class DecodeAvatarVideo:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "VIDEO", "AUDIO")
+    RETURN_NAMES = ("frames", "video", "audio")
+    OUTPUT_TOOLTIPS = ("The video frames (in dub mode pasted back into the source frames).",
+                       "A core VIDEO with the driving audio, for Save Video.",
+                       "The driving audio, exactly as long as the frames.")
+    FUNCTION = "decode"
+    DESCRIPTION = "Decodes the sampler's latents to frames; in dub mode pastes the new face back into the source video."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("AVATAR_MODEL", {"tooltip": "The model that sampled the latents."}),
+                "latent": ("LATENT", {"tooltip": "From Sparse Reference Sampler."}),
+            },
+            "optional": {
+                "paste_back": ("BOOLEAN", {"default": True, "tooltip": "Dub mode: paste the face crop back into the "
+                                           "full source frames (off = the face crop only)."}),
+                "color_match": ("BOOLEAN", {"default": True, "tooltip": "Match the crop's colours to the source "
+                                            "around the seam when pasting back."}),
+            },
+        }
+
+    def decode(self, model, latent, paste_back=True, color_match=True):
+        info = latent.get("sparse_avatar") if isinstance(latent, dict) else None
+        if info is None:
+            raise UserFacingError("this LATENT was not made by Sparse Reference Sampler; connect its output.")
+        avatar = model.ready()
+        samples = latent["samples"]
+        frames = []
+        progress = _comfy.progress_bar(samples.shape[2])
+        step = 16
+        with torch.no_grad():
+            for start in range(0, samples.shape[2], step):
+                _comfy.check_interrupted()
+                chunk = samples[:, :, start:start + step].to(avatar.device, avatar.dtype)
+                decoded = avatar.decode_latents(chunk)[0].clamp(0, 1).mul(255).round().byte().cpu().numpy()
+                frames.append(decoded)
+                progress.update_absolute(min(start + step, samples.shape[2]))
+        frames = np.concatenate(frames)
+        paste = info.get("paste_back")
+        if info.get("mode") == "dub" and paste is not None:
+            # Dub re-renders only the lower face: everything else in the crop stays the source's.
+            order = ping_pong_order(len(paste["frames"]), len(frames))
+            inside = default_dub_mask(frames.shape[1])[None, :, :, None] > 0.5
+            frames = np.where(inside, frames, paste["crops"][order])
+        if info.get("mode") == "dub" and paste_back and paste is not None:
+            frames = paste_crops_back(paste["frames"][order], frames, [paste["transforms"][i] for i in order],
+                                color_match=bool(color_match))
+        image = frames_to_comfy_image(frames)
+        audio = info.get("audio")
+        if audio is None:
+            audio = np.zeros(int(round(len(frames) / info["fps"] * info["sample_rate"])), np.float32)
+        comfy_audio = audio_to_comfy(np.asarray(audio, np.float32), int(info["sample_rate"]))
+        return image, _comfy.make_video(image, info["fps"], comfy_audio), comfy_audio
+
+
+NODE_CLASS_MAPPINGS = {
+    "SparseAvatarSampler": SparseReferenceSampler,
+    "SparseAvatarDecodeVideo": DecodeAvatarVideo,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SparseAvatarSampler": "Sparse Reference Sampler",
+    "SparseAvatarDecodeVideo": "Decode Avatar Video",
+}

@@ -1,0 +1,99 @@
+"""The model nodes, run as plain classes (no ComfyUI): load -> identity -> sample -> decode, save/load/mix."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_avatar.errors import UserFacingError
+from sparse_avatar.media import SPEECH_SAMPLE_RATE, load_reference_video
+from sparse_avatar.model.checkpoint import new_model, save_checkpoint
+from sparse_avatar.model.identity import extract_identity
+from sparse_avatar.nodes.avatar_model import LoadAvatarModel
+from sparse_avatar.nodes.generation import DecodeAvatarVideo, SparseReferenceSampler
+from sparse_avatar.nodes.identity import ExtractIdentity, LoadIdentity, MixIdentity, SaveIdentity
+from sparse_avatar.nodes.speech import EncodeSpeech
+
+
+@pytest.fixture
+def models_cwd(tmp_path, monkeypatch):
+    """Outside ComfyUI the nodes use ./models/<folder>; run in a fresh folder with a tiny checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "avatar").mkdir(parents=True)
+    save_checkpoint(new_model("tiny", seed=3), tmp_path / "models" / "avatar" / "tiny.safetensors")
+    return tmp_path
+
+
+def _speech(seconds=1.2, fps=25.0):
+    t = np.arange(int(seconds * SPEECH_SAMPLE_RATE)) / SPEECH_SAMPLE_RATE
+    wave = (0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    audio = {"waveform": torch.from_numpy(wave)[None, None], "sample_rate": SPEECH_SAMPLE_RATE}
+    speech, _, frames = EncodeSpeech().encode(audio, fps=fps)
+    return speech, frames
+
+
+def _synthetic_crops(size, count=12, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8)
+    return np.repeat(base, count, axis=0)
+
+
+def test_load_sample_decode_generate(models_cwd):
+    assert "tiny.safetensors" in LoadAvatarModel.INPUT_TYPES()["required"]["checkpoint"][0]
+    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="reference")
+    avatar = handle.ready()
+    identity = extract_identity(avatar, _synthetic_crops(avatar.config.frame_size), None, fps=25.0)
+    speech, n_frames = _speech()
+    (latent,) = SparseReferenceSampler().sample(handle, identity, speech, steps=2, seed=5, chunk_frames=8, overlap_frames=2)
+    assert latent["samples"].shape[2] == n_frames
+    image, video, audio = DecodeAvatarVideo().decode(handle, latent)
+    size = avatar.config.frame_size
+    assert tuple(image.shape) == (n_frames, size, size, 3)
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert audio["waveform"].shape[-1] == round(n_frames / 25.0 * SPEECH_SAMPLE_RATE)
+    assert video is not None
+    (again,) = SparseReferenceSampler().sample(handle, identity, speech, steps=2, seed=5, chunk_frames=8, overlap_frames=2)
+    assert torch.equal(latent["samples"], again["samples"]), "same seed must give the same latents"
+
+
+def test_identity_save_load_mix_round_trip(models_cwd):
+    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="reference")
+    avatar = handle.ready()
+    first = extract_identity(avatar, _synthetic_crops(avatar.config.frame_size, seed=1), None, fps=25.0)
+    second = extract_identity(avatar, _synthetic_crops(avatar.config.frame_size, seed=2), None, fps=25.0)
+    result = SaveIdentity().save(first, filename_prefix="person a")
+    saved_name = result["ui"]["text"][0]
+    assert saved_name in LoadIdentity.INPUT_TYPES()["required"]["identity_file"][0]
+    (loaded,) = LoadIdentity().load(saved_name)
+    assert torch.equal(loaded.static_k, first.static_k) and torch.equal(loaded.ref_v, first.ref_v)
+    (mixed,) = MixIdentity().mix(first, second)
+    assert torch.equal(mixed.static_k, first.static_k) and torch.equal(mixed.ref_k, second.ref_k)
+    with pytest.raises(UserFacingError, match="not allowed"):
+        SaveIdentity().save(first, filename_prefix="../escape")
+
+
+def test_bad_inputs_get_clear_messages(models_cwd):
+    with pytest.raises(UserFacingError, match="not found"):
+        LoadAvatarModel().load("missing.safetensors")
+    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32")
+    speech, _ = _speech(0.4)
+    with pytest.raises(UserFacingError, match="Identity"):
+        SparseReferenceSampler().sample(handle, "not an identity", speech)
+    identity = extract_identity(handle.ready(), _synthetic_crops(handle.model.config.frame_size), None, fps=25.0)
+    with pytest.raises(UserFacingError, match="source"):
+        SparseReferenceSampler().sample(handle, identity, speech, mode="dub", steps=1)
+    with pytest.raises(UserFacingError, match="Sparse Reference Sampler"):
+        DecodeAvatarVideo().decode(handle, {"samples": torch.zeros(1, 4, 2, 2, 2)})
+
+
+def test_extract_identity_and_dub_on_a_real_clip(models_cwd, shared_media_dir):
+    reference = load_reference_video(str(shared_media_dir / "v15_real3dportrait_may_5s.mp4"), end_s=0.6, max_side=256)
+    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="reference")
+    identity, crops = ExtractIdentity().extract(handle, reference)
+    size = handle.model.config.frame_size
+    assert tuple(crops.shape) == (reference.n_frames, size, size, 3)
+    speech, n_frames = _speech(0.8)
+    (latent,) = SparseReferenceSampler().sample(handle, identity, speech, mode="dub", steps=1, source=reference)
+    image, _, _ = DecodeAvatarVideo().decode(handle, latent)
+    assert tuple(image.shape[1:3]) == reference.frames.shape[1:3]
+    assert image.shape[0] == n_frames
