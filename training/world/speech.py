@@ -84,6 +84,14 @@ def espeak_binary() -> str:
     return path
 
 
+def espeak_version() -> str:
+    """e.g. "1.51"; recorded with evaluation results because speech (and so the suite's driving
+    audio) can change between espeak-ng versions."""
+    result = subprocess.run([espeak_binary(), "--version"], capture_output=True, text=True, timeout=30)
+    words = result.stdout.split()
+    return words[words.index("text-to-speech:") + 1] if "text-to-speech:" in words else result.stdout.strip()
+
+
 def _espeak_wave(text: str, spec: VoiceSpec) -> np.ndarray:
     """One utterance as float32 mono at SAMPLE_RATE."""
     with tempfile.TemporaryDirectory(prefix="avatar_world_speech_") as folder:

@@ -28,6 +28,7 @@ import numpy as np
 from ...errors import UserFacingError
 from .generate import HELD_OUT_SEED_BASE, ClipSpec, WorldClip, make_clip
 from .metrics import measure_frames, score_clip
+from .speech import espeak_version
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def evaluate(suite_name: str, model_name: str, out_dir, *, limit: int | None = N
         details.append(detail)
     keys = [key for key in cases[0] if key not in ("case", "identity_seed", "driving_seconds", "voice")]
     summary = {key: _mean_or_none([case[key] for case in cases]) for key in keys}
-    summary.update({"suite": suite.name, "model": model.name, "n_cases": n_cases})
+    summary.update({"suite": suite.name, "model": model.name, "n_cases": n_cases, "espeak_ng_version": espeak_version()})
     cases = [{key: (None if isinstance(value, float) and not np.isfinite(value) else value) for key, value in case.items()}
              for case in cases]
     _write_text_atomic(out / "cases.json", json.dumps(cases, indent=1, allow_nan=False))
