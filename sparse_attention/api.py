@@ -11,7 +11,7 @@ import torch
 from ..errors import UserFacingError
 from . import dispatch
 from .inputs import check_attention_inputs, check_block_indices, check_top_k
-from .reference import reference_block_centroids, route_reference_blocks
+from .reference import check_forced_blocks, reference_block_centroids, select_reference_blocks
 
 
 def sparse_reference_attention(
@@ -55,8 +55,6 @@ def sparse_reference_attention(
         block_indices = None
         ref_lengths = None
     else:
-        if ref_lengths is None:
-            ref_lengths = torch.full((shapes.batch,), shapes.ref_len, dtype=torch.long, device=q.device)
         if block_indices is None:
             if centroids is None:
                 centroids = reference_block_centroids(ref_k, ref_lengths, block_size)
@@ -66,12 +64,15 @@ def sparse_reference_attention(
                     f"for this reference and block_size={block_size}; got {tuple(centroids.shape)}. "
                     "Recompute them with reference_block_centroids(ref_k, ref_lengths, block_size)."
                 )
-            block_indices = route_reference_blocks(
-                q, centroids, ref_lengths, block_size=block_size, top_k=top_k, forced_blocks=forced_blocks
-            )
+            if forced_blocks is not None:
+                check_forced_blocks(forced_blocks, shapes.batch, shapes.kv_heads, shapes.query_blocks, shapes.ref_blocks)
+            # ref_lengths were checked above; routing need not check (and host-sync) again.
+            block_indices = select_reference_blocks(q, centroids, ref_lengths, block_size, top_k, forced_blocks)
         else:
             check_block_indices(block_indices, shapes)
             block_indices = block_indices.to(torch.int32)
+        if ref_lengths is None:
+            ref_lengths = torch.full((shapes.batch,), shapes.ref_len, dtype=torch.long, device=q.device)
     attention = dispatch.resolve_backend(backend, q, shapes)
     out, lse = attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale)
     return (out, lse) if return_lse else out

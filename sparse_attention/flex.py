@@ -16,6 +16,8 @@ static/reference keys and values through Flex's own backward (including through 
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .inputs import AttentionShapes, ceil_div
@@ -44,19 +46,51 @@ def unavailable_reason(q: torch.Tensor, shapes: AttentionShapes) -> str:
         return f"torch {torch.__version__} has no FlexAttention with BlockMask.from_kv_blocks"
     if _torch_version() < _MIN_TORCH:
         return f"the Flex backend needs torch >= {_MIN_TORCH[0]}.{_MIN_TORCH[1]} (differentiable lse); found {torch.__version__}"
-    if q.dtype == torch.float64 and q.is_cuda:
+    if q.is_cuda and q.dtype == torch.float64:
         return "Flex's CUDA kernels do not take float64"
+    if q.is_cuda and shapes.block_size % 16 != 0:
+        return f"Flex's CUDA kernels need a block size that is a multiple of 16; got {shapes.block_size}"
+    if (
+        q.is_cuda
+        and shapes.block_size % 128 != 0
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and torch.is_grad_enabled()
+        and q.requires_grad
+    ):
+        # Measured on H100 with torch 2.11: the forward compiles with 64-wide tiles and fp32
+        # trains fine, but the fp16/bf16 backward fails to compile (NoValidChoicesError) for
+        # every tile choice tried.
+        return (
+            f"Flex's {q.dtype} backward does not compile for block size {shapes.block_size}; "
+            "use block size 128 or the triton backend for training"
+        )
     return ""
 
 
-def _run_flex(query, key, value, block_mask, scale, enable_gqa):
+def _kernel_options(block_size: int) -> dict | None:
+    """Tile sizes for block sizes below Flex's default 128-wide tiles.
+
+    Flex's fused kernel requires its tiles to divide the BlockMask block size; its default tiles
+    are 128 wide, which fails for e.g. b = 64. The backward pairs (M1, N1) and (M2, N2) also need
+    N1 % M1 == 0 and M2 % N2 == 0.
+    """
+    if block_size % 128 == 0:
+        return None
+    tile = 64 if block_size % 64 == 0 else (32 if block_size % 32 == 0 else 16)
+    half = max(tile // 2, 16)
+    return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_M1": half, "BLOCK_N1": tile, "BLOCK_M2": tile, "BLOCK_N2": half}
+
+
+def _run_flex(query, key, value, block_mask, scale, enable_gqa, kernel_options=None):
     global _compiled_flex
     function = flex_attention
+    kwargs = {"block_mask": block_mask, "scale": scale}
     if query.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         function = _compiled_flex
-    kwargs = {"block_mask": block_mask, "scale": scale}
+        if kernel_options:
+            kwargs["kernel_options"] = kernel_options
     if enable_gqa:
         kwargs["enable_gqa"] = True
     aux_request = getattr(_flex_module, "AuxRequest", None)
@@ -80,7 +114,7 @@ def _compact(chosen: torch.Tensor, block_ids: torch.Tensor, width: int) -> tuple
     return counts, ids.to(torch.int32).contiguous()
 
 
-def reference_block_mask(block_indices, ref_lengths, heads, query_len, ref_len, block_size):
+def reference_block_mask(block_indices, ref_lengths, heads, query_len, ref_len, block_size, for_backward=True):
     """BlockMask over (Lq queries, Lr reference keys) selecting the routed blocks of each query block."""
     group_size = heads // block_indices.shape[1]
     indices = block_indices.to(torch.long).repeat_interleave(group_size, dim=1)  # [B, H, nQ, K]
@@ -102,9 +136,12 @@ def reference_block_mask(block_indices, ref_lengths, heads, query_len, ref_len, 
         chosen = selected[batch, head // group_size, query_index // block_size, key_index // block_size]
         return chosen & (key_index < lengths[batch])
 
+    options = {}
+    if not for_backward and "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        options["compute_q_blocks"] = False  # the transposed (per key block) lists serve only the backward
     return BlockMask.from_kv_blocks(
         partial_counts, partial_ids, full_counts, full_ids,
-        BLOCK_SIZE=block_size, mask_mod=selected_and_within_length, seq_lengths=(query_len, ref_len),
+        BLOCK_SIZE=block_size, mask_mod=selected_and_within_length, seq_lengths=(query_len, ref_len), **options,
     )
 
 
@@ -114,8 +151,9 @@ def flex_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths
     if static_k is not None:
         branches.append(_run_flex(q, static_k, static_v, None, scale, enable_gqa=static_k.shape[1] != heads))
     if ref_k is not None and block_indices.shape[-1] > 0:
-        mask = reference_block_mask(block_indices, ref_lengths, heads, query_len, ref_k.shape[2], block_size)
-        branches.append(_run_flex(q, ref_k, ref_v, mask, scale, enable_gqa=ref_k.shape[1] != heads))
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, static_k, static_v, ref_k, ref_v))
+        mask = reference_block_mask(block_indices, ref_lengths, heads, query_len, ref_k.shape[2], block_size, for_backward=needs_grad)
+        branches.append(_run_flex(q, ref_k, ref_v, mask, scale, enable_gqa=ref_k.shape[1] != heads, kernel_options=_kernel_options(block_size)))
     if len(branches) == 1:
         out, lse = branches[0]
         return out, lse

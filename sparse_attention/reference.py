@@ -69,17 +69,26 @@ def reference_block_centroids(ref_k: torch.Tensor, ref_lengths: torch.Tensor | N
 
 
 def query_block_means(q: torch.Tensor, block_size: int) -> torch.Tensor:
-    """q [B, H, Lq, d] -> [B, H, nQ, d]: mean of the real queries of each block (last block may be partial)."""
+    """q [B, H, Lq, d] -> [B, H, nQ, d] fp32: mean of the real queries of each block (last block may be partial).
+
+    Reduces in q's storage with an fp32 accumulator, so no fp32 copy of q is made (routing runs
+    at every layer and step and should cost next to nothing).
+    """
     batch, heads, query_len, head_dim = q.shape
-    query_blocks = ceil_div(query_len, block_size)
-    padded = F.pad(q.to(accumulation_dtype(q.dtype)), (0, 0, 0, query_blocks * block_size - query_len))
-    sums = padded.view(batch, heads, query_blocks, block_size, head_dim).sum(dim=3)
-    starts = torch.arange(query_blocks, device=q.device) * block_size
-    counts = (query_len - starts).clamp(max=block_size).to(sums.dtype)
-    return sums / counts[:, None]
+    work = accumulation_dtype(q.dtype)
+    full_blocks, tail = divmod(query_len, block_size)
+    parts = []
+    if full_blocks:
+        whole = q[:, :, : full_blocks * block_size].reshape(batch, heads, full_blocks, block_size, head_dim)
+        parts.append(whole.sum(dim=3, dtype=work) / block_size)
+    if tail:
+        parts.append(q[:, :, full_blocks * block_size:].sum(dim=2, keepdim=True, dtype=work) / tail)
+    if not parts:
+        return q.new_zeros((batch, heads, 0, head_dim), dtype=work)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def _check_forced_blocks(forced_blocks: torch.Tensor, batch: int, kv_heads: int, query_blocks: int, ref_blocks: int) -> None:
+def check_forced_blocks(forced_blocks: torch.Tensor, batch: int, kv_heads: int, query_blocks: int, ref_blocks: int) -> None:
     shape = tuple(forced_blocks.shape) if isinstance(forced_blocks, torch.Tensor) else None
     ok = (
         shape is not None
@@ -135,14 +144,25 @@ def route_reference_blocks(
     kv_heads, ref_blocks = centroids.shape[1], centroids.shape[2]
     if kv_heads < 1 or heads % kv_heads != 0:
         raise UserFacingError(f"query heads H={heads} must be a multiple of the centroids' key/value heads Hkv={kv_heads}.")
-    group_size = heads // kv_heads
-    query_blocks = ceil_div(query_len, block_size)
     if ref_lengths is not None:
         check_ref_lengths(ref_lengths, batch, ref_blocks * block_size, q.device)
-    forced_count = 0
     if forced_blocks is not None:
-        _check_forced_blocks(forced_blocks, batch, kv_heads, query_blocks, ref_blocks)
-        forced_count = forced_blocks.shape[-1]
+        check_forced_blocks(forced_blocks, batch, kv_heads, ceil_div(query_len, block_size), ref_blocks)
+    return select_reference_blocks(q, centroids, ref_lengths, block_size, top_k, forced_blocks)
+
+
+@torch.no_grad()
+def select_reference_blocks(q, centroids, ref_lengths, block_size, top_k, forced_blocks) -> torch.Tensor:
+    """route_reference_blocks without the input checks, for callers that validated already.
+
+    The checks of ref_lengths and forced_blocks values cost a host sync each, which the front
+    door should pay once per call, not twice.
+    """
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads, ref_blocks = centroids.shape[1], centroids.shape[2]
+    group_size = heads // kv_heads
+    query_blocks = ceil_div(query_len, block_size)
+    forced_count = 0 if forced_blocks is None else forced_blocks.shape[-1]
     slots = top_k + forced_count
     device = q.device
 

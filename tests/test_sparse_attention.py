@@ -234,7 +234,7 @@ def run_backend(backend, inputs, ref_lengths, block, top_k, with_grad):
     grads = {}
     if with_grad:
         # A loss that weighs out and lse, so the lse gradient is checked too.
-        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
         ((out * weights).sum() + lse.sum()).backward()
         grads = {name: tensor.grad for name, tensor in leaves.items() if tensor is not None}
     return out, lse, grads
