@@ -531,3 +531,32 @@ def test_triton_backend_through_the_front_door_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", TRITON_THROUGH_FRONT_DOOR], capture_output=True, text=True, env=environment, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "worst" in result.stdout
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_shapes_reference_and_dense_match_brute_force(seed):
+    """Random odd sizes, lengths, top_k and forced blocks: reference and dense both equal brute force."""
+    rng = torch.Generator().manual_seed(100 + seed)
+
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=rng))
+
+    kv_heads, group_size = pick(1, 2), [1, 2, 4][pick(0, 2)]
+    batch, block = pick(1, 2), [2, 4, 8][pick(0, 2)]
+    query_len, static_len, ref_len = pick(1, 19), pick(0, 4), pick(0, 29)
+    inputs = make_inputs(batch, kv_heads * group_size, kv_heads, query_len, static_len, ref_len, head_dim=pick(1, 6), seed=seed)
+    ref_lengths = torch.randint(0, ref_len + 1, (batch,), generator=rng)
+    ref_blocks, query_blocks = math.ceil(ref_len / block), math.ceil(query_len / block)
+    forced = torch.randint(-1, max(ref_blocks, 1), (batch, 1, query_blocks, pick(0, 2)), generator=rng) if ref_blocks else None
+    top_k = pick(0, 4)
+    options = dict(ref_lengths=ref_lengths, block_size=block, top_k=top_k, forced_blocks=forced, return_lse=True)
+    out, lse = sparse_reference_attention(**inputs, **options, backend="reference")
+    dense_out, dense_lse = sparse_reference_attention(**inputs, **options, backend="dense")
+    block_indices = None
+    if ref_len:
+        centroids = reference_block_centroids(inputs["ref_k"], ref_lengths, block)
+        block_indices = route_reference_blocks(inputs["q"], centroids, ref_lengths, block_size=block, top_k=top_k, forced_blocks=forced)
+    expected_out, expected_lse = brute_force(**inputs, ref_lengths=ref_lengths, block_indices=block_indices, block_size=block)
+    for got_out, got_lse in ((out, lse), (dense_out, dense_lse)):
+        torch.testing.assert_close(got_out, expected_out, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got_lse, expected_lse, rtol=1e-9, atol=1e-9)
