@@ -32,6 +32,9 @@ except ImportError:  # pragma: no cover - depends on the installed torch
     flex_attention = None
 
 _MIN_TORCH = (2, 6)
+_FROM_KV_BLOCKS_TAKES_COMPUTE_Q_BLOCKS = BlockMask is not None and hasattr(BlockMask, "from_kv_blocks") and (
+    "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+)
 _compiled_flex = None
 
 
@@ -137,7 +140,7 @@ def reference_block_mask(block_indices, ref_lengths, heads, query_len, ref_len, 
         return chosen & (key_index < lengths[batch])
 
     options = {}
-    if not for_backward and "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+    if not for_backward and _FROM_KV_BLOCKS_TAKES_COMPUTE_Q_BLOCKS:
         options["compute_q_blocks"] = False  # the transposed (per key block) lists serve only the backward
     return BlockMask.from_kv_blocks(
         partial_counts, partial_ids, full_counts, full_ids,
