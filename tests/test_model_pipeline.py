@@ -71,6 +71,9 @@ def overfit():
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = new_model("tiny", seed=0)
+    # The plain reference backend touches only the selected blocks: on CPU, for these shapes, it
+    # is about twice as fast as the dense-mask backend "auto" picks (same function, tested by H2).
+    model.set_attention_backend("reference")
     # Guidance dropout off: this run checks that the model can learn; motion-frame conditioning
     # stays on because the chunked renderer relies on it.
     model.config = model.config.replace(audio_dropout=0.0, reference_dropout=0.0)
@@ -137,10 +140,10 @@ def test_thirty_seconds_render_in_chunks_without_seams(overfit):
     env = envelope(total)
     features = speech_features(env, model.config.speech_feature_dim)
     events = []
-    frames = render(model, identity, features, steps=6, seed=0, chunk_frames=16, overlap_frames=4, progress=events.append)
+    frames = render(model, identity, features, steps=4, seed=0, chunk_frames=16, overlap_frames=4, progress=events.append)
     assert frames.shape == (total, 32, 32, 3)  # exactly one frame per audio frame
     chunks = events[-1].chunks
-    assert chunks == math.ceil((total - 16) / 12) + 1 and len(events) == chunks * 6
+    assert chunks == math.ceil((total - 16) / 12) + 1 and len(events) == chunks * 4
     assert events[-1].fraction == pytest.approx(1.0)
     borders = {16 + 12 * i for i in range(chunks - 1)}  # first frame each later chunk makes
     differences = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # differences[i]: frame i -> i+1
