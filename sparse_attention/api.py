@@ -74,5 +74,5 @@ def sparse_reference_attention(
         if ref_lengths is None:
             ref_lengths = torch.full((shapes.batch,), shapes.ref_len, dtype=torch.long, device=q.device)
     attention = dispatch.resolve_backend(backend, q, shapes)
-    out, lse = attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale)
+    out, lse = attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale, need_lse=return_lse)
     return (out, lse) if return_lse else out

@@ -30,7 +30,8 @@ def selected_reference_mask(
     return per_query & valid[:, None, None, :]
 
 
-def dense_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale):
+def dense_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale, need_lse=True):
+    """Returns (out, lse); lse is None when need_lse is False (then one fused SDPA call does it all)."""
     batch, heads, query_len, head_dim = q.shape
     # On CPU SDPA would accumulate fp16/bf16 in low precision; the contract asks for fp32.
     work = accumulation_dtype(q.dtype) if not q.is_cuda else q.dtype
@@ -51,7 +52,13 @@ def dense_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_length
     all_keys, all_values = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     mask = torch.cat(masks, dim=-1).repeat_interleave(group_size, dim=1)  # [B, H, Lq, Lk]
     query = q.to(work)
-    out = F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=mask, scale=scale)
-    scores = (query.to(accumulation_dtype(q.dtype)) @ all_keys.to(accumulation_dtype(q.dtype)).transpose(-1, -2)) * scale
-    lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    if not need_lse:
+        out = F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=mask, scale=scale)
+        return out.to(q.dtype), None
+    # SDPA does not return the lse: take both from one explicit score matrix (every row has
+    # its clip keys, so no row is fully masked).
+    exact = accumulation_dtype(q.dtype)
+    scores = ((query.to(exact) @ all_keys.to(exact).transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse[..., None]) @ all_values.to(exact)
     return out.to(q.dtype), lse

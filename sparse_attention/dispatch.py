@@ -3,7 +3,9 @@
 Every backend computes the same function (`reference.py` defines it) with one signature:
 
     attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices,
-              block_size, scale) -> (out [B,H,Lq,d] in q's dtype, lse [B,H,Lq] fp32)
+              block_size, scale, need_lse=True) -> (out [B,H,Lq,d] in q's dtype, lse [B,H,Lq] fp32)
+
+(with need_lse=False a backend may return None for the lse and skip computing it)
 
 where the front door (`api.py`) has already validated the inputs, turned empty branches into
 None, filled ref_lengths and routed block_indices (int32 [B,Hkv,nQ,K], -1 = unused slot).
@@ -95,7 +97,12 @@ def _triton(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None,
             f"head dim {shapes.head_dim}, block size {shapes.block_size}); they need a CUDA tensor, "
             "fp16/bf16/fp32, head dim 64 or 128, block size 64 or 128"
         )
-    return module.fused_sparse_attention, ""
+    fused = module.fused_sparse_attention
+
+    def fused_attention(*args, need_lse=True):
+        return fused(*args)  # the fused kernels always produce the lse (their backward uses it)
+
+    return fused_attention, ""
 
 
 def _flex(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:

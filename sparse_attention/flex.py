@@ -148,7 +148,8 @@ def reference_block_mask(block_indices, ref_lengths, heads, query_len, ref_len, 
     )
 
 
-def flex_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale):
+def flex_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale, need_lse=True):
+    # The lse is always returned: the branch merge needs it anyway.
     heads, query_len = q.shape[1], q.shape[2]
     branches = [_run_flex(q, k, v, None, scale, enable_gqa=False)]
     if static_k is not None:

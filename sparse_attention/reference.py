@@ -277,8 +277,11 @@ def reference_attention(
     block_indices: torch.Tensor | None,
     block_size: int = 128,
     scale: float | None = None,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backend signature, computed plainly. Returns (out [B,H,Lq,d] in q's dtype, lse [B,H,Lq]).
+
+    need_lse is accepted for the backend signature; the lse is always returned (the merge needs it).
 
     lse is fp32 (fp64 for fp64 inputs). block_indices [B, Hkv, nQ, K] (int, -1 = unused) is
     required whenever a non-empty reference is given.

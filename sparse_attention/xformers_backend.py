@@ -47,7 +47,8 @@ def _branch(query, key, value, bias, scale):
     return out, torch.where(finite, lse, torch.full_like(lse, float("-inf")))
 
 
-def xformers_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale):
+def xformers_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale, need_lse=True):
+    # The lse is always returned: the branch merge needs it anyway.
     inputs = (q, k, v, static_k, static_v, ref_k, ref_v)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise UserFacingError(

@@ -265,6 +265,21 @@ def test_dense_backend_matches_reference(case, dtype):
         torch.testing.assert_close(got[2][name], grad, **tolerance, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_dense_backend_without_lse_uses_sdpa_and_matches_reference(case):
+    batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths = case
+    inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len, dtype=torch.float32, seed=11)
+    ref_lengths = None if lengths is None else torch.tensor(lengths)
+    results = {}
+    for backend in ("reference", "dense"):
+        leaves = {name: (None if t is None else t.clone().requires_grad_(True)) for name, t in inputs.items()}
+        out = sparse_reference_attention(**leaves, ref_lengths=ref_lengths, block_size=block, top_k=top_k, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[backend] = [out] + [t.grad for t in leaves.values() if t is not None]
+    for got, expected in zip(results["dense"], results["reference"]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("case", BACKEND_CASES)
 def test_flex_backend_matches_reference_forward(case):
@@ -335,11 +350,11 @@ def test_argument_env_var_and_default_precedence(clean_dispatch):
 def test_env_var_changes_what_the_front_door_runs(clean_dispatch):
     calls = []
 
-    def spy(*args):
+    def spy(*args, **options):
         calls.append(args)
         from sparse_avatar.sparse_attention.reference import reference_attention as definition
 
-        return definition(*args)
+        return definition(*args, **options)
 
     clean_dispatch.setitem(dispatch._FINDERS, "reference", lambda q, shapes: (spy, ""))
     inputs = make_inputs(dtype=torch.float32)
