@@ -25,13 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without install
-
 try:
-    from sparse_avatar.model import extract_identity, get_config, new_model
-    from sparse_avatar.model.flow import guided_velocity
-except ImportError:  # pragma: no cover - the checkout folder is not named sparse_avatar
-    raise SystemExit("install the pack first: pip install -e .")
+    import sparse_avatar  # noqa: F401  (editable install)
+except ImportError:
+    # A bare checkout (e.g. on a GPU box without the install): expose the repository root as the
+    # package without running its __init__, which loads the ComfyUI node layer and media stack.
+    import types
+
+    package = types.ModuleType("sparse_avatar")
+    package.__path__ = [str(Path(__file__).resolve().parents[1])]
+    sys.modules["sparse_avatar"] = package
+
+from sparse_avatar.model import extract_identity, new_model  # noqa: E402
+from sparse_avatar.model.flow import guided_velocity  # noqa: E402
 
 
 def synchronize(device: str) -> None:
@@ -48,8 +54,9 @@ def timed(function, device: str, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def run_case(config_name: str, reference_seconds: float, *, device: str, dtype: str, chunk_frames: int, fps: float, steps: int, timed_steps: int, modes) -> list[dict]:
+def run_case(config_name: str, reference_seconds: float, *, device: str, dtype: str, backend: str, chunk_frames: int, fps: float, steps: int, timed_steps: int, modes) -> list[dict]:
     model = new_model(config_name, dtype=dtype, device=device).eval()
+    model.set_attention_backend(backend)
     config = model.config
     size = config.frame_size
     reference_frames = max(1, int(round(reference_seconds * fps)))
@@ -80,7 +87,7 @@ def run_case(config_name: str, reference_seconds: float, *, device: str, dtype: 
         row = {
             "config": config_name, "reference_seconds": reference_seconds, "reference_tokens": reference_tokens,
             "reference_blocks": reference_blocks, "attention": mode, "top_k": top_k, "chunk_frames": chunk_frames,
-            "frame_size": size, "dtype": dtype, "steps": steps, "reference_pass_s": round(reference_pass_s, 4),
+            "frame_size": size, "dtype": dtype, "backend": backend, "steps": steps, "reference_pass_s": round(reference_pass_s, 4),
         }
         try:
             with torch.no_grad():
@@ -109,7 +116,7 @@ def run_case(config_name: str, reference_seconds: float, *, device: str, dtype: 
 def markdown(results: dict) -> str:
     lines = ["# Generation speed (bench/generation.py)", ""]
     for section, data in sorted(results.items()):
-        lines += [f"## {section}: {data['device_name']}", "", f"torch {data['torch']}, {data['steps']} sampler steps, chunk of {data['rows'][0]['chunk_frames'] if data['rows'] else '?'} frames, random weights.", ""]
+        lines += [f"## {section}: {data['device_name']}", "", f"torch {data['torch']}, backend {data['rows'][0]['backend'] if data['rows'] else '?'}, {data['steps']} sampler steps, chunk of {data['rows'][0]['chunk_frames'] if data['rows'] else '?'} frames, random weights.", ""]
         lines += ["| config | reference | ref tokens | attention | top_k | s/step | frames/s | s/frame | peak GiB | reference pass s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in data["rows"]:
             lines.append(
@@ -137,6 +144,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="default bf16 (cuda), fp32 (cpu)")
     parser.add_argument("--modes", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
     parser.add_argument("--fps", type=float, default=25.0)
+    # On CPU "auto" picks the dense-mask backend, which scores every reference token whatever
+    # top_k is; the plain reference backend only touches the selected blocks, so it shows the
+    # sparsity (and is the faster one on CPU for these shapes).
+    parser.add_argument("--backend", default=None, help="attention backend (default: auto on cuda, reference on cpu)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -146,12 +157,13 @@ def main(argv=None) -> int:
     chunk_frames = args.chunk_frames or (48 if cuda else 8)
     timed_steps = args.timed_steps or (5 if cuda else 2)
     dtype = args.dtype or ("bf16" if cuda else "fp32")
+    backend = args.backend or ("auto" if cuda else "reference")
     if not cuda:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     rows = []
     for name in configs:
         for seconds in reference_seconds:
-            rows += run_case(name, seconds, device=args.device, dtype=dtype, chunk_frames=chunk_frames, fps=args.fps, steps=args.steps, timed_steps=timed_steps, modes=args.modes)
+            rows += run_case(name, seconds, device=args.device, dtype=dtype, backend=backend, chunk_frames=chunk_frames, fps=args.fps, steps=args.steps, timed_steps=timed_steps, modes=args.modes)
     ratios = {}
     for name in configs:
         sparse = [row for row in rows if row["config"] == name and row["attention"] == "sparse" and "seconds_per_step" in row]
