@@ -325,8 +325,10 @@ class AvatarDiT(nn.Module):
 
     def encode_reference(self, reference_latents: torch.Tensor, reference_audio: torch.Tensor | None = None, reference_frames: torch.Tensor | None = None):
         """Clean reference latents [B, C, Tr, h, w] (+ its own speech features [B, Tr, F]) ->
-        list over layers of (ref_k, ref_v) [B, Hkv, Lr, d]. reference_frames [B] (token frames
-        that are real; the rest is padding) only matters for batches of unequal references."""
+        list over layers of (ref_k, ref_v) [B, Hkv, Lr, d]. reference_frames [B] (real token
+        frames of each reference in a padded batch) needs no masking here: attention is
+        frame-local, so padding never touches real frames; pass the lengths in tokens to
+        layer_caches, which masks them from routing, attention and the static resampler."""
         grid = self.token_grid(reference_latents.shape)
         tokens_per_frame = grid[1] * grid[2]
         x = self.reference_embed(self.patchify(reference_latents).to(self.reference_embed.weight.dtype))
