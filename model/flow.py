@@ -130,15 +130,19 @@ def sample_flow(
     return _impose_known(x, 1.0, known, noise)
 
 
-def guided_velocity(model, caches, speech_features, *, audio_guidance: float = 1.0, reference_guidance: float = 1.0, context_latents=None, context_mask=None):
-    """velocity(x, t) for the sampler, with separate reference and audio guidance (see module doc)."""
+def guided_velocity(model, caches, speech_features, *, audio_guidance: float = 1.0, reference_guidance: float = 1.0, context_latents=None, context_mask=None, forced_blocks=None):
+    """velocity(x, t) for the sampler, with separate reference and audio guidance (see module doc).
+    forced_blocks: reference blocks every layer must attend to ([1, 1, nQ, F], -1 = none)."""
     dit = model.dit
     batch = speech_features.shape[0]
     keep = torch.ones(batch, dtype=torch.bool, device=speech_features.device)
     drop = torch.zeros_like(keep)
 
     def call(x, t, with_reference, with_audio):
-        return dit(x, t, speech_features, caches if with_reference else None, context_latents=context_latents, context_mask=context_mask, audio_keep=keep if with_audio else drop)
+        return dit(
+            x, t, speech_features, caches if with_reference else None, context_latents=context_latents, context_mask=context_mask,
+            audio_keep=keep if with_audio else drop, forced_blocks=forced_blocks if with_reference else None,
+        )
 
     def velocity(x, t):
         full = call(x, t, True, True)

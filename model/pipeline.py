@@ -76,6 +76,30 @@ def chunk_plan(total_frames: int, chunk_frames: int, overlap_frames: int) -> lis
     return plan
 
 
+def aligned_reference_blocks(reference_frames: np.ndarray, tokens_per_frame: int, block_size: int, reference_tokens: int) -> torch.Tensor:
+    """Dub mode when the source IS the reference: query block q of a chunk must see the reference
+    blocks holding the source frames it re-renders. reference_frames [T_chunk] gives the
+    reference frame index of each chunk frame. Returns forced block ids [1, 1, nQ, F] (-1 = none)."""
+    frames = len(reference_frames)
+    query_blocks = -(-frames * tokens_per_frame // block_size)
+    reference_blocks = -(-reference_tokens // block_size)
+    per_block = []
+    for q in range(query_blocks):
+        first_token, last_token = q * block_size, min((q + 1) * block_size, frames * tokens_per_frame) - 1
+        needed = set()
+        for frame in range(first_token // tokens_per_frame, last_token // tokens_per_frame + 1):
+            start = int(reference_frames[frame]) * tokens_per_frame
+            for block in range(start // block_size, (start + tokens_per_frame - 1) // block_size + 1):
+                if block < reference_blocks:
+                    needed.add(block)
+        per_block.append(sorted(needed))
+    width = max(1, max(len(blocks) for blocks in per_block))
+    forced = torch.full((1, 1, query_blocks, width), -1, dtype=torch.long)
+    for q, blocks in enumerate(per_block):
+        forced[0, 0, q, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+    return forced
+
+
 def _ping_pong(frames: np.ndarray, length: int) -> np.ndarray:
     """Loop a source clip forwards and backwards to cover `length` frames without a jump."""
     if len(frames) >= length:
@@ -123,6 +147,7 @@ def render(
     fps: float | None = None,
     dub_frames: np.ndarray | None = None,
     dub_mask: np.ndarray | None = None,
+    dub_reference_frames: np.ndarray | None = None,
     progress: Callable[[RenderProgress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     output: str = "frames",
@@ -132,7 +157,9 @@ def render(
     reference: an Identity, or face-crop frames np.uint8 [Tr, S, S, 3] (extracted here, silent).
     audio_or_features: speech features [T, F] at `fps`, or audio (see speech_features_for).
     dub mode: dub_frames np.uint8 [Td, S, S, 3] face crops of the source (looped ping-pong when
-    shorter than the audio); dub_mask float [S, S] (1 = re-render; default lower face).
+    shorter than the audio); dub_mask float [S, S] (1 = re-render; default lower face);
+    dub_reference_frames [T] (optional): the reference frame each output frame re-renders, when
+    the source is the reference itself — those reference blocks are then always attended to.
     progress(RenderProgress) after every step; should_cancel() before every step
     (raises model.flow.SamplingCancelled).
     output="latents" returns the latents instead, float32 [1, C, T, h, w] on the CPU (the ComfyUI
@@ -195,9 +222,15 @@ def render(
             context[:, :, :known] = made_latents[:, :, -known:]
             mask[:, :, :known] = 1.0
         noise = torch.randn((1, channels, length, rows, cols), generator=generator).to(device, dtype)
+        forced = None
+        if mode == "dub" and dub_reference_frames is not None:
+            forced = aligned_reference_blocks(
+                np.asarray(dub_reference_frames)[start:end], rows * cols // (config.patch_size[1] * config.patch_size[2]),
+                config.block_size, int(identity.ref_k.shape[3]),
+            ).to(device)
         velocity = guided_velocity(
             model, caches, features_tensor[start:end][None], audio_guidance=audio_guidance, reference_guidance=reference_guidance,
-            context_latents=context, context_mask=mask,
+            context_latents=context, context_mask=mask, forced_blocks=forced,
         )
 
         def on_step(step, total_steps, latents, _chunk=chunk_index):
@@ -264,12 +297,13 @@ def render_files(model, reference_path, audio_path, out_path, *, mode: str = "ge
     fps = float(reference_video.fps)
     wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)
     features = media.speech_features(wave, SPEECH_SAMPLE_RATE, fps)
+    order = ping_pong_order(len(crops), len(features))  # the source frame each output frame re-renders (dub)
     frames = render(
         model, identity, features, mode=mode, steps=steps, sampler=sampler, seed=seed, audio_guidance=audio_guidance,
         reference_guidance=reference_guidance, chunk_frames=chunk_frames, overlap_frames=overlap_frames, fps=fps,
-        dub_frames=crops if mode == "dub" else None, progress=progress, should_cancel=should_cancel,
+        dub_frames=crops if mode == "dub" else None, dub_reference_frames=order if mode == "dub" else None,
+        progress=progress, should_cancel=should_cancel,
     )
     if mode == "dub":
-        order = ping_pong_order(len(crops), len(frames))
         frames = media.paste_back(reference_video.frames[order], frames, [transforms[i] for i in order])
     return Path(media.write_video(out_path, frames, fps, audio=wave, sample_rate=SPEECH_SAMPLE_RATE))

@@ -381,3 +381,26 @@ def test_cli_init_checkpoint_writes_a_loadable_file(tmp_path):
     assert load_checkpoint(out).config.name == "tiny"
     bad = subprocess.run([sys.executable, "-m", "sparse_avatar", "init-checkpoint", "--config", "giant", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown model config" in bad.stderr
+
+
+def test_dub_forces_the_reference_blocks_of_the_source_frames(monkeypatch):
+    from sparse_avatar.model import render
+    from sparse_avatar.model.pipeline import aligned_reference_blocks
+
+    # 64 tokens per frame, blocks of 128: frames 2k and 2k+1 share block k.
+    forced = aligned_reference_blocks(np.array([5, 0, 3]), 64, 128, 6 * 64)
+    assert forced.tolist() == [[[[0, 2], [1, -1]]]]
+    model = new_model("tiny", seed=8).eval()
+    source = random_frames(6, seed=3)
+    identity = extract_identity(model, source, None)
+    features = random_features(5, model.config.speech_feature_dim)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("forced_blocks"))
+        return real(*args, **kwargs)
+
+    real = dit_module.sparse_reference_attention
+    monkeypatch.setattr(dit_module, "sparse_reference_attention", spy)
+    render(model, identity, features, mode="dub", dub_frames=source, dub_reference_frames=np.array([4, 5, 4, 3, 2]), steps=1, chunk_frames=5, overlap_frames=0)
+    assert seen and all(blocks is not None and blocks[0, 0, :, 0].tolist() == [4, 5, 4, 3, 2] for blocks in seen)
