@@ -167,14 +167,15 @@ def resolve_checkpoint(name_or_repo: str, models_dir=None, *, allow_download: bo
 
 
 def _download_from_hub(repo_spec: str, models_dir) -> Path:
+    owner, repo, *rest = repo_spec.split("/", 2)
+    repo_id = f"{owner}/{repo}"
+    # Offline first: it is the real reason whether or not huggingface_hub is installed.
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UserFacingError(f"cannot fetch {repo_id}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); download it while online or put the file in {models_dir}.")
     try:
         import huggingface_hub
     except ImportError:
         raise UserFacingError("downloading from the Hub needs the 'huggingface_hub' package (pip install huggingface_hub); or download the file yourself.") from None
-    owner, repo, *rest = repo_spec.split("/", 2)
-    repo_id = f"{owner}/{repo}"
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise UserFacingError(f"cannot fetch {repo_id}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); download it while online or put the file in {models_dir}.")
     local_dir = Path(models_dir or ".") / repo_id.replace("/", "--")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")  # never hang on a dead network
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")

@@ -372,6 +372,11 @@ def test_resolve_checkpoint_finds_files_and_never_downloads_offline(tiny, tmp_pa
         resolve_checkpoint("someone/avatar-model", tmp_path, allow_download=True)
     with pytest.raises(UserFacingError, match="not found"):
         resolve_checkpoint("no such thing!", tmp_path)
+    # Online but without the optional package: say which package, never an ImportError.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(UserFacingError, match="needs the 'huggingface_hub' package"):
+        resolve_checkpoint("someone/avatar-model", tmp_path, allow_download=True)
 
 
 def test_cli_init_checkpoint_writes_a_loadable_file(tmp_path):
