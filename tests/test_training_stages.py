@@ -211,3 +211,23 @@ def test_stage5_dpo_on_a_toy_pair_raises_the_winner_margin(pretrained, tmp_path)
     with torch.no_grad():
         loss, end = step_module(batch)
     assert end["reward_margin"] > 0 and float(loss) < before
+
+
+def test_finetune_personality_writes_a_lora_with_progress_and_cancel(pretrained, tmp_path):
+    from sparse_avatar.training.personality import finetune_personality
+
+    base = copy.deepcopy(pretrained)
+    source = SyntheticTalkingHeads(global_batch_size=1, frame_size=base.config.frame_size, speech_dim=base.config.speech_feature_dim, target_frames=24, reference_frames=2)
+    clip = source.batch(0, 0, 1)
+    crops, speech = clip["target_frames"][0].numpy(), clip["target_speech"][0].numpy()
+    calls = []
+    path = finetune_personality(
+        pretrained, crops, speech, tmp_path / "me.safetensors", steps=5, lora_rank=2, batch_size=2,
+        target_frames=(2, 3), reference_frames=(4, 8),
+        progress=lambda step, total, loss: calls.append((step, total)), should_cancel=lambda: len(calls) >= 2,
+    )
+    assert calls == [(1, 5), (2, 5)]  # cancelled after two steps, LoRA still written
+    names = load_lora(base.dit, path, base_fingerprint=base.fingerprint())
+    assert names and path.stat().st_size < 200_000
+    with pytest.raises(UserFacingError, match="face crops"):
+        finetune_personality(base, crops[:, :8], speech, tmp_path / "x.safetensors", steps=1)

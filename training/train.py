@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config: video, audio, personality, distill, dpo or tiny-smoke")
     parser.add_argument("--out", required=True, help="run folder (checkpoints, train_log.jsonl, final model)")
-    parser.add_argument("--data", help="shard folder from `preprocess` (not needed for tiny-smoke)")
+    parser.add_argument("--data", help="shard folder from `preprocess`, or 'synthetic' for built-in procedural clips (smoke runs; the default of tiny-smoke)")
     parser.add_argument("--pairs", help="dpo: preference pairs JSONL")
     parser.add_argument("--init", help="starting checkpoint (.safetensors); required from the personality stage on")
     parser.add_argument("--model-config", help="model size (tiny/small/base/xl); default: the stage's")
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--ema-decay", type=float)
     parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--sample-every", type=int, help="write RUN/samples/step-N.mp4 (target | model sample) every N steps")
     parser.add_argument("--lora-rank", type=int, help="personality: LoRA rank (0 = full fine-tune)")
     parser.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp"), default=None)
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     stage = get_training_config(args.config)
     stage = with_overrides(
         stage, total_steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-        checkpoint_every=args.checkpoint_every, parallel=args.parallel, precision=args.precision, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, parallel=args.parallel, precision=args.precision, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, tensorboard=args.tensorboard,
     )
     if stage.needs_init and not args.init:
@@ -91,13 +92,15 @@ def run(args: argparse.Namespace) -> dict:
         metadata = {"model_config": avatar.config.to_json(), "stage": stage.stage, "training_config": stage.name}
         trainer = Trainer(
             step_module, lambda module, batch, generator: module(batch), source, stage.trainer, args.out,
-            context=context, model_metadata=metadata,
+            context=context, model_metadata=metadata, sample_fn=make_sample_fn(source, stage) if stage.stage != "dpo" else None,
         )
         if not args.no_resume:
             trainer.resume()
         result = trainer.fit()
         summary = {"step": result.step, "last_loss": result.last_loss, "world_size": context.world_size, "parallel": trainer.parallel_mode}
         export_final(trainer, step_module, stage, avatar, base_fingerprint, Path(args.out), context, save_checkpoint, lora_rank)
+        if stage.stage == "distill" and context.is_main:
+            summary["distillation_report"] = write_distillation_report(companion, avatar, source, stage, Path(args.out), context.device)
         if context.is_main:
             print(json.dumps({"done": summary}), flush=True)
         return summary
@@ -112,7 +115,7 @@ def make_batch_source(stage, avatar, args, global_batch: int):
         if not args.pairs:
             raise UserFacingError("the dpo stage needs --pairs PAIRS.jsonl (see training/preferences.py for the format).")
         return PreferencePairs(args.pairs, global_batch_size=global_batch, frame_size=avatar.config.frame_size, seed=stage.trainer.seed)
-    if stage.synthetic_data and not args.data:
+    if args.data == "synthetic" or (stage.synthetic_data and not args.data):
         from .synthetic import SyntheticTalkingHeads
 
         return SyntheticTalkingHeads(
@@ -133,6 +136,52 @@ def make_batch_source(stage, avatar, args, global_batch: int):
             f"Re-run preprocess with --size {avatar.config.frame_size}."
         )
     return dataset
+
+
+def make_sample_fn(source, stage):
+    """Periodic sample video: the first sample of step 0's batch, target | model (Euler, 8 steps)."""
+
+    def sample(step_module, step: int, folder: Path) -> None:
+        from ..media import write_video
+        from . import objectives
+
+        batch = {k: (v[:1] if isinstance(v, (torch.Tensor, list)) else v) for k, v in source.batch(0, 0, 1).items()}
+        device = next(step_module.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        dit = step_module.dit
+        data = objectives.frames_to_latents(dit, batch["target_frames"])
+        noise = objectives.per_sample_noise(batch["sample_seeds"], tuple(data.shape[1:]), data.device)
+        caches = objectives.reference_caches(dit, batch) if stage.stage != "video" else None
+        steps = 8
+        latents = objectives.euler_trajectory(lambda x, t: objectives.velocity(step_module, batch, x, t, caches), noise, [i / steps for i in range(steps + 1)])[-1]
+        frames = step_module.avatar.codec.decode(latents.float())[0]
+        target = batch["target_frames"][0].float() / 255.0
+        side_by_side = (torch.cat([target.to(frames.device), frames], dim=2).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        folder.mkdir(parents=True, exist_ok=True)
+        write_video(folder / f"step-{step:08d}.mp4", side_by_side, 25.0)
+
+    return sample
+
+
+def write_distillation_report(teacher, student, source, stage, out_dir: Path, device) -> dict:
+    """Teacher (many steps) vs student (few steps) vs teacher (few steps) on 4 held batches."""
+    from . import objectives
+
+    batches = []
+    for step in range(4):
+        batch = source.batch(10_000_000 + step, 0, 1)  # far beyond training steps: not the ones trained on
+        batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    student.eval()
+    report = objectives.distillation_report(
+        teacher, student, batches, student_steps=stage.student_steps, teacher_steps=stage.student_steps * stage.teacher_substeps * 2
+    )
+    (out_dir / "distillation_report.json").write_text(json.dumps(report, indent=1))
+    print(
+        f"distillation: student {report['student_steps']} steps MSE {report['student_mse_vs_teacher']:.4g} vs teacher "
+        f"{report['teacher_few_steps_mse_vs_teacher']:.4g} at the same step count (reference: teacher {report['teacher_steps']} steps)",
+        flush=True,
+    )
+    return report
 
 
 def export_final(trainer, step_module, stage, avatar, base_fingerprint, out_dir: Path, context, save_checkpoint, lora_rank: int) -> None:

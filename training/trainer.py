@@ -165,7 +165,8 @@ class Trainer:
     ``trainable``: which parameters to optimize (default: those with requires_grad); the others
     are frozen (LoRA fine-tuning, DPO reference copies live outside the model).
     ``sample_fn(model, step, out_dir)`` is called on rank 0 every ``sample_every`` steps with the
-    EMA weights when EMA is on (periodic sample videos).
+    EMA weights when EMA is on (periodic sample videos). ``on_step(record)`` sees every logged
+    record; ``should_stop()`` ends ``fit`` early between steps (with a checkpoint, so it resumes).
     """
 
     def __init__(
@@ -180,6 +181,8 @@ class Trainer:
         model_metadata: dict[str, str] | None = None,
         sample_fn: Callable[[nn.Module, int, Path], None] | None = None,
         log: Callable[[str], None] | None = None,
+        on_step: Callable[[dict], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ):
         config.validate()
         self.config = config
@@ -189,6 +192,8 @@ class Trainer:
         self.batch_source = batch_source
         self.model_metadata = model_metadata or {}
         self.sample_fn = sample_fn
+        self.on_step = on_step  # e.g. a ComfyUI progress bar
+        self.should_stop = should_stop  # e.g. ComfyUI's cancel flag; checked between steps
         self._print = log or (lambda line: print(line, flush=True))
         if batch_source.global_batch_size % self.context.world_size:
             raise UserFacingError(
@@ -351,9 +356,13 @@ class Trainer:
         last_checkpoint = None
         record = {"loss": float("nan")}
         while self.step < until:
+            if self.should_stop is not None and self.should_stop():
+                break
             record = self.train_step()
             losses.append(record["loss"])
             self._log(record)
+            if self.on_step is not None:
+                self.on_step(record)
             every = self.config.checkpoint_every
             if every and self.step % every == 0 and self.step < until:
                 last_checkpoint = self.save_checkpoint()
