@@ -25,16 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-try:
-    import sparse_avatar  # noqa: F401  (editable install)
-except ImportError:
-    # A bare checkout (e.g. on a GPU box without the install): expose the repository root as the
-    # package without running its __init__, which loads the ComfyUI node layer and media stack.
-    import types
-
-    package = types.ModuleType("sparse_avatar")
-    package.__path__ = [str(Path(__file__).resolve().parents[1])]
-    sys.modules["sparse_avatar"] = package
+import _checkout  # noqa: F401,E402  (sparse_avatar importable from a bare checkout)
 
 from sparse_avatar.model import extract_identity, new_model  # noqa: E402
 from sparse_avatar.model.flow import guided_velocity  # noqa: E402

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+import _checkout  # noqa: F401,E402  (sparse_avatar importable from a bare checkout)
+
 # Peak dense bf16 tensor-core FLOP/s (no sparsity) by GPU name fragment.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
@@ -92,6 +94,7 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
         shards, global_batch_size=args.batch_size, target_frames=(args.frames, args.frames),
         reference_frames=(args.reference_frames, args.reference_frames), seed=0,
     )
+    dataset.require_model(config)
     trainer_config = TrainerConfig(
         total_steps=10**6, lr=1e-4, warmup_steps=20, ema_decay=0.999, precision="bf16",
         gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, parallel="none",
@@ -145,9 +148,43 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
     }
 
 
-def write_outputs(results: list[dict], environment: dict, out: Path) -> None:
+def bench_personality(args, device: torch.device, shards: Path) -> dict:
+    """Stage 3 as the Train Avatar node runs it: ``finetune_personality`` on one clip of the
+    shards, timed per step; projected to the node's default step count. Step time does not depend
+    on the video's length (each step samples windows of it), only on the window sizes."""
+    from safetensors.numpy import load_file
+
+    from sparse_avatar.model.checkpoint import new_model
+    from sparse_avatar.training.data import read_index
+    from sparse_avatar.training.personality import finetune_personality
+
+    clip = read_index(shards)[0]
+    arrays = load_file(str(shards / clip.file))
+    model = new_model(args.personality_config).to(device)
+    times = []
+
+    def progress(step, total, loss):
+        times.append(time.perf_counter())
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        path = finetune_personality(model, arrays["frames"], arrays["speech"], Path(folder) / "me.safetensors",
+                                    steps=args.personality_steps, progress=progress)
+        lora_bytes = path.stat().st_size
+    total_s = time.perf_counter() - started
+    warm = times[args.warmup:]
+    seconds_per_step = (warm[-1] - warm[0]) / (len(warm) - 1) if len(warm) > 1 else total_s / max(1, len(times))
+    return {
+        "config": args.personality_config, "steps": len(times), "seconds_per_step": seconds_per_step,
+        "wall_s_including_setup": total_s, "projected_minutes_for_1500_steps": 1500 * seconds_per_step / 60,
+        "lora_file_bytes": lora_bytes,
+        "defaults": "LoRA rank 16, batch 4, target 8-16 frames, reference 16-64 frames, bf16 autocast",
+    }
+
+
+def write_outputs(results: list[dict], environment: dict, out: Path, personality: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps({"environment": environment, "results": results}, indent=1))
+    (out / "training.json").write_text(json.dumps({"environment": environment, "results": results, "personality_finetune": personality}, indent=1))
     lines = [
         f"# Training throughput (stage 2, Avatar World) — {environment['device_name']}",
         "",
@@ -163,6 +200,11 @@ def write_outputs(results: list[dict], environment: dict, out: Path) -> None:
         )
     lines += ["", f"torch {environment['torch']}, bf16 autocast, gradient checkpointing {results[0]['gradient_checkpointing'] if results else ''}, "
               f"{environment['seconds']} s per config after {environment['warmup']} warm-up steps."]
+    if personality:
+        lines += ["", f"Personality fine-tune (Train Avatar node defaults: {personality['defaults']}), {personality['config']}: "
+                  f"{personality['seconds_per_step']:.3f} s/step over {personality['steps']} steps, projected "
+                  f"{personality['projected_minutes_for_1500_steps']:.1f} min for the default 1500 steps; LoRA file "
+                  f"{personality['lora_file_bytes'] / 2**20:.1f} MiB."]
     (out / "training.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -199,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--world-seconds", type=float, default=8.0)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--personality-steps", type=int, default=0, help="also time N steps of the personality fine-tune (needs --data)")
+    parser.add_argument("--personality-config", default="small")
     parser.add_argument("--peak-tflops", type=float, help="override the GPU's peak bf16 TFLOP/s for MFU")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -218,7 +262,12 @@ def main(argv=None) -> int:
             results.append(result)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    write_outputs(results, environment, Path(args.out))
+        personality = None
+        if args.personality_steps and args.data:
+            print(f"timing {args.personality_steps} personality fine-tune steps ...", flush=True)
+            personality = bench_personality(args, device, Path(args.data))
+            print(json.dumps(personality), flush=True)
+    write_outputs(results, environment, Path(args.out), personality)
     print((Path(args.out) / "training.md").read_text())
     return 0
 

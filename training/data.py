@@ -200,6 +200,15 @@ class ShardedClipDataset:
             "sample_seed": _mix(self.seed, sample_index, 4) & 0x7FFFFFFFFFFFFFFF,
         }
 
+    def require_model(self, config) -> None:
+        """Refuse shards made for another model size, before any training step runs."""
+        if self.frame_size != config.frame_size or self.speech_dim != config.speech_feature_dim:
+            raise UserFacingError(
+                f"shards in {self.shards_dir} hold {self.frame_size}px crops with {self.speech_dim}-dim speech features; the "
+                f"{config.name} model needs {config.frame_size}px and {config.speech_feature_dim}. "
+                f"Re-run preprocess with --size {config.frame_size}."
+            )
+
     def batch(self, step: int, rank: int, world_size: int) -> dict:
         local = self.global_batch_size // world_size
         target_length, reference_length = self.step_lengths(step)

@@ -129,12 +129,7 @@ def make_batch_source(stage, avatar, args, global_batch: int):
     dataset = ShardedClipDataset(
         args.data, global_batch_size=global_batch, target_frames=stage.target_frames, reference_frames=stage.reference_frames, seed=stage.trainer.seed
     )
-    if dataset.frame_size != avatar.config.frame_size or dataset.speech_dim != avatar.config.speech_feature_dim:
-        raise UserFacingError(
-            f"shards in {args.data} hold {dataset.frame_size}px crops with {dataset.speech_dim}-dim speech features; the "
-            f"{avatar.config.name} model needs {avatar.config.frame_size}px and {avatar.config.speech_feature_dim}. "
-            f"Re-run preprocess with --size {avatar.config.frame_size}."
-        )
+    dataset.require_model(avatar.config)
     return dataset
 
 
