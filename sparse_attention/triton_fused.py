@@ -67,13 +67,17 @@ def is_supported(q: torch.Tensor, block_size: int) -> bool:
 # routing block size so that a query tile lies inside one routing block and a key tile inside one
 # reference block. Tuned on H100 (bf16, d=128); see bench/results/sparse_attention.md.
 # --------------------------------------------------------------------------------------------
-_FORWARD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-_DKDV_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+_FORWARD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+_DQ_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_DKDV_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
-def _tile_config(base: dict, block_size: int, head_dim: int) -> dict:
+def _tile_config(base: dict, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     config = dict(base)
+    if dtype == torch.float32:
+        # fp32 tiles take twice the shared memory; fp32 is the exactness path, not the fast one.
+        config.update(BLOCK_M=min(config["BLOCK_M"], 64), BLOCK_N=min(config["BLOCK_N"], 32), num_warps=4,
+                      num_stages=min(config["num_stages"], 2))
     if _interpreting():
         # The interpreter runs tiles as numpy arrays: small tiles keep tests fast and make the
         # multi-tile paths (sub-tiles of a reference block, clip tails) actually run.
@@ -156,7 +160,7 @@ if _HAVE_TRITON:
             v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :])
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, cols < Lq, qk_scale_log2,
                                                  False, IEEE)
-        for n_start in range(clip_full, Lq, BLOCK_N):
+        for n_start in tl.range(clip_full, Lq, BLOCK_N, num_stages=1):
             cols = n_start + offs_n
             key_valid = cols < Lq
             k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
@@ -167,7 +171,7 @@ if _HAVE_TRITON:
         # 2) static keys (few: always masked).
         sk_base = SK + b64 * stride_skb + hkv * stride_skh
         sv_base = SV + b64 * stride_svb + hkv * stride_svh
-        for n_start in range(0, S, BLOCK_N):
+        for n_start in tl.range(0, S, BLOCK_N, num_stages=1):
             cols = n_start + offs_n
             key_valid = cols < S
             k = tl.load(sk_base + cols[:, None] * stride_skl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
@@ -192,7 +196,7 @@ if _HAVE_TRITON:
                 v = tl.load(rv_base + cols[:, None] * stride_rvl + offs_d[None, :])
                 acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, cols < ref_len,
                                                      qk_scale_log2, False, IEEE)
-        for j in range(num_full, num_selected):
+        for j in tl.range(num_full, num_selected, num_stages=1):
             block = tl.load(BLOCK_IDX + route_row * K_SEL + j).to(tl.int64)
             for sub in tl.static_range(0, ROUTE_BLOCK, BLOCK_N):
                 cols = block * ROUTE_BLOCK + sub + offs_n
@@ -267,7 +271,7 @@ if _HAVE_TRITON:
             k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :])
             v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :])
             dq = _dq_step(dq, q, do, lse_log2, delta, k, v, cols < Lq, qk_scale_log2, False, IEEE)
-        for n_start in range(clip_full, Lq, BLOCK_N):
+        for n_start in tl.range(clip_full, Lq, BLOCK_N, num_stages=1):
             cols = n_start + offs_n
             key_valid = cols < Lq
             k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
@@ -276,7 +280,7 @@ if _HAVE_TRITON:
 
         sk_base = SK + b64 * stride_skb + hkv * stride_skh
         sv_base = SV + b64 * stride_svb + hkv * stride_svh
-        for n_start in range(0, S, BLOCK_N):
+        for n_start in tl.range(0, S, BLOCK_N, num_stages=1):
             cols = n_start + offs_n
             key_valid = cols < S
             k = tl.load(sk_base + cols[:, None] * stride_skl + offs_d[None, :], mask=key_valid[:, None], other=0.0)
@@ -296,7 +300,7 @@ if _HAVE_TRITON:
                 k = tl.load(rk_base + cols[:, None] * stride_rkl + offs_d[None, :])
                 v = tl.load(rv_base + cols[:, None] * stride_rvl + offs_d[None, :])
                 dq = _dq_step(dq, q, do, lse_log2, delta, k, v, cols < ref_len, qk_scale_log2, False, IEEE)
-        for j in range(num_full, num_selected):
+        for j in tl.range(num_full, num_selected, num_stages=1):
             block = tl.load(BLOCK_IDX + route_row * K_SEL + j).to(tl.int64)
             for sub in tl.static_range(0, ROUTE_BLOCK, BLOCK_N):
                 cols = block * ROUTE_BLOCK + sub + offs_n
@@ -492,7 +496,7 @@ class _FusedSparseAttention(torch.autograd.Function):
 
         out = _new_output(q.shape, q.dtype, q.device)
         lse = _new_output((batch, heads, lq), torch.float32, q.device)
-        config = _tile_config(_FORWARD_CONFIG, block_size, head_dim)
+        config = _tile_config(_FORWARD_CONFIG, block_size, head_dim, q.dtype)
         num_q_tiles = -(-lq // config["BLOCK_M"])
         grid = (batch * heads * num_q_tiles,)
         if lq > 0:
@@ -548,7 +552,7 @@ class _FusedSparseAttention(torch.autograd.Function):
             return (dq, dk, dv, dsk.zero_(), dsv.zero_(), drk.zero_(), drv.zero_(),
                     None, None, None, None)
 
-        config = _tile_config(_DQ_CONFIG, block_size, head_dim)
+        config = _tile_config(_DQ_CONFIG, block_size, head_dim, q.dtype)
         num_q_tiles = -(-lq // config["BLOCK_M"])
         _dq_kernel[(batch * heads * num_q_tiles,)](
             q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, compact, selected_count, full_count,
@@ -562,7 +566,7 @@ class _FusedSparseAttention(torch.autograd.Function):
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
 
-        config = _tile_config(_DKDV_CONFIG, block_size, head_dim)
+        config = _tile_config(_DKDV_CONFIG, block_size, head_dim, q.dtype)
         csr_offsets, csr_query_blocks = _inverse_block_index(compact, selected_count, num_ref_blocks)
         for kind, key, val, dkey, dval, kv_count, length in (
             (0, k, v, dk, dv, heads, lq),
