@@ -7,14 +7,17 @@ AUDIO dict of the same sound give the same samples.
 from __future__ import annotations
 
 import math
+import os
+import wave as wave_file
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 from scipy.signal import resample_poly
 
 from ..errors import UserFacingError
-from .paths import resolve_input_path
+from .paths import atomic_temp_path, resolve_input_path
 
 SPEECH_SAMPLE_RATE = 16000
 # Peak below this (dBFS) counts as silence: quieter than any usable speech recording.
@@ -195,3 +198,26 @@ def load_audio(
     check_audio_samples(wave, what, allow_silence=allow_silence)
     return wave
 
+
+
+def write_wav(path, wave: np.ndarray, sample_rate: int = SPEECH_SAMPLE_RATE) -> Path:
+    """Mono float samples in -1..1 -> 16-bit PCM .wav, written atomically. Returns the path."""
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if not np.isfinite(wave).all():
+        raise UserFacingError("the audio to write contains NaN/infinite samples; check the step that produced it")
+    final_path = Path(path).expanduser().resolve()
+    if final_path.suffix.lower() != ".wav":
+        raise UserFacingError(f"output must be a .wav file, got {final_path.name}")
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = atomic_temp_path(final_path)
+    try:
+        with wave_file.open(str(temp_path), "wb") as writer:
+            writer.setnchannels(1)
+            writer.setsampwidth(2)
+            writer.setframerate(int(sample_rate))
+            writer.writeframes(np.round(np.clip(wave, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+        os.replace(temp_path, final_path)
+    finally:
+        if temp_path.exists():
+            temp_path.unlink()
+    return final_path

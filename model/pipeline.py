@@ -266,16 +266,30 @@ def _file_hash(path) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_reference(model, reference_video, *, max_frames: int | None = None):
-    """ReferenceVideo (media.load_reference_video) -> (Identity, face crops, crop transforms)."""
+def reference_face_crops(reference_video, size: int, *, max_frames: int | None = None):
+    """Face-track a ReferenceVideo and crop it to ``size`` x ``size``: (crops, crop transforms, track).
+    The one crop path for identity extraction, personality fine-tuning and preference pairs."""
     from .. import media
 
     frames = reference_video.frames if max_frames is None else reference_video.frames[:max_frames]
     track = media.track_face(frames, fps=reference_video.fps)
-    crops, transforms = media.crop_faces(frames, track, size=model.config.frame_size)
-    reference_features = None
-    if reference_video.has_audio and reference_video.audio is not None:
-        reference_features = media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=len(crops))
+    crops, transforms = media.crop_faces(frames, track, size=size)
+    return crops, transforms, track
+
+
+def reference_speech_features(reference_video, n_frames: int) -> np.ndarray | None:
+    """Speech features of the reference's own audio, one per frame (first ``n_frames``); None without audio."""
+    from .. import media
+
+    if not reference_video.has_audio or reference_video.audio is None:
+        return None
+    return media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames)
+
+
+def prepare_reference(model, reference_video, *, max_frames: int | None = None):
+    """ReferenceVideo (media.load_reference_video) -> (Identity, face crops, crop transforms)."""
+    crops, transforms, track = reference_face_crops(reference_video, model.config.frame_size, max_frames=max_frames)
+    reference_features = reference_speech_features(reference_video, len(crops))
     boxes = getattr(track, "boxes", None)
     metadata = {
         "source_hash": str(reference_video.source_hash or ""),

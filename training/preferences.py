@@ -9,9 +9,11 @@ One JSON object per line; paths are relative to the JSONL file's folder:
      "winner": "a",                 # "a" or "b"
      "fps": 25}                     # optional; default: video_a's fps
 
-The two videos must be face crops at the model's frame size with the same frame count (which is
-what ``model.pipeline.render`` writes before paste-back). A training sample takes the same
-window of both videos, the matching window of speech features, and the whole reference.
+``append_pair`` adds one line (the Preference Pair node, once per human choice); ``write_pairs``
+writes a whole file. The two videos must be face crops at the model's frame size with the same
+frame count (which is what ``model.pipeline.render`` writes before paste-back). A training
+sample takes the same window of both videos, the matching window of speech features, and the
+whole reference.
 """
 from __future__ import annotations
 
@@ -77,6 +79,41 @@ def write_pairs(path: str | os.PathLike, rows: list[dict]) -> Path:
         for row in rows:
             stream.write(json.dumps(row) + "\n")
     os.replace(temp_name, path)
+    return path
+
+
+def append_pair(path: str | os.PathLike, *, reference, audio, video_a, video_b, winner: str, fps: float | None = None) -> Path:
+    """Append one pair to a JSONL file (created when missing), never rewriting earlier lines.
+
+    File arguments are paths (absolute, or relative to the working folder); they are stored
+    relative to ``path``'s folder, as ``read_pairs`` expects. The line goes out in one O_APPEND
+    write followed by fsync, so an interrupted append cannot damage the lines before it; a last
+    line left without its newline (an editor, an earlier crash) is closed first."""
+    path = Path(path)
+    winner = str(winner).lower()
+    if winner not in ("a", "b"):
+        raise UserFacingError(f"winner must be 'a' or 'b', got {winner!r}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {}
+    for key, file in (("reference", reference), ("audio", audio), ("video_a", video_a), ("video_b", video_b)):
+        file = Path(file)
+        if not file.is_file():
+            raise UserFacingError(f"preference pair {key} {file} does not exist; write the file before recording the pair.")
+        row[key] = os.path.relpath(file.resolve(), path.parent.resolve())
+    row["winner"] = winner
+    if fps:
+        row["fps"] = float(fps)
+    line = (json.dumps(row) + "\n").encode()
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(descriptor).st_size
+        if size and os.pread(descriptor, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        while line:
+            line = line[os.write(descriptor, line):]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
     return path
 
 
