@@ -13,6 +13,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "avatar_model",
     "identity",
     "generation",
+    "training",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

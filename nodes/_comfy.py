@@ -6,6 +6,9 @@ runs in plain tests, and a ComfyUI API change is fixed in one place.
 from __future__ import annotations
 
 import os
+import re
+
+from ..errors import UserFacingError
 
 
 class _NoProgress:
@@ -34,6 +37,28 @@ def check_interrupted() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+def interrupt_requested() -> bool:
+    """True once the user pressed Cancel, without clearing the flag (False outside ComfyUI).
+
+    For work that must stop cleanly between steps and save what it has (training) before
+    ``check_interrupted`` re-raises ComfyUI's interrupt."""
+    try:
+        import comfy.model_management
+    except ImportError:
+        return False
+    return bool(comfy.model_management.processing_interrupted())
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """True for ComfyUI's interrupt exception (raised by ``check_interrupted`` and by ComfyUI's progress
+    hook inside ``ProgressBar.update``, which also clears the flag); False outside ComfyUI."""
+    try:
+        import comfy.model_management
+    except ImportError:
+        return False
+    return isinstance(error, getattr(comfy.model_management, "InterruptProcessingException", ()))
+
+
 def input_directory() -> str | None:
     """ComfyUI's input folder, or None outside ComfyUI."""
     try:
@@ -41,6 +66,18 @@ def input_directory() -> str | None:
     except ImportError:
         return None
     return folder_paths.get_input_directory()
+
+
+def output_directory() -> str:
+    """ComfyUI's output folder (created when missing); ./output outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        path = os.path.join(os.getcwd(), "output")
+    else:
+        path = folder_paths.get_output_directory()
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def media_roots() -> list[str] | None:
@@ -92,3 +129,33 @@ def make_video(images, fps: float, audio: dict | None):
     except ImportError:
         return {"images": images, "frame_rate": frame_rate, "audio": audio}
     return VideoFromComponents(VideoComponents(images=images, frame_rate=frame_rate, audio=audio))
+
+
+def video_parts(video) -> tuple:
+    """(IMAGE, fps, AUDIO or None) of a core VIDEO, or of the plain dict ``make_video`` returns outside ComfyUI."""
+    if isinstance(video, dict) and "images" in video and "frame_rate" in video:
+        return video["images"], float(video["frame_rate"]), video.get("audio")
+    if not callable(getattr(video, "get_components", None)):
+        raise UserFacingError(f"expected a VIDEO (e.g. Decode Avatar Video's 'video' output), got a {type(video).__name__}.")
+    components = video.get_components()
+    return components.images, float(components.frame_rate), components.audio
+
+
+_SAFE_NAME = re.compile(r"^[\w\-. ]{1,100}$")
+
+
+def check_file_name(name: str, what: str = "filename prefix") -> str:
+    """``name`` if it is a plain file name start (letters, digits, '-', '_', '.', spaces; no folders), else a clear error."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name.startswith("."):
+        raise UserFacingError(f"{what} {name!r} is not allowed; use letters, digits, '-', '_', '.' and spaces "
+                              "(no folders, not starting with '.').")
+    return name
+
+
+def numbered_path(folder: str, prefix: str, suffix: str) -> str:
+    """``folder/<prefix>_<counter>suffix`` with the first counter (00001, 00002, ...) not taken yet."""
+    check_file_name(prefix)
+    counter = 1
+    while os.path.exists(os.path.join(folder, f"{prefix}_{counter:05d}{suffix}")):
+        counter += 1
+    return os.path.join(folder, f"{prefix}_{counter:05d}{suffix}")

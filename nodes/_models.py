@@ -1,7 +1,8 @@
 """ComfyUI model folders and memory management for the avatar model, imported lazily.
 
-Folders: ``models/avatar`` (checkpoints, LoRAs) and ``models/avatar_identities`` (extracted
-identities), registered with ``folder_paths`` so extra_model_paths.yaml works for them too.
+Folders: ``models/avatar`` (checkpoints), ``models/avatar_identities`` (extracted identities) and
+``models/avatar_loras`` (personality LoRAs from Train Avatar), registered with ``folder_paths`` so
+extra_model_paths.yaml works for them too.
 
 Memory: the AvatarModel is wrapped in a ComfyUI ``ModelPatcher`` so ComfyUI's memory manager
 loads it onto the GPU before sampling and can offload it when another model needs the memory.
@@ -19,16 +20,17 @@ from torch import nn
 
 AVATAR_FOLDER = "avatar"
 IDENTITY_FOLDER = "avatar_identities"
+LORA_FOLDER = "avatar_loras"
 _EXTENSIONS = {".safetensors"}
 
 
 def register_folders() -> None:
-    """Add models/avatar and models/avatar_identities to ComfyUI's folder registry (idempotent)."""
+    """Add models/avatar, models/avatar_identities and models/avatar_loras to ComfyUI's folder registry (idempotent)."""
     try:
         import folder_paths
     except ImportError:
         return
-    for name in (AVATAR_FOLDER, IDENTITY_FOLDER):
+    for name in (AVATAR_FOLDER, IDENTITY_FOLDER, LORA_FOLDER):
         if name not in folder_paths.folder_names_and_paths:
             path = os.path.join(folder_paths.models_dir, name)
             folder_paths.folder_names_and_paths[name] = ([path], set(_EXTENSIONS))
@@ -61,8 +63,10 @@ def full_path(name: str, filename: str) -> str | None:
     try:
         import folder_paths
     except ImportError:
-        path = os.path.join(folder(name), filename)
-        return path if os.path.isfile(path) else None
+        root = os.path.realpath(folder(name))
+        path = os.path.realpath(os.path.join(root, filename))
+        inside = os.path.commonpath([root, path]) == root
+        return path if inside and os.path.isfile(path) else None
     register_folders()
     return folder_paths.get_full_path(name, filename)
 

@@ -6,7 +6,6 @@ routing centroids. Extracting it is the expensive, once-per-reference step; save
 from __future__ import annotations
 
 import os
-import re
 
 from ..errors import UserFacingError
 from ..media import frames_to_comfy_image
@@ -43,9 +42,6 @@ class ExtractIdentity:
         return identity, frames_to_comfy_image(crops)
 
 
-_SAFE_PREFIX = re.compile(r"^[\w\-. ]{1,100}$")
-
-
 class SaveIdentity:
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
@@ -62,14 +58,8 @@ class SaveIdentity:
         }}
 
     def save(self, identity, filename_prefix="avatar"):
-        if not _SAFE_PREFIX.match(filename_prefix) or filename_prefix.startswith("."):
-            raise UserFacingError(f"filename prefix {filename_prefix!r} is not allowed; use letters, digits, "
-                                  "'-', '_', '.' and spaces (no folders).")
         folder = _models.folder(_models.IDENTITY_FOLDER)
-        counter = 1
-        while os.path.exists(os.path.join(folder, f"{filename_prefix}_{counter:05d}.safetensors")):
-            counter += 1
-        path = save_identity(identity, os.path.join(folder, f"{filename_prefix}_{counter:05d}.safetensors"))
+        path = save_identity(identity, _comfy.numbered_path(folder, filename_prefix, ".safetensors"))
         return {"ui": {"text": [os.path.basename(str(path))]}}
 
 

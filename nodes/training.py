@@ -1,0 +1,284 @@
+"""Training nodes: Train Avatar (stage 3, a personality LoRA), Load Avatar LoRA, Preference Pair (stage 5 data).
+
+Train Avatar runs ``training.personality.finetune_personality`` on a copy of the loaded model
+(ComfyUI caches the loaded model; it is never changed), writes the LoRA to models/avatar_loras and
+returns the model with the LoRA merged, so a graph renders with it right away. Load Avatar LoRA
+applies a saved one. Preference Pair records a human A/B choice between two renderings in the
+JSONL format of ``training/preferences.py`` for the Diffusion-DPO stage.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserFacingError
+from ..media import comfy_image_to_frames, write_video
+from ..media.audio import SPEECH_SAMPLE_RATE, resample_audio, write_wav
+from ..media.comfy_types import comfy_audio_to_wave
+from ..media.video_io import ReferenceVideo
+from ..model.pipeline import reference_face_crops, reference_speech_features
+from ..training.lora import load_lora
+from ..training.personality import finetune_personality
+from ..training.preferences import append_pair
+from . import _comfy, _models
+
+CATEGORY = "sparse-avatar/training"
+MODEL_CATEGORY = "sparse-avatar"
+PREFERENCES_FOLDER = os.path.join("sparse-avatar", "preferences")
+
+logger = logging.getLogger(__name__)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, _models.AvatarModelHandle):
+        raise UserFacingError("'model' must come from Load Avatar Model (or Train Avatar / Load Avatar LoRA).")
+
+
+def model_with_lora(handle: _models.AvatarModelHandle, lora_path) -> _models.AvatarModelHandle:
+    """A new AVATAR_MODEL: a copy of ``handle``'s model with the LoRA at ``lora_path`` merged in.
+
+    The input handle and its model stay untouched (ComfyUI may reuse them from its cache). The
+    copy starts on the CPU; ComfyUI's memory manager moves it when a node needs it."""
+    base = handle.model
+    tuned = copy.deepcopy(base).to("cpu")
+    load_lora(tuned.dit, lora_path, base_fingerprint=base.fingerprint(), merge=True)
+    tuned.forget_fingerprint()
+    tuned.eval()
+    return _models.AvatarModelHandle(tuned, f"{handle.name} + {Path(lora_path).name}")
+
+
+class TrainAvatar:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("AVATAR_MODEL", "STRING")
+    RETURN_NAMES = ("model", "lora_path")
+    OUTPUT_TOOLTIPS = ("The model with the new LoRA merged in, ready for Extract Identity and the sampler.",
+                       "Full path of the LoRA file written to models/avatar_loras.")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    DESCRIPTION = ("Personality fine-tuning: learns a small LoRA of how this person looks, moves and talks from the "
+                   "reference video and its own audio, saves it in models/avatar_loras and returns the model with "
+                   "it applied. Cancel stops after the current step and still saves the LoRA trained so far.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("AVATAR_MODEL", {"tooltip": "From Load Avatar Model: the base the LoRA is trained on (not changed)."}),
+            "reference": ("REFERENCE_VIDEO", {"tooltip": "From Load Reference Video: the person talking, with the "
+                                              "clip's own audio (at least about a second; minutes are better)."}),
+            "steps": ("INT", {"default": 1500, "min": 1, "max": 100_000,
+                              "tooltip": "Training steps (batches of 4 windows of the video)."}),
+            "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256,
+                                  "tooltip": "LoRA rank: higher learns more detail, makes a larger file."}),
+            "learning_rate": ("FLOAT", {"default": 5e-4, "min": 1e-6, "max": 1e-1, "step": 1e-5, "round": False,
+                                        "tooltip": "AdamW learning rate of the LoRA weights."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "Same seed and inputs = the same LoRA (on the same device)."}),
+            "filename_prefix": ("STRING", {"default": "avatar_lora", "tooltip": "File name start in "
+                                "models/avatar_loras; a counter is appended. Letters, digits, '-', '_', '.' and spaces only."}),
+        }}
+
+    def train(self, model, reference, steps=1500, lora_rank=16, learning_rate=5e-4, seed=0, filename_prefix="avatar_lora"):
+        _check_model(model)
+        if not isinstance(reference, ReferenceVideo):
+            raise UserFacingError("'reference' must come from Load Reference Video.")
+        _comfy.check_file_name(filename_prefix)
+        if not reference.has_audio or reference.audio is None:
+            raise UserFacingError(
+                "Train Avatar learns how the person moves while talking, so the reference needs its own audio track, "
+                "and this one has none. Load a video file with its sound in Load Reference Video (not an IMAGE "
+                "batch), or a VIDEO input that carries audio.")
+        _comfy.check_interrupted()
+        avatar = model.ready()
+        crops, _, _ = reference_face_crops(reference, avatar.config.frame_size)
+        speech = reference_speech_features(reference, len(crops))
+        out_path = _comfy.numbered_path(_models.folder(_models.LORA_FOLDER), filename_prefix, ".safetensors")
+        steps = int(steps)
+
+        progress = _comfy.progress_bar(steps)
+        log_every = max(1, steps // 10)
+        done = 0
+        interrupt = None  # ComfyUI's interrupt, when its progress hook raised it
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            nonlocal done, interrupt
+            done = step
+            if step == total or step % log_every == 0:
+                logger.info("Train Avatar: step %d/%d, loss %.4f", step, total, loss)
+            # About 100 updates per run: each one is a websocket message to the browser.
+            if interrupt is None and (step == total or step % max(1, total // 100) == 0):
+                try:
+                    progress.update_absolute(step, total)
+                except Exception as error:
+                    # ComfyUI's progress hook raises the interrupt (and clears the flag): keep it for
+                    # after the LoRA is saved, and let the trainer stop between steps.
+                    if not _comfy.is_interrupt(error):
+                        raise
+                    interrupt = error
+
+        def should_cancel() -> bool:
+            return interrupt is not None or _comfy.interrupt_requested()
+
+        base_fingerprint = avatar.fingerprint()
+        # ComfyUI runs nodes under torch.inference_mode(): training needs autograd, and tensors
+        # made in inference mode cannot be saved for backward, so the copy is made outside it.
+        # The copy trains in fp32 (the trainer keeps fp32 master weights, bf16 autocast on CUDA).
+        with torch.inference_mode(False), torch.enable_grad():
+            trainee = copy.deepcopy(avatar).float()
+            try:
+                path = finetune_personality(
+                    trainee, crops, speech, out_path, steps=steps, lora_rank=int(lora_rank), lr=float(learning_rate),
+                    seed=int(seed), progress=on_step, should_cancel=should_cancel)
+            except UserFacingError:
+                _comfy.check_interrupted()  # cancelled before the first step: ComfyUI's interrupt, not an error
+                raise
+            finally:
+                del trainee
+        if done < steps:
+            logger.warning("Train Avatar cancelled after %d of %d steps; the LoRA trained so far is saved as %s "
+                           "(apply it with Load Avatar LoRA).", done, steps, path)
+            # Re-raise ComfyUI's interrupt, as the sampler does on Cancel: the prompt ends as interrupted and
+            # ComfyUI does not cache this partial result as the finished training of these inputs.
+            if interrupt is not None:
+                raise interrupt
+            _comfy.check_interrupted()
+        logger.info("Train Avatar: LoRA for base %s written to %s", base_fingerprint, path)
+        tuned = model_with_lora(model, path)
+        return {"ui": {"text": [f"{Path(path).name} ({done} steps)"]}, "result": (tuned, str(path))}
+
+
+class LoadAvatarLoRA:
+    CATEGORY = MODEL_CATEGORY
+    RETURN_TYPES = ("AVATAR_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A copy of the model with the LoRA merged in (the input model is unchanged).",)
+    FUNCTION = "load"
+    DESCRIPTION = ("Applies a personality LoRA from models/avatar_loras (made by Train Avatar) to the base model it "
+                   "was trained on; a LoRA of another base model is refused.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        _models.register_folders()
+        return {"required": {
+            "model": ("AVATAR_MODEL", {"tooltip": "From Load Avatar Model: the base checkpoint the LoRA was trained on."}),
+            "lora": (_models.list_files(_models.LORA_FOLDER) or ["(train one with Train Avatar first)"], {
+                "tooltip": "A LoRA in ComfyUI/models/avatar_loras."}),
+        }}
+
+    def load(self, model, lora):
+        _check_model(model)
+        _comfy.check_interrupted()
+        path = _models.full_path(_models.LORA_FOLDER, lora)
+        if path is None:
+            raise UserFacingError(f"LoRA {lora!r} not found in models/avatar_loras; train one with Train Avatar "
+                                  "or copy a sparse-avatar LoRA .safetensors there.")
+        return (model_with_lora(model, path),)
+
+
+def _video_frames_and_audio(video, which: str):
+    """uint8 frames, fps and the 16 kHz mono audio (or None) of a VIDEO input."""
+    images, fps, audio = _comfy.video_parts(video)
+    frames = comfy_image_to_frames(images)
+    wave = None
+    if audio is not None:
+        samples, rate = comfy_audio_to_wave(audio)
+        wave = resample_audio(samples, rate, SPEECH_SAMPLE_RATE)
+    if not np.isfinite(fps) or fps <= 0:
+        raise UserFacingError(f"video {which} has no usable frame rate ({fps}).")
+    return frames, fps, wave
+
+
+def _reference_crops_file(reference: ReferenceVideo, folder: str, size: int) -> str:
+    """The reference's face crops at ``size`` with its own audio, written once per reference into ``folder``."""
+    key = f"{reference.source_hash}|{reference.start_s}|{reference.n_frames}|{reference.fps}|{reference.frames.shape[1:3]}|{size}"
+    path = os.path.join(folder, f"reference_{hashlib.sha256(key.encode()).hexdigest()[:16]}_{size}.mp4")
+    if not os.path.isfile(path):
+        crops, _, _ = reference_face_crops(reference, size)
+        write_video(path, crops, reference.fps, audio=reference.audio)
+    return path
+
+
+class RecordPreferencePair:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("pairs_file",)
+    OUTPUT_TOOLTIPS = ("Full path of the preference JSONL (the --pairs file of the dpo training stage).",)
+    OUTPUT_NODE = True
+    FUNCTION = "record"
+    DESCRIPTION = ("Records which of two renderings of the same reference and speech is better, for preference "
+                   "training (Diffusion-DPO). Saves both clips, the driving audio and the reference's face crops under "
+                   "output/sparse-avatar/preferences/<pairs name>/ and appends one line to <pairs name>.jsonl.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "video_a": ("VIDEO", {"tooltip": "Rendering A: Decode Avatar Video's 'video' output (face crops; in dub "
+                                  "mode turn paste_back off). Its audio is the driving speech."}),
+            "video_b": ("VIDEO", {"tooltip": "Rendering B of the same reference and speech (e.g. another seed or "
+                                  "step count): same length and size as A."}),
+            "reference": ("REFERENCE_VIDEO", {"tooltip": "From Load Reference Video: the reference both were rendered from."}),
+            "winner": (("A", "B"), {"tooltip": "The better rendering."}),
+            "pairs_name": ("STRING", {"default": "pairs", "tooltip": "Name of the pairs file in "
+                                      "output/sparse-avatar/preferences (.jsonl is added). Letters, digits, '-', '_', "
+                                      "'.' and spaces only."}),
+        }}
+
+    def record(self, video_a, video_b, reference, winner="A", pairs_name="pairs"):
+        name = pairs_name[: -len(".jsonl")] if isinstance(pairs_name, str) and pairs_name.endswith(".jsonl") else pairs_name
+        _comfy.check_file_name(name, "pairs name")
+        if winner not in ("A", "B"):
+            raise UserFacingError(f"winner must be A or B, got {winner!r}.")
+        if not isinstance(reference, ReferenceVideo):
+            raise UserFacingError("'reference' must come from Load Reference Video.")
+        frames_a, fps_a, audio_a = _video_frames_and_audio(video_a, "A")
+        frames_b, fps_b, audio_b = _video_frames_and_audio(video_b, "B")
+        if frames_a.shape != frames_b.shape:
+            raise UserFacingError(f"video A is {frames_a.shape[0]} frames of {frames_a.shape[2]}x{frames_a.shape[1]} but B is "
+                                  f"{frames_b.shape[0]} of {frames_b.shape[2]}x{frames_b.shape[1]}; a pair must be two renderings "
+                                  "of the same speech at the same size.")
+        if frames_a.shape[1] != frames_a.shape[2]:
+            raise UserFacingError(f"the videos are {frames_a.shape[2]}x{frames_a.shape[1]}; preference training needs the "
+                                  "square face crops the model renders. In dub mode turn Decode Avatar Video's paste_back off.")
+        if abs(fps_a - fps_b) > 1e-3:
+            raise UserFacingError(f"video A is {fps_a:g} fps but B is {fps_b:g} fps; render both at the same frame rate.")
+        if audio_a is None:
+            raise UserFacingError("video A has no audio; connect Decode Avatar Video's 'video' output, which carries the "
+                                  "driving speech both renderings were made from.")
+        if audio_b is not None:
+            length = min(len(audio_a), len(audio_b))
+            if abs(len(audio_a) - len(audio_b)) > SPEECH_SAMPLE_RATE / fps_a or (
+                    length and float(np.mean(np.abs(audio_a[:length] - audio_b[:length]))) > 0.01):
+                raise UserFacingError("videos A and B carry different audio; a preference pair compares two renderings "
+                                      "of the same speech.")
+        _comfy.check_interrupted()
+        root = os.path.join(_comfy.output_directory(), PREFERENCES_FOLDER)
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        reference_path = _reference_crops_file(reference, folder, frames_a.shape[1])
+        stem = _comfy.numbered_path(folder, "pair", "_a.mp4")[: -len("_a.mp4")]
+        path_a = write_video(f"{stem}_a.mp4", frames_a, fps_a, audio=audio_a)
+        path_b = write_video(f"{stem}_b.mp4", frames_b, fps_a, audio=audio_a)
+        audio_path = write_wav(f"{stem}_audio.wav", audio_a)
+        pairs_path = append_pair(os.path.join(root, f"{name}.jsonl"), reference=reference_path, audio=audio_path,
+                                 video_a=path_a, video_b=path_b, winner=winner.lower(), fps=fps_a)
+        with open(pairs_path, "rb") as stream:
+            count = sum(1 for line in stream if line.strip())
+        return {"ui": {"text": [f"{Path(stem).name}: {winner} preferred; {count} pairs in {pairs_path.name}"]},
+                "result": (str(pairs_path),)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "SparseAvatarTrain": TrainAvatar,
+    "SparseAvatarLoadLoRA": LoadAvatarLoRA,
+    "SparseAvatarPreferencePair": RecordPreferencePair,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SparseAvatarTrain": "Train Avatar",
+    "SparseAvatarLoadLoRA": "Load Avatar LoRA",
+    "SparseAvatarPreferencePair": "Preference Pair",
+}
