@@ -80,7 +80,12 @@ def make_shards(frame_size: int, workdir: Path, clips: int, seconds: float) -> P
     return shards
 
 
-def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
+def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
+    """entry: a model config name, optionally ``NAME:compile`` for a torch.compile row."""
+    name, _, option = entry.partition(":")
+    if option not in ("", "compile"):
+        raise ValueError(f"unknown option {option!r} in {entry!r} (only NAME:compile)")
+    use_compile = args.compile or option == "compile"
     from sparse_avatar.model.checkpoint import new_model
     from sparse_avatar.training.data import ShardedClipDataset
     from sparse_avatar.training.distributed import DistributedContext
@@ -97,7 +102,7 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
     dataset.require_model(config)
     trainer_config = TrainerConfig(
         total_steps=10**6, lr=1e-4, warmup_steps=20, ema_decay=0.999, precision="bf16",
-        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, parallel="none",
+        gradient_checkpointing=args.gradient_checkpointing, compile=use_compile, parallel="none",
     )
     context = DistributedContext(0, 1, 0, device, None)
     trainer = Trainer(
@@ -106,17 +111,21 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    curve, timed_samples, timed_tokens, timed_seconds = [], 0, 0.0, 0.0
+    curve, data_times, timed_samples, timed_tokens, timed_seconds = [], [], 0, 0.0, 0.0
     started = time.perf_counter()
     while time.perf_counter() - started < args.seconds or trainer.step < args.warmup + 3:
         record = trainer.train_step()
         curve.append([record["step"], record["loss"]])
+        data_times.append(record["data_time_s"])
         if trainer.step > args.warmup:  # the first steps pay for autotuning / compilation
             timed_samples += args.batch_size
             timed_tokens += record["tokens"]
             timed_seconds += record["step_time_s"]
         if args.max_steps and trainer.step >= args.max_steps:
             break
+    data_seconds = sum(r for r in data_times[args.warmup:])
+    if args.profile_steps and entry == args.configs.split(",")[0].strip():
+        write_profile(trainer, args, device, Path(args.out) / f"training_profile_{name}.txt")
     tokens_per_frame = avatar.tokens_per_frame()
     clip_tokens = args.frames * tokens_per_frame // config.patch_size[0]
     reference_tokens = args.reference_frames * tokens_per_frame // config.patch_size[0]
@@ -124,7 +133,7 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
     samples_per_s = timed_samples / timed_seconds
     peak = peak_flops(device, args.peak_tflops)
     return {
-        "config": name,
+        "config": entry,
         "parameters": sum(p.numel() for p in avatar.parameters()),
         "frame_size": config.frame_size,
         "batch_size": args.batch_size,
@@ -135,17 +144,37 @@ def bench_config(name: str, args, device: torch.device, workdir: Path) -> dict:
         "steps": trainer.step,
         "timed_steps": trainer.step - args.warmup,
         "samples_per_s": samples_per_s,
+        "data_time_fraction": data_seconds / timed_seconds,
         "tokens_per_s": timed_tokens / timed_seconds,
         "model_tflops_per_sample": flops / 1e12,
         "achieved_tflops": flops * samples_per_s / 1e12,
         "mfu": (flops * samples_per_s / peak) if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "compile": args.compile,
+        "compile": use_compile,
         "loss_first": curve[0][1],
         "loss_last": sum(l for _, l in curve[-10:]) / len(curve[-10:]),
         "loss_curve": curve,
     }
+
+
+def write_profile(trainer, args, device: torch.device, path: Path) -> None:
+    """torch.profiler over a few more steps: where a step's time goes (GPU kernels and host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            trainer.train_step()
+    events = prof.key_averages()
+    sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"{args.profile_steps} steps; operator calls {sum(e.count for e in events)}\n\n"
+        + events.table(sort_by=sort_key, row_limit=40, max_name_column_width=70)
+        + "\n\nby self CPU time:\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+    )
 
 
 def bench_personality(args, device: torch.device, shards: Path) -> dict:
@@ -198,6 +227,8 @@ def write_outputs(results: list[dict], environment: dict, out: Path, personality
             f"| {r['config']} | {r['parameters'] / 1e6:.1f} M | {r['batch_size']} × {r['target_frames']} ({r['reference_frames']}) | "
             f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {memory} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |"
         )
+    for entry, reason in environment.get("failed", {}).items():
+        lines.append(f"| {entry} | failed: {reason} | | | | | | |")
     lines += ["", f"torch {environment['torch']}, bf16 autocast, gradient checkpointing {results[0]['gradient_checkpointing'] if results else ''}, "
               f"{environment['seconds']} s per config after {environment['warmup']} warm-up steps."]
     if personality:
@@ -228,7 +259,7 @@ def write_outputs(results: list[dict], environment: dict, out: Path, personality
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", default="small,base")
+    parser.add_argument("--configs", default="small,base", help="comma-separated model configs; NAME:compile adds a torch.compile row")
     parser.add_argument("--data", help="shard folder (default: generate Avatar World clips)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--seconds", type=float, default=120.0, help="timed budget per config")
@@ -241,6 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--world-seconds", type=float, default=8.0)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile N extra steps of the first config -> OUT/training_profile_<config>.txt")
     parser.add_argument("--personality-steps", type=int, default=0, help="also time N steps of the personality fine-tune (needs --data)")
     parser.add_argument("--personality-config", default="small")
     parser.add_argument("--peak-tflops", type=float, help="override the GPU's peak bf16 TFLOP/s for MFU")
@@ -257,7 +289,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-training-") as workdir:
         for name in args.configs.split(","):
             print(f"benchmarking {name} ...", flush=True)
-            result = bench_config(name.strip(), args, device, Path(workdir))
+            try:
+                result = bench_config(name.strip(), args, device, Path(workdir))
+            except Exception as error:  # e.g. a compile failure: keep the other rows
+                environment.setdefault("failed", {})[name.strip()] = f"{type(error).__name__}: {str(error)[:300]}"
+                print(f"{name} failed: {environment['failed'][name.strip()]}", flush=True)
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}), flush=True)
             results.append(result)
             if device.type == "cuda":

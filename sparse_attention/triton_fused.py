@@ -65,11 +65,11 @@ def is_supported(q: torch.Tensor, block_size: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # Tile sizes. BLOCK_M (query rows per program) and BLOCK_N (keys per inner step) must divide the
 # routing block size so that a query tile lies inside one routing block and a key tile inside one
-# reference block. Tuned on H100 (bf16, d=128); see bench/results/sparse_attention.md.
+# reference block. Tuned on H100 (bf16, d=128); see bench/results/sparse_attention_sweep.json (H100, Lq 16k, Lr 256k, 4096 keys, G=4).
 # --------------------------------------------------------------------------------------------
 _FORWARD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-_DQ_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-_DKDV_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+_DKDV_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 
 
 def _tile_config(base: dict, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:

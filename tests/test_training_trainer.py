@@ -165,3 +165,30 @@ def test_frozen_parameters_stay_untouched(tmp_path):
     before = model.embed.weight.detach().clone()
     Trainer(model, regression_loss, RegressionSource(), TrainerConfig(total_steps=3, lr=1e-2), tmp_path, log=lambda line: None).fit()
     assert torch.equal(model.embed.weight, before)
+
+
+def test_gradient_checkpointing_covers_the_dit_reference_pass_with_the_same_gradients():
+    from sparse_avatar.model.checkpoint import new_model
+    from sparse_avatar.model.flow import training_step
+
+    plain = new_model("tiny", seed=3).eval()
+    checkpointed = new_model("tiny", seed=3).eval()
+    enable_gradient_checkpointing(checkpointed.dit)
+    assert all(getattr(block.forward_reference, "__name__", "") == "checkpointed" for block in checkpointed.dit.blocks)
+    size = plain.config.frame_size
+    frames = torch.rand(1, 4, size, size, 3, generator=torch.Generator().manual_seed(1))
+    batch = {
+        "target_frames": frames[:, :2], "target_audio": torch.randn(1, 2, plain.config.speech_feature_dim),
+        "reference_frames": frames[:, 2:], "reference_audio": torch.randn(1, 2, plain.config.speech_feature_dim),
+    }
+    for model in (plain, checkpointed):
+        loss, _ = training_step(model, batch, generator=torch.Generator().manual_seed(5))
+        loss.backward()
+    reference_grads = 0
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        if a.grad is None:
+            assert b.grad is None, name
+            continue
+        reference_grads += "reference_kv" in name
+        torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-4, atol=1e-6)
+    assert reference_grads > 0  # the reference pass really received gradients through the checkpoint

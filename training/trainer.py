@@ -106,14 +106,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     for block in blocks:
         if getattr(block, "_sparse_avatar_checkpointed", False):
             continue
-        original_forward = block.forward
+        # The DiT's reference pass (forward_reference) runs over many more tokens than the clip
+        # pass; leaving it out would keep its activations for every layer (the bulk of memory).
+        for method in ("forward", "forward_reference"):
+            original = getattr(block, method, None)
+            if original is None:
+                continue
 
-        def checkpointed_forward(*args, _original=original_forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _original(*args, **kwargs)
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            def checkpointed(*args, _original=original, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _original(*args, **kwargs)
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
 
-        block.forward = checkpointed_forward
+            setattr(block, method, checkpointed)
         block._sparse_avatar_checkpointed = True
     return len(blocks)
 
@@ -288,6 +293,7 @@ class Trainer:
         started = time.perf_counter()
         batch = self.batch_source.batch(self.step, context.rank, context.world_size)
         batch = _move_to_device(batch, context.device)
+        data_time = time.perf_counter() - started  # a data-bound run shows up here, not as slow compute
         generator = torch.Generator(device=context.device).manual_seed(step_seed(self.config.seed, self.step, context.rank))
         lr = self._set_lr(self.step)
         self.train_module.train()
@@ -316,6 +322,7 @@ class Trainer:
             "lr": lr,
             "samples_per_s": self.batch_source.global_batch_size / elapsed,
             "step_time_s": elapsed,
+            "data_time_s": data_time,
             "memory_mb": _memory_mb(context.device),
         }
         for key, value in metrics.items():
