@@ -37,6 +37,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parent.parent
 import _checkout  # noqa: F401,E402  (sparse_avatar importable from a bare checkout)
 
+from sparse_avatar.files import write_text  # noqa: E402
 from sparse_avatar.sparse_attention import triton_fused  # noqa: E402
 from sparse_avatar.sparse_attention.reference import reference_attention  # noqa: E402
 
@@ -408,7 +409,7 @@ def write_results(out_dir, device_name, rows, notes):
                "block_size": BLOCK, "config": {"forward": triton_fused._FORWARD_CONFIG, "dq": triton_fused._DQ_CONFIG,
                                                "dkdv": triton_fused._DKDV_CONFIG},
                "rows": rows, "notes": notes}
-    _atomic_write(out_dir / "sparse_attention.json", json.dumps(payload, indent=1))
+    write_text(out_dir / "sparse_attention.json", json.dumps(payload, indent=1))
     lines = [f"# Sparse reference attention on {device_name}", "",
              f"bf16, d={HEAD_DIM}, H={HEADS}, S={STATIC_LEN}, B=1, block {BLOCK}. keys = k*block reference keys per "
              "query (dense: the whole reference). tflops_fwd = 4*H*d*Lq*(keys+S+Lq)/time. max_err = max |out - exact "
@@ -422,7 +423,7 @@ def write_results(out_dir, device_name, rows, notes):
                      f"{r['tflops_fwd']:.1f} | {error} |")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    _atomic_write(out_dir / "sparse_attention.md", "\n".join(lines) + "\n")
+    write_text(out_dir / "sparse_attention.md", "\n".join(lines) + "\n")
     plot(out_dir, device_name, rows)
 
 
@@ -462,12 +463,6 @@ def plot(out_dir, device_name, rows):
     figure.savefig(temporary, dpi=110)
     plt.close(figure)
     os.replace(temporary, out_dir / "sparse_attention.png")
-
-
-def _atomic_write(path, text):
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def main(argv=None):

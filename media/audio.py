@@ -17,7 +17,8 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from ..errors import UserFacingError
-from .paths import atomic_temp_path, resolve_input_path
+from ..files import atomic_temp_path
+from .paths import resolve_input_path
 
 SPEECH_SAMPLE_RATE = 16000
 # Peak below this (dBFS) counts as silence: quieter than any usable speech recording.

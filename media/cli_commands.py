@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserFacingError
-from .paths import atomic_temp_path
+from ..files import atomic_output, save_safetensors
 
 # Frames sampled for the face-coverage line of `probe`: enough to see a face missing for a
 # stretch, few enough that probing a long file stays quick.
@@ -108,20 +107,10 @@ def save_array_atomically(path: Path, array: np.ndarray, metadata: dict[str, str
     path = Path(path).expanduser().resolve()
     if path.suffix not in (".npy", ".safetensors"):
         raise UserFacingError(f"--out must end in .npy or .safetensors, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = atomic_temp_path(path)
-    try:
-        if path.suffix == ".npy":
-            with open(temp, "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-        else:
-            from safetensors.numpy import save_file
-
-            save_file({"features": np.ascontiguousarray(array)}, str(temp), metadata=metadata)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
+    if path.suffix == ".safetensors":
+        return save_safetensors({"features": np.ascontiguousarray(array)}, path, metadata)
+    with atomic_output(path) as temporary, open(temporary, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
     return path
 
 

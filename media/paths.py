@@ -41,9 +41,3 @@ def resolve_input_path(path: str | os.PathLike, allowed_roots: Iterable[str | os
     if resolved.stat().st_size == 0:
         raise UserFacingError(f"{raw} is empty (0 bytes); the copy or download probably failed, fetch it again")
     return resolved
-
-
-def atomic_temp_path(final_path: Path, suffix: str | None = None) -> Path:
-    """A fresh temporary path in the same folder as ``final_path`` (so ``os.replace`` is atomic)."""
-    suffix = final_path.suffix if suffix is None else suffix
-    return final_path.with_name(f".{final_path.stem}.partial-{os.getpid()}-{os.urandom(4).hex()}{suffix}")

@@ -22,7 +22,8 @@ import numpy as np
 from ..errors import UserFacingError
 from .audio import SPEECH_SAMPLE_RATE, decode_audio_stream, fit_to_length, resample_audio
 from .comfy_types import comfy_audio_to_wave, comfy_image_to_frames, is_comfy_video
-from .paths import atomic_temp_path, resolve_input_path
+from ..files import atomic_temp_path
+from .paths import resolve_input_path
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 # Frame-interval spread (relative to the median) above which a stream counts as variable-rate.

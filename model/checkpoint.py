@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import UserFacingError
+from ..files import save_safetensors
 from .avatar_model import AvatarModel
 from .configs import ModelConfig, get_config
 
@@ -35,8 +35,6 @@ def _parse_dtype(dtype) -> torch.dtype:
 
 def save_checkpoint(model: AvatarModel, path, *, dtype="fp32", training_stage: str | None = None, extra_metadata: dict | None = None) -> Path:
     """Write the model's weights atomically (temp file in the same folder, then os.replace)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserFacingError(f"checkpoints are .safetensors files; got {path.name!r}.")
@@ -53,16 +51,7 @@ def save_checkpoint(model: AvatarModel, path, *, dtype="fp32", training_stage: s
     }
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def read_checkpoint_metadata(path) -> dict:

@@ -15,14 +15,13 @@ identity from A and dynamic identity from B.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UserFacingError
+from ..files import save_safetensors
 from .dit import LayerCache
 
 IDENTITY_FORMAT = "sparse-avatar-identity"
@@ -124,24 +123,13 @@ def mix_identity(static_source: Identity, dynamic_source: Identity) -> Identity:
 
 def save_identity(identity: Identity, path) -> Path:
     """Write atomically as .safetensors (tensors as they are, metadata as strings)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserFacingError(f"identity files are .safetensors; got {path.name!r}. Name the file '<name>.safetensors'.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {str(k): str(v) for k, v in identity.metadata.items()}
     metadata["format"], metadata["version"] = IDENTITY_FORMAT, IDENTITY_VERSION
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in identity.tensors().items()}
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def load_identity(path) -> Identity:

@@ -15,15 +15,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UserFacingError
+from ..files import save_safetensors
 
 LORA_FORMAT = "sparse-avatar-lora"
 LORA_VERSION = "1"
@@ -97,16 +96,7 @@ def save_lora(dit: nn.Module, path: str | os.PathLike, *, base_fingerprint: str,
         "format": LORA_FORMAT, "version": LORA_VERSION, "rank": str(any_layer.rank), "alpha": str(any_layer.alpha),
         "layers": json.dumps(sorted(layers)), "base_fingerprint": base_fingerprint, **(extra_metadata or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def load_lora(dit: nn.Module, path: str | os.PathLike, *, base_fingerprint: str, merge: bool = True) -> list[str]:

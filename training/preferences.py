@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UserFacingError
+from ..files import write_text
 from .data import _mix
 
 
@@ -72,14 +72,7 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
 
 def write_pairs(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Atomic JSONL write (rows with paths already relative to ``path``'s folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        for row in rows:
-            stream.write(json.dumps(row) + "\n")
-    os.replace(temp_name, path)
-    return path
+    return write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def append_pair(path: str | os.PathLike, *, reference, audio, video_a, video_b, winner: str, fps: float | None = None) -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserFacingError
+from ..files import save_safetensors, write_text
 from .data import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -117,8 +117,6 @@ def _resize(frame: np.ndarray, size: int) -> np.ndarray:
 
 def process_video(video: Path, in_dir: Path, out_file: Path, *, size: int, fps: float | None, crop: str) -> Path:
     """One video -> one shard (atomic). Raises UserFacingError for unusable videos."""
-    from safetensors.numpy import save_file
-
     from ..media import crop_transforms, iter_video_frames, load_audio, probe_media, track_face
     from ..media.features import SPEECH_FEATURE_ID, speech_features
 
@@ -147,16 +145,7 @@ def process_video(video: Path, in_dir: Path, out_file: Path, *, size: int, fps: 
         "fps": repr(fps), "frame_size": str(size), "crop": crop, "source": str(video.relative_to(in_dir)),
         "speech_features": SPEECH_FEATURE_ID,
     }
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{out_file.stem}.", suffix=".tmp", dir=out_file.parent)
-    os.close(handle)
-    try:
-        save_file({"frames": frame_array, "speech": speech}, temp_name, metadata=metadata)
-        os.replace(temp_name, out_file)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return out_file
+    return save_safetensors({"frames": frame_array, "speech": speech}, out_file, metadata)
 
 
 def _process_job(job: tuple) -> tuple[str, str | None]:
@@ -183,12 +172,7 @@ def write_index(out_dir: Path) -> Path:
             "file": f"clips/{path.name}", "person": metadata["person"], "n_frames": int(n_frames),
             "fps": float(metadata["fps"]), "caption": metadata.get("caption", ""),
         })
-    index = out_dir / INDEX_NAME
-    handle, temp_name = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(handle, "w") as stream:
-        json.dump({"format": SHARD_FORMAT, "version": SHARD_VERSION, "clips": clips}, stream, indent=1)
-    os.replace(temp_name, index)
-    return index
+    return write_text(out_dir / INDEX_NAME, json.dumps({"format": SHARD_FORMAT, "version": SHARD_VERSION, "clips": clips}, indent=1))
 
 
 def preprocess_folder(in_dir, out_dir, *, size: int = 256, fps: float | None = None, crop: str = "auto", workers: int | None = None, progress: bool = True) -> PreprocessResult:

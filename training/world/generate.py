@@ -21,13 +21,13 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import UserFacingError
+from ...files import atomic_output, write_text
 from .render import FaceState, HeadRenderer, motion_track
 from .speech import SAMPLE_RATE, MouthTrack, VoiceSpec, audio_mouth_track, espeak_binary, synthesize_speech
 from .traits import Identity, sample_scene_traits
@@ -102,48 +102,19 @@ def make_clip(spec: ClipSpec, *, identity: Identity | None = None, audio: np.nda
 
 
 # -- writing ----------------------------------------------------------------------------------
-def _temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
-
-
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    temp = _temp_beside(path)
-    try:
-        with wave.open(str(temp), "wb") as writer:
-            writer.setnchannels(1)
-            writer.setsampwidth(2)
-            writer.setframerate(sample_rate)
-            writer.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, write) -> None:
-    temp = _temp_beside(path)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def write_clip(clip: WorldClip, folder: Path, name: str) -> Path:
     """Write NAME.mp4/.wav/.npz and finally NAME.json; returns the JSON path."""
     from ...media import write_video
+    from ...media.audio import write_wav
 
     folder.mkdir(parents=True, exist_ok=True)
     write_video(folder / f"{name}.mp4", clip.frames(), clip.spec.fps, audio=clip.audio, sample_rate=SAMPLE_RATE)
-    write_wav(folder / f"{name}.wav", clip.audio)
-
-    def save_npz(temp: Path) -> None:
-        with open(temp, "wb") as handle:
-            np.savez_compressed(handle, **clip.truth_arrays())
-
-    _write_atomic(folder / f"{name}.npz", save_npz)
+    write_wav(folder / f"{name}.wav", clip.audio, SAMPLE_RATE)
+    with atomic_output(folder / f"{name}.npz") as temporary, open(temporary, "wb") as handle:
+        np.savez_compressed(handle, **clip.truth_arrays())
     metadata = clip.metadata()
     metadata["files"] = {kind: f"{name}.{kind}" for kind in ("mp4", "wav", "npz")}
-    _write_atomic(folder / f"{name}.json", lambda temp: temp.write_text(json.dumps(metadata, indent=1)))
+    write_text(folder / f"{name}.json", json.dumps(metadata, indent=1))
     return folder / f"{name}.json"
 
 

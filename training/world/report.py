@@ -1,12 +1,12 @@
 """Markdown report with PNG plots for an evaluation run (matplotlib, imported only here)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import UserFacingError
+from ...files import atomic_output, write_text
 
 # What each summary key means, in the report's table (lower/higher is better).
 METRIC_NOTES = {
@@ -34,9 +34,8 @@ def _number(value) -> str:
 
 
 def _save(figure, path: Path) -> None:
-    temp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    figure.savefig(temp, dpi=90, bbox_inches="tight")
-    os.replace(temp, path)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=90, bbox_inches="tight")
 
 
 def write_report(out: Path, summary: dict, cases: list[dict], details: list[dict]) -> Path:
@@ -87,8 +86,4 @@ def write_report(out: Path, summary: dict, cases: list[dict], details: list[dict
               f"{_number(c['identity_skin_delta_e'])} | {_number(c['habit_blink_rate_error'])} | {_number(c['habit_sway_amplitude_error'])} |"
               for c in cases]
     lines += ["", "## Lip-sync curves", ""] + [f"![{name}](plots/{name})" for name in names]
-    path = out / "report.md"
-    temp = path.with_name(f".report.partial-{os.getpid()}.md")
-    temp.write_text("\n".join(lines) + "\n")
-    os.replace(temp, path)
-    return path
+    return write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -17,7 +17,6 @@ sync, the floor), or a checkpoint path (``model.pipeline.render``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import cv2
 import numpy as np
 
 from ...errors import UserFacingError
+from ...files import write_text
 from .generate import HELD_OUT_SEED_BASE, ClipSpec, WorldClip, make_clip
 from .metrics import measure_frames, score_clip
 from .speech import espeak_version
@@ -142,12 +142,6 @@ def _mean_or_none(values) -> float | None:
     finite = [float(value) for value in values if value is not None and np.isfinite(value)]
     return float(np.mean(finite)) if finite else None
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    temp.write_text(text)
-    os.replace(temp, path)
-
-
 def evaluate(suite_name: str, model_name: str, out_dir, *, limit: int | None = None, progress: bool = True, **model_options) -> dict:
     """Run a model over the suite; write summary.json, cases.json, report.md and plots. Returns
     the summary (one number per metric: the mean over cases)."""
@@ -183,7 +177,7 @@ def evaluate(suite_name: str, model_name: str, out_dir, *, limit: int | None = N
     summary.update({"suite": suite.name, "model": model.name, "n_cases": n_cases, "espeak_ng_version": espeak_version()})
     cases = [{key: (None if isinstance(value, float) and not np.isfinite(value) else value) for key, value in case.items()}
              for case in cases]
-    _write_text_atomic(out / "cases.json", json.dumps(cases, indent=1, allow_nan=False))
+    write_text(out / "cases.json", json.dumps(cases, indent=1, allow_nan=False))
     write_report(out, summary, cases, details)
-    _write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
+    write_text(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
     return summary
