@@ -71,6 +71,19 @@ def with_overrides(config: StageConfig, **trainer_changes) -> StageConfig:
     return replace(config, trainer=replace(config.trainer, **changes))
 
 
+def with_window_caps(config: StageConfig, *, target: int | None = None, reference: int | None = None) -> StageConfig:
+    """Cap the longest target / reference window (frames); the shortest follows when above it."""
+    changes = {}
+    for name, cap in (("target_frames", target), ("reference_frames", reference)):
+        if cap is None:
+            continue
+        if cap < 1:
+            raise UserFacingError(f"--{name.replace('_', '-')} must be at least 1 (got {cap}).")
+        low, _ = getattr(config, name)
+        changes[name] = (min(low, cap), cap)
+    return replace(config, **changes)
+
+
 def build_objective(stage: StageConfig, avatar: nn.Module, *, text_conditioner=None):
     """(objective, frozen companion model or None) for a stage; the companion is the teacher
     (distill) or the DPO reference: a frozen copy of the starting weights."""

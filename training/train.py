@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--sample-every", type=int, help="write RUN/samples/step-N.mp4 (target | model sample) every N steps")
+    parser.add_argument("--target-frames", type=int, help="longest target window in frames (default: the stage's; lower to save memory)")
+    parser.add_argument("--reference-frames", type=int, help="longest reference window in frames (default: the stage's)")
     parser.add_argument("--lora-rank", type=int, help="personality: LoRA rank (0 = full fine-tune)")
     parser.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp"), default=None)
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     from ..model.checkpoint import load_checkpoint, new_model, save_checkpoint
     from .distributed import init_distributed, shutdown_distributed
-    from .stages import build_objective, get_training_config, with_overrides
+    from .stages import build_objective, get_training_config, with_overrides, with_window_caps
     from .objectives import StepModule
     from .trainer import Trainer
 
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> dict:
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, parallel=args.parallel, precision=args.precision, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, tensorboard=args.tensorboard,
     )
+    stage = with_window_caps(stage, target=args.target_frames, reference=args.reference_frames)
     if stage.needs_init and not args.init:
         raise UserFacingError(f"the {stage.stage} stage starts from a trained model: pass --init CHECKPOINT.safetensors (the previous stage's RUN/model.safetensors).")
     context = init_distributed(args.device)
