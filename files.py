@@ -48,7 +48,7 @@ def _umask() -> int:
     return current
 
 
-def save_safetensors(tensors: dict, path, metadata: dict[str, str]) -> Path:
+def save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> Path:
     """torch or numpy tensors -> ``path`` (.safetensors), atomically."""
     first = next(iter(tensors.values()), None)
     if first is not None and type(first).__module__ == "numpy":

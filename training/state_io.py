@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserFacingError
+from ..files import save_safetensors
 from .distributed import DistributedContext
 
 CHECKPOINT_PREFIX = "step-"
@@ -138,11 +139,13 @@ def save_training_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
         metadata = {"format": "sparse-avatar-training-weights", **(model_metadata or {})}
-        save_file(model_state, str(temporary / "model.safetensors"), metadata=metadata)
+        # The folder is the atomic unit (renamed into place below); save_safetensors also gives
+        # the files normal permissions (safetensors alone writes them owner-only).
+        save_safetensors(model_state, temporary / "model.safetensors", metadata)
         if ema_tensors:
-            save_file(ema_tensors, str(temporary / "ema.safetensors"), metadata=metadata)
-        save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
-        save_file(rng_states, str(temporary / "rng.safetensors"))
+            save_safetensors(ema_tensors, temporary / "ema.safetensors", metadata)
+        save_safetensors(optimizer_tensors, temporary / "optimizer.safetensors")
+        save_safetensors(rng_states, temporary / "rng.safetensors")
         state = {
             "format": TRAINER_STATE_FORMAT,
             "version": TRAINER_STATE_VERSION,
