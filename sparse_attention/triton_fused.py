@@ -10,6 +10,9 @@ The definition of correct is ``reference.py``; this file must agree with it (tes
 Structure follows the classic flash-attention layout (forward with online softmax in base 2;
 backward = delta preprocessing, a dQ kernel that repeats the forward loop, and a dK/dV kernel that
 owns its key tile and loops over the queries that attended to it, so no atomics are needed).
+The static keys are few (S ~ 64) but seen by all G*Lq queries of their group, so their dK/dV is
+split over query chunks instead: a (chunks, B*Hkv*static tiles) grid writes fp32 partials to a
+workspace that is summed over chunks afterwards (deterministic, no atomics).
 For reference blocks the dK/dV kernel needs "which query blocks selected this block": an inverse
 index in CSR form built with sort + searchsorted on the device (no dense nQ x nR mask, no host
 sync).
@@ -70,6 +73,21 @@ def is_supported(q: torch.Tensor, block_size: int) -> bool:
 _FORWARD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 _DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 _DKDV_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+# Static keys: S is small (32-64), so the key tile is cut to S's power of two (a 128-wide tile
+# would be half padding at S=64); not yet swept on a GPU.
+_DKDV_STATIC_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+# Static dK/dV split: the number of query chunks is chosen so that about
+# _STATIC_PROGRAMS_PER_SM * (number of SMs) programs run, each walking at least
+# _STATIC_MIN_TILES_PER_CHUNK query tiles (loading its key tile and storing its partials costs about
+# one tile step), with the fp32 workspace [n_chunks, B, Hkv, S, d] x 2 capped at
+# _STATIC_WORKSPACE_BYTES. _STATIC_CHUNKS, when set, overrides the choice (tests, bench: 1 = the old
+# layout of B*Hkv programs walking all G*Lq queries).
+_STATIC_PROGRAMS_PER_SM = 4
+_STATIC_MIN_TILES_PER_CHUNK = 4
+_STATIC_WORKSPACE_BYTES = 256 << 20
+_STATIC_CHUNKS: int | None = None
+_DEFAULT_SM_COUNT = 132
 
 
 def _tile_config(base: dict, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -347,7 +365,7 @@ if _HAVE_TRITON:
         stride_dvb, stride_dvh, stride_dvl,
         H, KV_HEADS, Lq, L_KEYS, NUM_K_TILES, NUM_ROUTE_BLOCKS,
         sm_scale, qk_scale_log2,
-        KIND: tl.constexpr,  # 0 = clip (H heads), 1 = static (Hkv), 2 = reference (Hkv)
+        KIND: tl.constexpr,  # 0 = clip (H heads), 2 = reference (Hkv); static keys: _dkdv_static_kernel
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROUTE_BLOCK: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -381,17 +399,6 @@ if _HAVE_TRITON:
                 dk, dv = _dkdv_step(dk, dv, k, v, key_valid, Q, DO, LSE, DELTA, q_base, do_base, row_base,
                                     stride_ql, stride_dol, m_start, Lq, qk_scale_log2,
                                     HEAD_DIM, BLOCK_M, IEEE)
-        elif KIND == 1:
-            # Static keys are seen by every query of every head in the group.
-            for g in range(0, group):
-                h = kv_head * group + g
-                q_base = b64 * stride_qb + h * stride_qh
-                do_base = b64 * stride_dob + h * stride_doh
-                row_base = (b64 * H + h) * Lq
-                for m_start in range(0, Lq, BLOCK_M):
-                    dk, dv = _dkdv_step(dk, dv, k, v, key_valid, Q, DO, LSE, DELTA, q_base, do_base, row_base,
-                                        stride_ql, stride_dol, m_start, Lq, qk_scale_log2,
-                                        HEAD_DIM, BLOCK_M, IEEE)
         else:
             # Reference keys: only the query blocks that selected this block (inverse index).
             route_block = (n_tile * BLOCK_N) // ROUTE_BLOCK
@@ -415,6 +422,59 @@ if _HAVE_TRITON:
                  dk.to(DKEY.dtype.element_ty), mask=in_tensor[:, None])
         tl.store(DVAL + b64 * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
                  dv.to(DVAL.dtype.element_ty), mask=in_tensor[:, None])
+
+
+    @triton.jit
+    def _dkdv_static_kernel(
+        Q, SK, SV, DO, LSE, DELTA, DK_PART, DV_PART,
+        stride_qb, stride_qh, stride_ql,
+        stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl,
+        stride_dob, stride_doh, stride_dol,
+        BATCH, H, KV_HEADS, Lq, S, NUM_K_TILES, NUM_M_TILES, TILES_PER_CHUNK,
+        sm_scale, qk_scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Partial dK, dV of one static key tile over one chunk of its G·Lq queries.
+
+        Grid (n_chunks, B·Hkv·NUM_K_TILES). The G·NUM_M_TILES query tiles of a kv group (head g
+        major, tile minor) are cut into chunks of TILES_PER_CHUNK; program (c, .) sums chunk c's
+        contribution in fp32 and stores it, already scaled, at DK_PART/DV_PART [n_chunks, B, Hkv,
+        S, d] (contiguous fp32). The host sums over chunks: no atomics, deterministic.
+        """
+        chunk = tl.program_id(0)
+        pid = tl.program_id(1)
+        kv_head = pid % KV_HEADS
+        n_tile = (pid // KV_HEADS) % NUM_K_TILES
+        b = pid // (KV_HEADS * NUM_K_TILES)
+        b64 = b.to(tl.int64)
+        group = H // KV_HEADS
+
+        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        key_valid = offs_n < S
+        k = tl.load(SK + b64 * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+                    mask=key_valid[:, None], other=0.0)
+        v = tl.load(SV + b64 * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+                    mask=key_valid[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+        tile_start = chunk * TILES_PER_CHUNK
+        tile_end = tl.minimum(tile_start + TILES_PER_CHUNK, group * NUM_M_TILES)
+        for tile in range(tile_start, tile_end):
+            g = tile // NUM_M_TILES
+            h = kv_head * group + g
+            m_start = (tile - g * NUM_M_TILES) * BLOCK_M
+            dk, dv = _dkdv_step(dk, dv, k, v, key_valid, Q, DO, LSE, DELTA,
+                                b64 * stride_qb + h * stride_qh, b64 * stride_dob + h * stride_doh,
+                                (b64 * H + h) * Lq, stride_ql, stride_dol, m_start, Lq, qk_scale_log2,
+                                HEAD_DIM, BLOCK_M, IEEE)
+
+        part_rows = ((chunk.to(tl.int64) * BATCH + b64) * KV_HEADS + kv_head) * S + offs_n
+        part_offsets = part_rows[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DK_PART + part_offsets, dk * sm_scale, mask=key_valid[:, None])
+        tl.store(DV_PART + part_offsets, dv, mask=key_valid[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,6 +539,74 @@ def _inverse_block_index(compact_indices, selected_count, num_ref_blocks):
 
 def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _static_tile_config(static_len: int, head_dim: int, dtype: torch.dtype) -> dict:
+    # The routing block does not constrain the static branch; 128 only caps the tiles.
+    config = _tile_config(_DKDV_STATIC_CONFIG, 128, head_dim, dtype)
+    config["BLOCK_N"] = max(16, min(config["BLOCK_N"], triton.next_power_of_2(max(static_len, 1))))
+    return config
+
+
+def static_query_chunks(batch: int, kv_heads: int, num_k_tiles: int, num_query_tiles: int,
+                        static_len: int, head_dim: int, device: torch.device) -> tuple[int, int]:
+    """(n_chunks, query tiles per chunk) for the static dK/dV split; num_query_tiles = G * ceil(Lq / BLOCK_M).
+
+    Every chunk gets at least one tile (n_chunks is recomputed from the rounded-up chunk length).
+    """
+    if num_query_tiles <= 0:
+        return 1, 0
+    if _STATIC_CHUNKS is not None:
+        chunks = int(_STATIC_CHUNKS)
+    else:
+        programs_per_chunk = max(1, batch * kv_heads * num_k_tiles)
+        chunks = -(-_STATIC_PROGRAMS_PER_SM * _sm_count(device) // programs_per_chunk)
+        chunks = min(chunks, -(-num_query_tiles // _STATIC_MIN_TILES_PER_CHUNK))
+        bytes_per_chunk = 2 * 4 * batch * kv_heads * static_len * head_dim
+        chunks = min(chunks, max(1, _STATIC_WORKSPACE_BYTES // max(1, bytes_per_chunk)))
+    chunks = max(1, min(chunks, num_query_tiles))
+    tiles_per_chunk = -(-num_query_tiles // chunks)
+    return -(-num_query_tiles // tiles_per_chunk), tiles_per_chunk
+
+
+def static_dkdv(q, static_k, static_v, grad_out, lse, delta, scale):
+    """dK, dV of the static keys ([B, Hkv, S, d] in static_k's dtype), split over query chunks.
+
+    lse [B, H, Lq] (natural log) and delta [B, H, Lq] fp32 contiguous, as the backward computes
+    them. Exposed for the benchmark, which times this branch on its own.
+    """
+    batch, heads, lq, head_dim = q.shape
+    kv_heads, static_len = static_k.shape[1], static_k.shape[2]
+    config = _static_tile_config(static_len, head_dim, q.dtype)
+    num_k_tiles = -(-static_len // config["BLOCK_N"])
+    num_m_tiles = -(-lq // config["BLOCK_M"])
+    group = heads // kv_heads
+    chunks, tiles_per_chunk = static_query_chunks(batch, kv_heads, num_k_tiles, group * num_m_tiles,
+                                                  static_len, head_dim, q.device)
+    # Every element of the workspace is written by exactly one program (chunks are never empty).
+    parts = torch.empty((2, chunks, batch, kv_heads, static_len, head_dim), dtype=torch.float32, device=q.device)
+    _dkdv_static_kernel[(chunks, batch * kv_heads * num_k_tiles)](
+        q, static_k, static_v, grad_out, lse, delta, parts[0], parts[1],
+        *_strides(q), *_strides(static_k), *_strides(static_v), *_strides(grad_out),
+        batch, heads, kv_heads, lq, static_len, num_k_tiles, num_m_tiles, tiles_per_chunk,
+        scale, scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], IEEE=q.dtype == torch.float32,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    summed = parts[:, 0] if chunks == 1 else parts.sum(1)
+    return summed[0].to(static_k.dtype), summed[1].to(static_v.dtype)
 
 
 class _FusedSparseAttention(torch.autograd.Function):
@@ -568,9 +696,10 @@ class _FusedSparseAttention(torch.autograd.Function):
 
         config = _tile_config(_DKDV_CONFIG, block_size, head_dim, q.dtype)
         csr_offsets, csr_query_blocks = _inverse_block_index(compact, selected_count, num_ref_blocks)
+        if static_len > 0:
+            dsk, dsv = static_dkdv(q, static_k, static_v, grad_out, lse, delta, scale)
         for kind, key, val, dkey, dval, kv_count, length in (
             (0, k, v, dk, dv, heads, lq),
-            (1, static_k, static_v, dsk, dsv, kv_heads, static_len),
             (2, ref_k, ref_v, drk, drv, kv_heads, ref_len_max),
         ):
             num_k_tiles = -(-length // config["BLOCK_N"])

@@ -185,6 +185,96 @@ def test_forward_and_gradients_match_brute_force(fused, case_name, dtype):
         assert (grad_inputs[5].grad.transpose(1, 2)[pad] == 0).all(), "padding got a gradient"
 
 
+# The static-key dK/dV is split over query chunks (partials in an fp32 workspace, summed after).
+# Odd sizes: Lq not a multiple of the 16-row tiles, S odd and above one 16-key tile, G = 1, 2, 4,
+# a padded sample; chunk counts: automatic, 1 (the unsplit walk), 3 (uneven chunks) and more
+# chunks than query tiles (one tile each).
+STATIC_SPLIT_CASES = {
+    "g1_s19_lq45": (1, 2, 1, 45, 19, 37, None, 2, 16),
+    "g2_s5_lq29_b2_padded": (2, 4, 2, 29, 5, 50, [50, 21], 2, 16),
+    "g4_s33_lq29_d32": (1, 4, 4, 29, 33, 40, None, 2, 32),
+}
+STATIC_SPLIT_RUNS = [(case, dtype, chunks) for case in STATIC_SPLIT_CASES
+                     for dtype, chunks in ((torch.float32, None), (torch.float32, 3), (torch.float16, None))]
+STATIC_SPLIT_RUNS += [("g1_s19_lq45", torch.float32, 1), ("g4_s33_lq29_d32", torch.float32, 1000),
+                      ("g4_s33_lq29_d32", torch.float16, 3)]
+
+
+@pytest.fixture
+def static_chunks(fused):
+    yield lambda value: setattr(fused, "_STATIC_CHUNKS", value)
+    fused._STATIC_CHUNKS = None
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case_name,dtype,chunks", STATIC_SPLIT_RUNS,
+                         ids=[f"{c}-{str(d).replace('torch.', '')}-{n or 'auto'}" for c, d, n in STATIC_SPLIT_RUNS])
+def test_split_static_backward_matches_reference_py(fused, static_chunks, case_name, dtype, chunks):
+    """Every gradient (q, k, v, static k/v, reference k/v) against reference.py in fp64."""
+    static_chunks(chunks)
+    inputs = make_inputs(STATIC_SPLIT_CASES[case_name], dtype, seed=7)
+    scale = inputs[0].shape[-1] ** -0.5
+    grad_inputs = _with_grad(inputs)
+    out, lse = fused.fused_sparse_attention(*grad_inputs, BLOCK, scale)
+    expected_inputs = _with_grad([t.double() if t is not None and t.is_floating_point() else t for t in inputs])
+    expected_out, expected_lse = reference_attention(*expected_inputs, BLOCK, scale)
+    generator = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(out.shape, generator=generator).double()
+    grad_lse = torch.randn(lse.shape, generator=generator).double()
+    (out.double() * grad_out).sum().add((lse.double() * grad_lse).sum()).backward()
+    (expected_out * grad_out).sum().add((expected_lse * grad_lse).sum()).backward()
+    grad_tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, got, want in zip(["q", "k", "v", "static_k", "static_v", "ref_k", "ref_v"], grad_inputs[:7], expected_inputs[:7]):
+        assert got.grad is not None and got.grad.dtype == dtype, name
+        assert torch.isfinite(got.grad).all(), f"d{name} has NaN/inf (unwritten or leaked padding)"
+        scale_of_grad = max(1.0, want.grad.abs().max().item())
+        assert _max_abs_error(got.grad, want.grad) / scale_of_grad < grad_tolerance, (name, _max_abs_error(got.grad, want.grad))
+
+
+@needs_interpreter
+def test_static_dkdv_does_not_depend_on_the_chunking(fused, static_chunks):
+    """The chunked partial sums equal the unsplit walk up to fp32 summation order."""
+    q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices = make_inputs(
+        (1, 4, 2, 45, 21, 0, None, 1, 16), torch.float32, seed=5)
+    scale = 0.25
+    out, lse = fused.fused_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, BLOCK, scale)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    delta = (grad_out * out).sum(-1).contiguous()
+    results = []
+    for chunks in (1, 2, 5, 64):
+        static_chunks(chunks)
+        results.append(fused.static_dkdv(q, static_k, static_v, grad_out, lse, delta, scale))
+    for dsk, dsv in results[1:]:
+        torch.testing.assert_close(dsk, results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dsv, results[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_static_chunk_choice_fills_the_gpu_without_empty_chunks():
+    from sparse_avatar.sparse_attention import triton_fused as fused
+
+    cpu = torch.device("cpu")  # counts as _DEFAULT_SM_COUNT (132) SMs
+    # The issue's shape: B=1, Hkv=4, S=64 (one key tile), G=4, Lq=16384 in 64-row tiles.
+    chunks, per_chunk = fused.static_query_chunks(1, 4, 1, 4 * 256, 64, 128, cpu)
+    assert chunks * 4 >= 2 * 132 and per_chunk >= fused._STATIC_MIN_TILES_PER_CHUNK
+    assert (chunks - 1) * per_chunk < 4 * 256 <= chunks * per_chunk  # covers every tile, none empty
+    # Few query tiles: never fewer than the minimum per chunk (but at least one chunk).
+    assert fused.static_query_chunks(1, 1, 1, 3, 64, 128, cpu) == (1, 3)
+    assert fused.static_query_chunks(1, 1, 1, 9, 64, 128, cpu) == (3, 3)
+    # Many (b, kv head) programs already: no split.
+    assert fused.static_query_chunks(64, 16, 1, 4 * 256, 64, 128, cpu)[0] == 1
+    # The workspace cap.
+    chunks, _ = fused.static_query_chunks(1, 1, 1, 10**6, 4096, 128, cpu)
+    assert chunks * 2 * 4 * 4096 * 128 <= fused._STATIC_WORKSPACE_BYTES
+    for total in range(1, 60):
+        for want in (1, 2, 3, 7, 100):
+            fused._STATIC_CHUNKS = want
+            try:
+                chunks, per_chunk = fused.static_query_chunks(1, 1, 1, total, 8, 16, cpu)
+            finally:
+                fused._STATIC_CHUNKS = None
+            assert (chunks - 1) * per_chunk < total <= chunks * per_chunk
+
+
 @needs_interpreter
 def test_matches_reference_py_with_duplicates_and_unsorted_ids(fused):
     """Against reference.py itself; duplicate ids in one row are attended once by the kernel, so
