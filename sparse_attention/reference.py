@@ -105,11 +105,12 @@ def check_forced_blocks(forced_blocks: torch.Tensor, batch: int, kv_heads: int, 
             f"forced_blocks must be an integer tensor [B, Hkv, nQ, F] = [{batch}, {kv_heads}, {query_blocks}, F] "
             f"(B and Hkv may be 1 to broadcast; -1 = no block); got {got}."
         )
-    if forced_blocks.numel() and (int(forced_blocks.min()) < -1 or int(forced_blocks.max()) >= ref_blocks):
-        raise UserFacingError(
-            f"forced_blocks must hold reference block ids in [0, nR={ref_blocks}) or -1; "
-            f"got values from {int(forced_blocks.min())} to {int(forced_blocks.max())}."
-        )
+    if forced_blocks.numel():
+        low, high = torch.stack([forced_blocks.min(), forced_blocks.max()]).tolist()  # one host sync
+        if low < -1 or high >= ref_blocks:
+            raise UserFacingError(
+                f"forced_blocks must hold reference block ids in [0, nR={ref_blocks}) or -1; got values from {low} to {high}."
+            )
 
 
 @torch.no_grad()
@@ -166,29 +167,44 @@ def select_reference_blocks(q, centroids, ref_lengths, block_size, top_k, forced
     slots = top_k + forced_count
     device = q.device
 
-    pooled = query_block_means(q, block_size).view(batch, kv_heads, group_size, query_blocks, head_dim).mean(dim=2)
+    # This runs in every layer at every step, so it avoids kernels that cannot change the result
+    # (each small kernel costs a launch): no mean over a single head, no mask when every block
+    # is valid, no reordering when top-k's own descending order already puts unused slots last.
+    pooled = query_block_means(q, block_size)
+    if group_size > 1:
+        pooled = pooled.view(batch, kv_heads, group_size, query_blocks, head_dim).mean(dim=2)
     scores = pooled @ centroids.to(pooled.dtype).transpose(-1, -2)  # [B, Hkv, nQ, nR]
-    block_valid = valid_reference_blocks(ref_lengths, batch, ref_blocks * block_size, block_size, device)  # [B, nR]
-    scores = scores.masked_fill(~block_valid[:, None, None, :], float("-inf"))
+    if ref_lengths is not None:
+        block_starts = torch.arange(0, ref_blocks * block_size, block_size, device=device)
+        block_empty = block_starts >= ref_lengths.to(device=device, dtype=torch.long)[:, None]  # [B, nR]
+        scores.masked_fill_(block_empty[:, None, None, :], float("-inf"))
 
-    pieces = []
-    if forced_count:
-        forced = forced_blocks.to(device=device, dtype=torch.long).expand(batch, kv_heads, query_blocks, forced_count)
-        if ref_blocks:
-            forced_block_valid = block_valid[:, None, None, :].expand(batch, kv_heads, query_blocks, ref_blocks)
-            forced_is_valid = (forced >= 0) & torch.gather(forced_block_valid, -1, forced.clamp(min=0))
-        else:
-            forced_is_valid = torch.zeros_like(forced, dtype=torch.bool)
-        # A later copy of an id already forced earlier in the row is dropped.
-        same = forced[..., :, None] == forced[..., None, :]
-        earlier = torch.ones(forced_count, forced_count, dtype=torch.bool, device=device).tril(diagonal=-1)
-        repeated = (same & earlier).any(dim=-1)
-        forced = torch.where(forced_is_valid & ~repeated, forced, torch.full_like(forced, -1))
-        # Forced blocks must not be picked a second time by top-k: give them -inf (the extra
-        # column swallows the scatter of the -1 slots).
-        scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), float("-inf"))], dim=-1)
-        scores = scores.scatter(-1, torch.where(forced >= 0, forced, ref_blocks), float("-inf"))[..., :ref_blocks]
-        pieces.append(forced)
+    if not forced_count:
+        chosen = min(top_k, ref_blocks)
+        top_scores, top_ids = scores.topk(chosen, dim=-1)  # descending: -inf (unusable) slots last
+        top_ids.masked_fill_(torch.isneginf(top_scores), -1)
+        if slots > chosen:
+            top_ids = torch.cat([top_ids, top_ids.new_full((batch, kv_heads, query_blocks, slots - chosen), -1)], dim=-1)
+        return top_ids.to(torch.int32)
+
+    block_valid = valid_reference_blocks(ref_lengths, batch, ref_blocks * block_size, block_size, device)  # [B, nR]
+    # Forced blocks first (valid ones, each once), then the top-k of the others.
+    forced = forced_blocks.to(device=device, dtype=torch.long).expand(batch, kv_heads, query_blocks, forced_count)
+    if ref_blocks:
+        forced_block_valid = block_valid[:, None, None, :].expand(batch, kv_heads, query_blocks, ref_blocks)
+        forced_is_valid = (forced >= 0) & torch.gather(forced_block_valid, -1, forced.clamp(min=0))
+    else:
+        forced_is_valid = torch.zeros_like(forced, dtype=torch.bool)
+    # A later copy of an id already forced earlier in the row is dropped.
+    same = forced[..., :, None] == forced[..., None, :]
+    earlier = torch.ones(forced_count, forced_count, dtype=torch.bool, device=device).tril(diagonal=-1)
+    repeated = (same & earlier).any(dim=-1)
+    forced = torch.where(forced_is_valid & ~repeated, forced, torch.full_like(forced, -1))
+    # Forced blocks must not be picked a second time by top-k: give them -inf (the extra
+    # column swallows the scatter of the -1 slots).
+    scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), float("-inf"))], dim=-1)
+    scores = scores.scatter(-1, torch.where(forced >= 0, forced, ref_blocks), float("-inf"))[..., :ref_blocks]
+    pieces = [forced]
 
     chosen = min(top_k, ref_blocks)
     top_scores, top_ids = scores.topk(chosen, dim=-1)

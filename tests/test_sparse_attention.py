@@ -191,6 +191,75 @@ def test_routing_top_scores_in_descending_order():
     assert chosen.tolist() == torch.argsort(scores, descending=True).tolist()
 
 
+def _select_reference_blocks_before_trim(q, centroids, ref_lengths, block_size, top_k, forced_blocks):
+    """The routing as it was before its kernel count was trimmed (frozen copy): the trimmed one
+    must return exactly the same ids."""
+    from sparse_avatar.sparse_attention.reference import query_block_means, valid_reference_blocks
+
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads, ref_blocks = centroids.shape[1], centroids.shape[2]
+    group_size = heads // kv_heads
+    query_blocks = -(-query_len // block_size)
+    forced_count = 0 if forced_blocks is None else forced_blocks.shape[-1]
+    slots = top_k + forced_count
+    pooled = query_block_means(q, block_size).view(batch, kv_heads, group_size, query_blocks, head_dim).mean(dim=2)
+    scores = pooled @ centroids.to(pooled.dtype).transpose(-1, -2)
+    block_valid = valid_reference_blocks(ref_lengths, batch, ref_blocks * block_size, block_size, q.device)
+    scores = scores.masked_fill(~block_valid[:, None, None, :], float("-inf"))
+    pieces = []
+    if forced_count:
+        forced = forced_blocks.to(dtype=torch.long).expand(batch, kv_heads, query_blocks, forced_count)
+        forced_block_valid = block_valid[:, None, None, :].expand(batch, kv_heads, query_blocks, ref_blocks)
+        forced_is_valid = (forced >= 0) & torch.gather(forced_block_valid, -1, forced.clamp(min=0))
+        same = forced[..., :, None] == forced[..., None, :]
+        earlier = torch.ones(forced_count, forced_count, dtype=torch.bool).tril(diagonal=-1)
+        repeated = (same & earlier).any(dim=-1)
+        forced = torch.where(forced_is_valid & ~repeated, forced, torch.full_like(forced, -1))
+        scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), float("-inf"))], dim=-1)
+        scores = scores.scatter(-1, torch.where(forced >= 0, forced, ref_blocks), float("-inf"))[..., :ref_blocks]
+        pieces.append(forced)
+    chosen = min(top_k, ref_blocks)
+    top_scores, top_ids = scores.topk(chosen, dim=-1)
+    pieces.append(torch.where(torch.isneginf(top_scores), torch.full_like(top_ids, -1), top_ids))
+    pieces.append(torch.full((batch, kv_heads, query_blocks, slots - forced_count - chosen), -1, dtype=torch.long))
+    selected = torch.cat(pieces, dim=-1)
+    order = torch.sort((selected < 0).to(torch.int8), dim=-1, stable=True).indices
+    return torch.gather(selected, -1, order).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,query_len,ref_len,lengths,top_k,block,forced",
+    [
+        (2, 4, 1, 37, 70, [70, 29], 3, 8, False),   # G=4, partial query block, padded sample
+        (1, 2, 2, 16, 40, None, 9, 8, False),       # G=1, top_k > nR (unused slots), no lengths
+        (2, 6, 3, 23, 53, [0, 53], 2, 8, False),    # G=2, an empty reference sample
+        (1, 4, 2, 20, 64, [64], 0, 16, False),      # top_k = 0
+        (2, 4, 2, 25, 61, [61, 17], 3, 8, True),    # forced blocks (with repeats and invalid ids)
+    ],
+)
+def test_routing_is_unchanged_by_the_kernel_trim(dtype, batch, heads, kv_heads, query_len, ref_len, lengths, top_k, block, forced):
+    from sparse_avatar.sparse_attention.reference import select_reference_blocks
+
+    generator = torch.Generator().manual_seed(11)
+    q = torch.randn(batch, heads, query_len, 16, generator=generator).to(dtype)
+    ref_k = torch.randn(batch, kv_heads, ref_len, 16, generator=generator).to(dtype)
+    ref_lengths = torch.tensor(lengths) if lengths is not None else None
+    centroids = reference_block_centroids(ref_k, ref_lengths, block)
+    query_blocks, ref_blocks = -(-query_len // block), -(-ref_len // block)
+    forced_blocks = None
+    if forced:
+        forced_blocks = torch.randint(-1, ref_blocks, (1, 1, query_blocks, 3), generator=generator)
+        forced_blocks[..., 2] = forced_blocks[..., 0]
+    # Ties too: two identical centroids and a row of equal scores.
+    centroids[:, :, 1] = centroids[:, :, 0]
+    got = select_reference_blocks(q, centroids, ref_lengths, block, top_k, forced_blocks)
+    want = _select_reference_blocks_before_trim(q, centroids, ref_lengths, block, top_k, forced_blocks)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    zero = select_reference_blocks(torch.zeros_like(q), centroids, ref_lengths, block, top_k, forced_blocks)
+    assert torch.equal(zero, _select_reference_blocks_before_trim(torch.zeros_like(q), centroids, ref_lengths, block, top_k, forced_blocks))
+
+
 def test_centroids_exclude_padding_even_nan():
     ref_k = torch.arange(2 * 1 * 10 * 2, dtype=torch.float32).view(2, 1, 10, 2)
     ref_k[1, 0, 5:] = float("nan")
