@@ -61,6 +61,21 @@ class ModelConfig:
     shift_base_tokens: int = 256  # tokens per frame at which the resolution shift is 1
     default_chunk_frames: int = 48
     default_overlap_frames: int = 8
+    # What the network's last layer predicts: "v" (the velocity data - noise) or "x" (the clean
+    # frame; Li & He 2025, "Back to Basics", JiT). Velocity prediction in pixel tokens of hundreds
+    # of values per token collapses; x-prediction does not (issue "A real person"). Old
+    # checkpoints have no such field and were trained as "v", hence the default.
+    prediction: str = "v"
+    # Space of the training loss: "v" (velocity MSE; for x-prediction with 1 - t clamped at 0.05
+    # as in JiT) or "x" (clean-frame MSE: more weight on high noise, the posterior mean).
+    loss_space: str = "v"
+    # Channels of the pixel-space convolutional refiner after the token head (0 = none). Token
+    # heads predict each patch on its own, which shows as a mosaic; 3x3 convolutions across patch
+    # borders, seeing the known context pixels, remove the seams. Needs x-prediction, pixel codec.
+    refiner_channels: int = 0
+    # Probability that a training sample is a dub sample: the target itself is given as context
+    # with the lower face (model.masks.dub_mask, jittered) hidden, as dub mode renders.
+    dub_context_prob: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form notes (never read by the network)
 
     def __post_init__(self) -> None:
@@ -75,6 +90,10 @@ class ModelConfig:
             problems.append(f"patch_size must be three positive ints (t, h, w); got {self.patch_size}")
         if self.depth < 1 or self.static_tokens < 0 or self.top_k < 1 or self.block_size < 1:
             problems.append("depth, top_k and block_size must be >= 1 and static_tokens >= 0")
+        if self.prediction not in ("v", "x") or self.loss_space not in ("v", "x"):
+            problems.append(f"prediction and loss_space must be 'v' or 'x'; got {self.prediction!r} / {self.loss_space!r}")
+        if self.refiner_channels and (self.prediction != "x" or not self.latent_codec.startswith("pixel-f")):
+            problems.append("the pixel refiner (refiner_channels > 0) needs prediction='x' and a pixel-f* codec")
         if problems:
             raise UserFacingError(f"invalid model config {self.name!r}: " + "; ".join(problems) + ".")
 

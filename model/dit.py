@@ -268,6 +268,48 @@ class AvatarBlock(nn.Module):
         return x, ref_k, ref_v
 
 
+class PixelRefiner(nn.Module):
+    """Residual 3x3 convolutions over the predicted clean frame at full pixel resolution.
+
+    Input per frame: the token head's prediction, the context pixels and the context mask (7
+    channels). The last convolution starts at zero, so an untrained refiner is the identity.
+    Works on pixel-f<N> latents, which are pixels rearranged (model/codecs.py PixelCodec).
+    """
+
+    def __init__(self, factor: int, channels: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.net = nn.Sequential(
+            nn.Conv2d(7, channels, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, 3, 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, 3·f·f, T, h, w] -> [B·T, 3, h·f, w·f] (the PixelCodec channel order: rgb, dy, dx)."""
+        batch, _, time, rows, cols = latents.shape
+        f = self.factor
+        x = latents.reshape(batch, 3, f, f, time, rows, cols).permute(0, 4, 1, 5, 2, 6, 3)
+        return x.reshape(batch * time, 3, rows * f, cols * f)
+
+    def _to_latents(self, pixels: torch.Tensor, batch: int) -> torch.Tensor:
+        f = self.factor
+        bt, channels, height, width = pixels.shape
+        x = pixels.reshape(batch, bt // batch, channels, height // f, f, width // f, f).permute(0, 2, 4, 6, 1, 3, 5)
+        return x.reshape(batch, channels * f * f, bt // batch, height // f, width // f)
+
+    def forward(self, predicted: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        batch = predicted.shape[0]
+        dtype = self.net[0].weight.dtype
+        pixels = self._to_pixels(predicted.to(dtype))
+        mask = context_mask.to(dtype).permute(0, 2, 1, 3, 4).reshape(-1, 1, *context_mask.shape[-2:])
+        mask = F.interpolate(mask, scale_factor=self.factor, mode="nearest")
+        stacked = torch.cat([pixels, self._to_pixels(context.to(dtype)), mask], dim=1)
+        return predicted + self._to_latents(self.net(stacked), batch).to(predicted.dtype)
+
+
 class FinalLayer(nn.Module):
     def __init__(self, hidden: int, out_features: int) -> None:
         super().__init__()
@@ -298,6 +340,7 @@ class AvatarDiT(nn.Module):
         self.speech_embedder = SpeechEmbedder(config.speech_feature_dim, config.hidden, config.audio_window, frames_per_token=pt)
         self.blocks = nn.ModuleList(AvatarBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(config.hidden, channels * self.patch_volume)
+        self.refiner = PixelRefiner(int(config.latent_codec[len("pixel-f"):]), config.refiner_channels) if config.refiner_channels else None
         self.attention_backend = "auto"
         self.initialize_weights()
 
@@ -308,7 +351,7 @@ class AvatarDiT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-        self.apply(basic_init)
+        self.apply(basic_init)  # Linear layers only: the refiner's convolutions keep their own init
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
@@ -382,8 +425,10 @@ class AvatarDiT(nn.Module):
 
     # -- denoising pass ---------------------------------------------------------------------------
 
-    def forward(self, noisy_latents, t, speech_features, caches, *, context_latents=None, context_mask=None, audio_keep=None, forced_blocks=None):
-        """Velocity prediction.
+    def forward(self, noisy_latents, t, speech_features, caches, *, context_latents=None, context_mask=None, audio_keep=None, forced_blocks=None, output: str = "velocity"):
+        """Velocity (output="velocity", what the samplers integrate) or the clean latents
+        (output="data", what an x-prediction loss compares), whatever the network predicts:
+        x_data = x_t + (1 - t)·v, both ways (config.prediction decides which one is learned).
 
         noisy_latents [B, C, T, h, w]; t [B] flow time (0 noise .. 1 data); speech_features
         [B, T, F] (one per frame); caches: list of LayerCache (None or empty caches = no
@@ -408,4 +453,16 @@ class AvatarDiT(nn.Module):
         for block, cache in zip(self.blocks, caches):
             x = block(x, conditioning, angles, audio_tokens, tokens_per_frame, cache, backend=self.attention_backend, forced_blocks=forced_blocks)
         x = self.final_layer(x, conditioning)
-        return self.unpatchify(x, grid).to(noisy_latents.dtype)
+        predicted = self.unpatchify(x, grid).float()
+        sigma = (1.0 - t.float().to(x.device).expand(batch)).view(batch, 1, 1, 1, 1)
+        noisy = noisy_latents.float()
+        if self.config.prediction == "x":
+            if self.refiner is not None:
+                predicted = self.refiner(predicted, context_latents, context_mask)
+            if output == "data":
+                return predicted.to(noisy_latents.dtype)
+            # The sampler never evaluates at t = 1; the clamp only guards a caller that does.
+            return ((predicted - noisy) / sigma.clamp_min(1e-4)).to(noisy_latents.dtype)
+        if output == "data":
+            return (noisy + sigma * predicted).to(noisy_latents.dtype)
+        return predicted.to(noisy_latents.dtype)

@@ -14,12 +14,15 @@ the network predicts the velocity v = x1 - x0. Noise level sigma = 1 - t.
 """
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserFacingError
+from .dit import LayerCache
+from .masks import jittered_dub_masks
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
 MAX_STEPS = 50
@@ -38,7 +41,9 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def sample_training_times(batch: int, *, mean: float, std: float, shift: float, generator=None) -> torch.Tensor:
-    normal = torch.randn(batch, generator=generator) * std + mean
+    """Logit-normal, resolution-shifted flow times [batch], drawn on the generator's device."""
+    device = generator.device if generator is not None else None
+    normal = torch.randn(batch, generator=generator, device=device) * std + mean
     return shift_time(torch.sigmoid(normal), shift)
 
 
@@ -175,29 +180,75 @@ def _split_reference_halves(reference_kv, frames: int, tokens_per_frame: int, ge
     """Two disjoint, time-shuffled halves of the reference frames (as token subsets of each
     layer's K/V): the reference pass is frame-local, so a subset of frames' K/V is exactly what
     the pass would give for that subset alone."""
-    order = torch.randperm(frames, generator=generator)
+    order = torch.randperm(frames, generator=generator, device=generator.device if generator is not None else None)
     halves = order[: frames // 2].sort().values, order[frames // 2 :].sort().values
     result = []
     for half in halves:
-        token_index = (half[:, None] * tokens_per_frame + torch.arange(tokens_per_frame)[None]).reshape(-1)
+        token_index = (half[:, None] * tokens_per_frame + torch.arange(tokens_per_frame, device=half.device)[None]).reshape(-1)
         result.append([(k[:, :, token_index.to(k.device)], v[:, :, token_index.to(v.device)]) for k, v in reference_kv])
     return result
 
 
-def training_step(model, batch: dict, *, generator: torch.Generator | None = None):
+def _expand_caches(caches, batch: int):
+    """Caches of one shared reference (batch 1) -> the batch's size. The reference PASS ran once;
+    the copies are made contiguous because every attention backend indexes the batch by stride."""
+    if caches is None or batch == 1 or caches[0].ref_k.shape[0] == batch:
+        return caches
+    def grow(tensor):
+        return None if tensor is None else tensor.expand(batch, *tensor.shape[1:]).contiguous()
+    return [LayerCache(grow(c.static_k), grow(c.static_v), grow(c.ref_k), grow(c.ref_v), grow(c.centroids), grow(c.ref_lengths)) for c in caches]
+
+
+def dub_context(model, target: torch.Tensor, generator=None) -> torch.Tensor:
+    """Known-cell mask [B, 1, T, h, w] of dub samples: everything but a (jittered) lower-face box.
+    A latent cell is known only if none of its pixels is to be re-rendered, as in dub rendering."""
+    size = model.config.frame_size
+    factor = model.codec.spatial_factor
+    batch, _, time, rows, cols = target.shape
+    pixel_masks = jittered_dub_masks(batch, size, generator=generator).to(target.device)
+    cell_masks = pixel_masks.reshape(batch, rows, factor, cols, factor).amax(dim=(2, 4))
+    return (1.0 - cell_masks)[:, None, None].expand(batch, 1, time, rows, cols).to(target.device, target.dtype)
+
+
+def flow_loss(config, predicted: torch.Tensor, target: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The training loss in config.loss_space. ``predicted`` is what the network predicts
+    (config.prediction): the velocity for "v", the clean latents for "x".
+    x-prediction, loss "v": velocity MSE with 1 - t clamped at 0.05, as in JiT (an almost clean
+    sample's velocity would otherwise weigh hundreds of times more); loss "x": clean-data MSE."""
+    predicted, target = predicted.float(), target.float()
+    if config.prediction == "v":
+        if config.loss_space == "v":
+            return F.mse_loss(predicted, target - noise.float())
+        sigma = (1.0 - t.float()).view(-1, 1, 1, 1, 1)
+        return F.mse_loss(noisy.float() + sigma * predicted, target)
+    if config.loss_space == "x":
+        return F.mse_loss(predicted, target)
+    sigma = (1.0 - t.float()).view(-1, 1, 1, 1, 1).clamp_min(0.05)
+    return F.mse_loss((predicted - noisy.float()) / sigma, (target - noisy.float()) / sigma)
+
+
+def training_step(model, batch: dict, *, generator: torch.Generator | None = None, dub_context_prob: float | None = None):
     """One flow-matching loss on a batch; the trainer calls this for every stage.
 
     batch keys (tensors, batch size B, T target frames, Tr reference frames):
       target_frames [B, T, H, W, 3] float 0..1  or  target_latents [B, C, T, h, w]
       target_audio [B, T, F]            speech features, one per target frame
-      reference_frames [B, Tr, H, W, 3]  or  reference_latents [B, C, Tr, h, w]
-      reference_audio [B, Tr, F]        optional: the reference's own speech features
+      reference_frames [B or 1, Tr, H, W, 3]  or  reference_latents [B or 1, C, Tr, h, w]
+                                        (batch 1: one reference shared by every sample, as in
+                                        personality fine-tuning on one video: the reference
+                                        pass then runs once, not B times)
+      reference_audio [B or 1, Tr, F]   optional: the reference's own speech features
       context_frames / context_latents + context_mask [B, 1, T, h, w]   optional (dub mode:
                                         the masked source; 1 = visible/known)
     Condition dropout for guidance (config.audio_dropout per sample, config.reference_dropout
-    per batch) and motion-frame conditioning (config.motion_frames_prob: the first 1..max
-    frames are given as known context, as the long-video pipeline does) happen here.
-    Returns (loss, metrics) — metrics are floats: loss, flow_loss, static_consistency, t_mean.
+    per batch), dub samples (config.dub_context_prob per sample: the target with the lower face
+    hidden as context) and motion-frame conditioning (config.motion_frames_prob: the first
+    1..max frames are given as known context, as the long-video pipeline does) happen here.
+    dub_context_prob overrides the config's (personality fine-tuning trains dub on any base).
+    Randomness comes from ``generator`` on ITS device: a CPU generator reproduces across
+    devices; a CUDA generator (the personality path) keeps the step free of host syncs.
+    Returns (loss, metrics): metrics are 0-dim tensors (no host sync here; the trainer reads
+    them when it logs): loss, flow_loss, static_consistency, t_mean.
     """
     config = model.config
     dit = model.dit
@@ -209,16 +260,34 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
     reference_audio = batch.get("reference_audio")
     reference_audio = reference_audio.to(device, torch.float32) if reference_audio is not None else None
 
+    random_device = generator.device if generator is not None else torch.device("cpu")
+
+    def uniform(count: int) -> torch.Tensor:
+        return torch.rand(count, generator=generator, device=random_device).to(device)
+
+    def host_uniform() -> float:
+        """A decision the host makes (which code runs): from a CUDA generator's seed, not its
+        stream, because reading a device number back would wait for the GPU."""
+        if random_device.type == "cpu":
+            return float(torch.rand((), generator=generator))
+        return random.Random(generator.initial_seed() ^ 0x5DEECE66D).random()
+
     context = _latents(model, batch, "context_latents", "context_frames", required=False)
     if context is None:
         context = torch.zeros_like(target)
         mask = torch.zeros_like(target[:, :1])
     else:
         mask = batch["context_mask"].to(device, dtype)
+    dub_context_prob = config.dub_context_prob if dub_context_prob is None else dub_context_prob
+    if dub_context_prob > 0:
+        is_dub = (uniform(size) < dub_context_prob).to(dtype)[:, None, None, None, None]
+        dub_known = dub_context(model, target, generator) * is_dub
+        context = dub_known * target + (1 - dub_known) * context
+        mask = torch.maximum(mask, dub_known)
     if config.motion_frames_prob > 0 and time_len > 1:
-        use_motion = torch.rand(size, generator=generator) < config.motion_frames_prob
-        counts = torch.randint(1, max(2, min(config.max_motion_frames, time_len - 1) + 1), (size,), generator=generator)
-        counts = torch.where(use_motion, counts, torch.zeros_like(counts)).to(device)
+        use_motion = uniform(size) < config.motion_frames_prob
+        counts = torch.randint(1, max(2, min(config.max_motion_frames, time_len - 1) + 1), (size,), generator=generator, device=random_device).to(device)
+        counts = torch.where(use_motion, counts, torch.zeros_like(counts))
         motion = (torch.arange(time_len, device=device)[None] < counts[:, None]).to(dtype)[:, None, :, None, None]
         context = motion * target + (1 - motion) * context
         mask = torch.maximum(mask, motion.expand_as(mask))
@@ -226,8 +295,8 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
     tokens_per_frame = dit.token_grid(target.shape)[1] * dit.token_grid(target.shape)[2]
     shift = model.resolution_shift(tokens_per_frame)
     t = sample_training_times(size, mean=config.timestep_mean, std=config.timestep_std, shift=shift, generator=generator).to(device)
-    if device.type == "cpu":
-        noise = torch.randn(target.shape, generator=generator).to(device, dtype)
+    if random_device.type != "cpu" or device.type == "cpu":
+        noise = torch.randn(target.shape, generator=generator, device=random_device).to(device, dtype)
     else:
         # Drawing the noise on the host and copying it cost ~60 ms a step on an H100 (batch 4,
         # 16 frames at 256²); a device generator seeded from the host one stays reproducible.
@@ -235,8 +304,8 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
         noise = torch.randn(target.shape, generator=noise_generator, device=device, dtype=dtype)
     t_b = t.to(dtype)[:, None, None, None, None]
     noisy = t_b * target + (1 - t_b) * noise
-    audio_keep = (torch.rand(size, generator=generator) >= config.audio_dropout).to(device)
-    use_reference = bool(torch.rand((), generator=generator) >= config.reference_dropout)
+    audio_keep = uniform(size) >= config.audio_dropout
+    use_reference = host_uniform() >= config.reference_dropout
 
     consistency = torch.zeros((), device=device)
     caches = None
@@ -252,9 +321,11 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
             consistency = consistency / len(caches)
         else:
             caches = dit.layer_caches(reference_kv)
+        caches = _expand_caches(caches, size)
 
-    predicted = dit(noisy, t, audio, caches, context_latents=context, context_mask=mask, audio_keep=audio_keep)
-    flow_loss = F.mse_loss(predicted.float(), (target - noise).float())
-    loss = flow_loss + config.static_consistency_weight * consistency
-    metrics = {"loss": float(loss.detach()), "flow_loss": float(flow_loss.detach()), "static_consistency": float(consistency.detach()), "t_mean": float(t.mean())}
+    output = "data" if config.prediction == "x" else "velocity"
+    predicted = dit(noisy, t, audio, caches, context_latents=context, context_mask=mask, audio_keep=audio_keep, output=output)
+    main_loss = flow_loss(config, predicted, target, noise, noisy, t)
+    loss = main_loss + config.static_consistency_weight * consistency
+    metrics = {"loss": loss.detach(), "flow_loss": main_loss.detach(), "static_consistency": consistency.detach(), "t_mean": t.mean()}
     return loss, metrics

@@ -1,0 +1,157 @@
+"""The generator that learns a person: x-prediction, the pixel refiner, dub context in training,
+the shared-reference batch source, and personality fine-tuning (full and LoRA, time budget)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_avatar.errors import UserFacingError
+from sparse_avatar.model import new_model, training_step
+from sparse_avatar.model.configs import get_config
+from sparse_avatar.model.masks import DUB_REGION, dub_mask, jittered_dub_masks
+from sparse_avatar.training.personality import PersonClipSource, finetune_personality
+
+X_CONFIG = get_config("tiny").replace(prediction="x", loss_space="v", refiner_channels=8)
+
+
+def _batch(size=2, frames=4, reference_batch=1, side=32):
+    dim = get_config("tiny").speech_feature_dim
+    generator = torch.Generator().manual_seed(3)
+    return {
+        "target_frames": torch.rand(size, frames, side, side, 3, generator=generator),
+        "target_audio": torch.randn(size, frames, dim, generator=generator),
+        "reference_frames": torch.rand(reference_batch, 6, side, side, 3, generator=generator),
+        "reference_audio": torch.randn(reference_batch, 6, dim, generator=generator),
+    }
+
+
+def test_x_prediction_velocity_and_data_outputs_agree():
+    model = new_model(X_CONFIG, seed=1)
+    for parameter in model.parameters():  # off the zero init, so the prediction is not trivially 0
+        parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    noisy = torch.randn(1, 48, 3, 8, 8)
+    t = torch.tensor([0.3])
+    audio = torch.randn(1, 3, X_CONFIG.speech_feature_dim)
+    data = model.dit(noisy, t, audio, None, output="data")
+    velocity = model.dit(noisy, t, audio, None)
+    torch.testing.assert_close(noisy + (1 - t) * velocity, data, atol=1e-5, rtol=1e-5)
+
+
+def test_refiner_starts_as_the_identity_and_learns():
+    config = X_CONFIG
+    with_refiner, without = new_model(config, seed=4), new_model(config.replace(refiner_channels=0), seed=4)
+    state = {name: value for name, value in with_refiner.dit.state_dict().items() if not name.startswith("refiner.")}
+    without.dit.load_state_dict(state)
+    noisy = torch.randn(1, 48, 2, 8, 8)
+    audio = torch.randn(1, 2, config.speech_feature_dim)
+    torch.testing.assert_close(with_refiner.dit(noisy, torch.tensor([0.5]), audio, None, output="data"),
+                               without.dit(noisy, torch.tensor([0.5]), audio, None, output="data"))
+    loss, _ = training_step(with_refiner, _batch(), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert with_refiner.dit.refiner.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_refiner_needs_x_prediction():
+    with pytest.raises(UserFacingError, match="refiner"):
+        get_config("tiny").replace(refiner_channels=8)
+
+
+def test_dub_masks_cover_the_lower_face_and_jitter_around_it():
+    mask = dub_mask(100)
+    top, bottom, left, right = (round(100 * f) for f in DUB_REGION)
+    assert mask[top:bottom, left:right].all() and mask.sum() == (bottom - top) * (right - left)
+    masks = jittered_dub_masks(64, 100, jitter=0.04, generator=torch.Generator().manual_seed(0))
+    assert masks.shape == (64, 100, 100)
+    areas = masks.sum((1, 2))
+    assert areas.min() < mask.sum() < areas.max()  # both larger and smaller holes are drawn
+    assert (masks[:, 70, 50] == 1).all() and (masks[:, 20, 50] == 0).all()  # mouth always hidden, eyes never
+
+
+def test_dub_context_reaches_the_model(monkeypatch):
+    """With dub_context_prob 1 every sample is given its own frames outside the dub box as
+    known context; with 0 (and no motion frames) none is."""
+    model = new_model(get_config("tiny").replace(motion_frames_prob=0.0, reference_dropout=0.0), seed=0)
+    seen = {}
+    original = model.dit.forward
+
+    def spy(noisy, t, speech, caches, *, context_latents=None, context_mask=None, **kwargs):
+        seen["context"], seen["mask"] = context_latents, context_mask
+        return original(noisy, t, speech, caches, context_latents=context_latents, context_mask=context_mask, **kwargs)
+
+    monkeypatch.setattr(model.dit, "forward", spy)
+    batch = _batch()
+    training_step(model, batch, generator=torch.Generator().manual_seed(0), dub_context_prob=1.0)
+    mask = seen["mask"]  # [B, 1, T, 8, 8] at the pixel-f4 cell grid of a 32² crop
+    assert mask.shape == (2, 1, 4, 8, 8)
+    assert (mask[:, :, :, 0, :] == 1).all()  # the top rows (eyes, forehead) are known
+    assert (mask[:, :, :, 5, 3:5] == 0).all()  # the mouth cells are to be rendered
+    target = model.encode_frames(batch["target_frames"])
+    known = mask.expand_as(target) > 0
+    torch.testing.assert_close(seen["context"][known], target[known])
+    training_step(model, batch, generator=torch.Generator().manual_seed(0), dub_context_prob=0.0)
+    assert (seen["mask"] == 0).all()
+
+
+def test_a_shared_reference_trains_like_the_same_reference_repeated():
+    """Batch-1 reference broadcast over the batch == the reference given once per sample."""
+    model = new_model(X_CONFIG.replace(reference_dropout=0.0), seed=2)
+    for parameter in model.parameters():
+        parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    shared = _batch(size=3, reference_batch=1)
+    repeated = dict(shared, reference_frames=shared["reference_frames"].expand(3, -1, -1, -1, -1),
+                    reference_audio=shared["reference_audio"].expand(3, -1, -1))
+    loss_shared, _ = training_step(model, shared, generator=torch.Generator().manual_seed(7))
+    grads_shared = torch.autograd.grad(loss_shared, list(model.parameters()), allow_unused=True)
+    loss_repeated, _ = training_step(model, repeated, generator=torch.Generator().manual_seed(7))
+    grads_repeated = torch.autograd.grad(loss_repeated, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss_shared, loss_repeated, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_shared, grads_repeated):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_person_clip_source_keeps_the_reference_out_of_the_targets_and_is_pure():
+    frames = np.arange(120, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2).repeat(3, 3)  # frame i holds value i
+    speech = np.arange(120, dtype=np.float32)[:, None].repeat(160, 1)
+    source = PersonClipSource(frames, speech, batch_size=4, target_frames=10, reference_frames=30, device="cpu", seed=5)
+    for step in range(5):
+        batch = source.batch(step, 0, 1)
+        targets = set((batch["target_frames"][..., 0, 0, 0] * 255).round().long().reshape(-1).tolist())
+        reference = (batch["reference_frames"][0, :, 0, 0, 0] * 255).round().long().tolist()
+        assert batch["reference_frames"].shape[:2] == (1, 30) and batch["target_frames"].shape[:2] == (4, 10)
+        assert not targets & set(reference) and len(set(reference)) == 30
+        assert batch["reference_audio"][0, :, 0].long().tolist() == reference  # speech stays aligned with frames
+        again = source.batch(step, 0, 1)
+        assert torch.equal(again["target_frames"], batch["target_frames"])
+
+
+def test_finetune_full_and_lora_write_loadable_files(tmp_path):
+    from sparse_avatar.model import load_checkpoint
+    from sparse_avatar.training.lora import load_lora
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    speech = rng.standard_normal((40, 160)).astype(np.float32)
+    updates = []
+    model = new_model(X_CONFIG, seed=0)
+    path = finetune_personality(model, crops, speech, tmp_path / "me.safetensors", steps=3, lora_rank=0, batch_size=2,
+                                target_frames=4, reference_frames=8, log_every=1, progress=lambda s, n, loss: updates.append((s, loss)))
+    assert [s for s, _ in updates] == [1, 2, 3] and all(loss is not None and np.isfinite(loss) for _, loss in updates)
+    loaded = load_checkpoint(path)
+    assert loaded.config == X_CONFIG and loaded.fingerprint() == model.fingerprint()
+    base = new_model("tiny", seed=0)
+    fingerprint = base.fingerprint()
+    lora_path = finetune_personality(base, crops, speech, tmp_path / "lora.safetensors", steps=2, lora_rank=4, batch_size=2,
+                                     target_frames=4, reference_frames=8)
+    assert load_lora(new_model("tiny", seed=0).dit, lora_path, base_fingerprint=fingerprint)
+
+
+def test_time_budget_stops_training(tmp_path):
+    rng = np.random.default_rng(1)
+    crops = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    speech = rng.standard_normal((40, 160)).astype(np.float32)
+    steps = []
+    finetune_personality(new_model(X_CONFIG, seed=0), crops, speech, tmp_path / "b.safetensors", steps=10_000, time_budget_s=1.0,
+                         lora_rank=0, batch_size=2, target_frames=4, reference_frames=8, progress=lambda s, n, loss: steps.append(s))
+    assert 1 <= steps[-1] < 10_000
