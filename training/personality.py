@@ -1,23 +1,111 @@
-"""Stage 3 as one call: fine-tune a LoRA on one person's video (what a "Train Avatar" node runs).
+"""Stage 3 as one call: learn one person from their own video (what the Train Avatar node runs).
 
-    lora_path = finetune_personality(model, crops, speech, out_path, steps=1500)
+    path = finetune_personality(model, crops, speech, out_path, time_budget_s=600)
 
-``crops``: uint8 [T, S, S, 3] face crops at the model's frame size (``media.crop_faces``),
-``speech``: float32 [T, F] speech features of the same video (``media.speech_features``). The
-video becomes a one-clip shard in a temporary folder, so sampling is exactly the dataset's:
-target windows and references from other times of the same video, varied lengths. Progress and
-cancellation hooks are plain callables (the node passes ComfyUI's progress bar and interrupt
-flag); on cancel the LoRA trained so far is still written.
+``crops``: uint8 [T, S, S, 3] face crops at the model's frame size (``model.pipeline``'s
+reference crops), ``speech``: float32 [T, F] speech features of the same video.
+
+How a step is made (``PersonClipSource``): the whole video lives on the training device (a 20 s
+clip at 256² is 100 MB), and every step draws, with a generator on that device, B target windows
+and ONE reference of R frames chosen among the frames outside those windows. The reference pass
+runs once per step for the whole batch (``model.flow.training_step`` broadcasts a batch-1
+reference), and nothing in the step waits for the GPU: no host-side indices, no copies.
+
+Dub is trained: ``dub_context_prob`` of the samples get the target with the lower face hidden as
+context (``model.masks``), exactly what dub mode renders.
+
+``lora_rank > 0`` trains a LoRA on a trained base (small file, tied to the base); ``lora_rank =
+0`` fine-tunes every weight (the only sensible choice from an untrained base: a low-rank delta of
+random weights cannot learn a face) and writes a full checkpoint. ``time_budget_s`` trains until
+that much wall time has passed, with the cosine schedule fitted to it after the first steps.
+Progress and cancellation are plain callables (the node passes ComfyUI's progress bar and
+interrupt flag); on cancel what was trained so far is still written.
 """
 from __future__ import annotations
 
+import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..errors import UserFacingError
+from ..model.checkpoint import save_checkpoint
+from ..model.flow import training_step
+from .distributed import DistributedContext
+from .lora import apply_lora, lora_layers, save_lora
+from .objectives import StepModule
+from .trainer import Trainer, TrainerConfig
+
+# Steps whose wall time sets the step count of a time-budgeted run (the first ones include
+# kernel compilation and allocator warm-up, so the estimate errs towards fewer steps).
+BUDGET_PROBE_STEPS = 20
+
+
+class PersonClipSource:
+    """Batch source over one video held on the device (see the module docstring).
+
+    batch(step, rank, world_size) is a pure function of (seed, step, rank), as the trainer's
+    exact-resume rule asks. Keys: target_frames float [b, Tt, S, S, 3] 0..1, target_audio
+    [b, Tt, F], reference_frames [1, R, S, S, 3], reference_audio [1, R, F].
+    """
+
+    def __init__(self, crops: np.ndarray, speech: np.ndarray, *, batch_size: int, target_frames: int, reference_frames: int, device, seed: int = 0):
+        frames = crops.shape[0]
+        self.global_batch_size = batch_size
+        self.target_frames = min(target_frames, frames)
+        # The reference comes from outside the batch's target windows when the video allows it.
+        self.reference_frames = max(1, min(reference_frames, frames - self.target_frames))
+        self.device = torch.device(device)
+        self.seed = seed
+        self.frames = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
+        self.speech = torch.from_numpy(np.ascontiguousarray(speech, dtype=np.float32)).to(self.device)
+
+    def batch(self, step: int, rank: int, world_size: int) -> dict:
+        local = self.global_batch_size // world_size
+        count = self.frames.shape[0]
+        generator = torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + step * 7919 + rank * 104_729 + 17) % (2**63 - 1))
+        starts = torch.randint(0, count - self.target_frames + 1, (local,), generator=generator, device=self.device)
+        target_index = starts[:, None] + torch.arange(self.target_frames, device=self.device)[None]
+        in_target = torch.zeros(count, dtype=torch.bool, device=self.device)
+        in_target[target_index.reshape(-1)] = True
+        # Random scores, target frames last: the top R are random frames outside the targets
+        # (target frames only fill in when fewer than R others exist).
+        scores = torch.rand(count, generator=generator, device=self.device) - in_target.float() * 2.0
+        reference_index = scores.topk(self.reference_frames).indices.sort().values
+        return {
+            "target_frames": self.frames[target_index].float() / 255.0,
+            "target_audio": self.speech[target_index],
+            "reference_frames": self.frames[reference_index][None].float() / 255.0,
+            "reference_audio": self.speech[reference_index][None],
+        }
+
+
+def personality_objective(*, dub_context_prob: float):
+    """loss_fn(step_module, batch, generator) for the trainer: ``model.flow.training_step`` with
+    the trainer's per-step device generator (so resume is exact and no number crosses to the host)."""
+
+    def loss_fn(step_module: StepModule, batch: dict, generator: torch.Generator):
+        loss, metrics = training_step(step_module.avatar, batch, generator=generator, dub_context_prob=dub_context_prob)
+        dit = step_module.avatar.dit
+        target = batch["target_frames"]
+        grid = dit.token_grid(step_module.avatar.codec.latent_shape(target.shape[1], target.shape[2], target.shape[3]))
+        metrics["tokens"] = float(target.shape[0] * grid[0] * grid[1] * grid[2])
+        return loss, metrics
+
+    return loss_fn
+
+
+def _window(value, name: str) -> int:
+    """Window lengths were (min, max) ranges once; a fixed length keeps every step's shapes equal."""
+    if isinstance(value, (tuple, list)):
+        value = max(value)
+    if int(value) < 1:
+        raise UserFacingError(f"{name} must be at least 1 frame; got {value}.")
+    return int(value)
 
 
 def finetune_personality(
@@ -27,25 +115,27 @@ def finetune_personality(
     out_path,
     *,
     steps: int = 1500,
+    time_budget_s: float | None = None,
     lora_rank: int = 16,
     lr: float = 5e-4,
-    batch_size: int = 4,
-    target_frames: tuple[int, int] = (8, 16),
-    reference_frames: tuple[int, int] = (16, 64),
+    batch_size: int = 8,
+    target_frames=16,
+    reference_frames=48,
+    dub_context_prob: float = 0.5,
+    fps: float = 25.0,
     seed: int = 0,
-    progress: Callable[[int, int, float], None] | None = None,
+    log_every: int = 10,
+    progress: Callable[[int, int, float | None], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> Path:
-    """Train a LoRA on ``model`` (an AvatarModel, changed in place: LoRA layers are added) and
-    write it to ``out_path`` (.safetensors, tied to the model's fingerprint). Returns the path."""
-    from safetensors.numpy import save_file
+    """Train ``model`` (an AvatarModel, changed in place) on one person's video and write the
+    result to ``out_path`` (.safetensors): a LoRA tied to the base's fingerprint (lora_rank > 0)
+    or the whole fine-tuned model as a checkpoint (lora_rank = 0). Returns the path.
 
-    from .data import SHARD_FORMAT, ShardedClipDataset
-    from .lora import apply_lora, save_lora
-    from .objectives import StepModule, model_flow_objective
-    from .preprocess import write_index
-    from .trainer import Trainer, TrainerConfig
-
+    steps: the most optimizer steps; time_budget_s: stop after this much wall time (the step
+    count is then fitted to the budget). progress(step, total, loss): loss is None on steps that
+    were not synced with the device (every ``log_every``-th step is).
+    """
     crops = np.ascontiguousarray(crops, dtype=np.uint8)
     speech = np.ascontiguousarray(speech, dtype=np.float32)
     size = model.config.frame_size
@@ -55,40 +145,62 @@ def finetune_personality(
         raise UserFacingError(
             f"speech features must be [{crops.shape[0]}, {model.config.speech_feature_dim}] (one per frame); got {speech.shape}. Compute them with media.speech_features."
         )
-    shortest = target_frames[0] + reference_frames[0]
+    target_frames, reference_frames = _window(target_frames, "target_frames"), _window(reference_frames, "reference_frames")
+    shortest = min(target_frames, 8) + min(reference_frames, 8)
     if crops.shape[0] < shortest:
         raise UserFacingError(f"the video has {crops.shape[0]} frames; personality fine-tuning needs at least {shortest} (a few seconds of the person talking).")
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise UserFacingError(f"time_budget_s must be positive; got {time_budget_s}.")
     base_fingerprint = model.fingerprint()
     device = next(model.parameters()).device
-    with tempfile.TemporaryDirectory(prefix="sparse-avatar-personality-") as workdir:
-        shards = Path(workdir) / "shards"
-        (shards / "clips").mkdir(parents=True)
-        metadata = {"format": SHARD_FORMAT, "version": "1", "person": "person", "caption": "", "fps": "25.0"}
-        save_file({"frames": crops, "speech": speech}, str(shards / "clips" / "person.safetensors"), metadata=metadata)
-        write_index(shards)
-        dataset = ShardedClipDataset(
-            shards, global_batch_size=batch_size, target_frames=target_frames,
-            reference_frames=(reference_frames[0], min(reference_frames[1], crops.shape[0] - target_frames[0])), seed=seed,
-        )
+    source = PersonClipSource(crops, speech, batch_size=batch_size, target_frames=target_frames, reference_frames=reference_frames, device=device, seed=seed)
+    if lora_rank > 0:
         apply_lora(model.dit, rank=lora_rank)
-        config = TrainerConfig(total_steps=steps, lr=lr, warmup_steps=min(50, steps // 10), weight_decay=0.0, ema_decay=0.0, seed=seed, parallel="none")
-        from .distributed import DistributedContext
+    else:
+        model.requires_grad_(True)
+    config = TrainerConfig(
+        total_steps=steps, lr=lr, warmup_steps=min(100, max(1, steps // 10)), weight_decay=0.0, ema_decay=0.0, seed=seed,
+        parallel="none", log_every=log_every,
+    )
+    started = time.perf_counter()
+    trainer_box: list[Trainer] = []
 
+    def on_step(record: dict) -> None:
+        trainer = trainer_box[0]
+        if time_budget_s is not None and record["step"] == BUDGET_PROBE_STEPS:
+            seconds_per_step = (time.perf_counter() - started) / BUDGET_PROBE_STEPS
+            trainer.config.total_steps = max(BUDGET_PROBE_STEPS + 1, min(steps, int(time_budget_s / seconds_per_step)))
+            trainer.config.warmup_steps = min(trainer.config.warmup_steps, max(1, trainer.config.total_steps // 10))
+        if progress is not None:
+            progress(record["step"], trainer.config.total_steps, record.get("loss") if record.get("synced", True) else None)
+
+    def stop() -> bool:
+        trainer = trainer_box[0]
+        if time_budget_s is not None and trainer.step > 0 and time.perf_counter() - started > time_budget_s:
+            return True
+        return bool(should_cancel and should_cancel())
+
+    with tempfile.TemporaryDirectory(prefix="sparse-avatar-personality-") as workdir:
         trainer = Trainer(
-            StepModule(model, model_flow_objective(per_sample=False)), lambda m, b, g: m(b), dataset, config, Path(workdir) / "run",
-            context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
-            on_step=(lambda record: progress(record["step"], steps, record["loss"])) if progress else None,
-            should_stop=should_cancel,
+            StepModule(model, personality_objective(dub_context_prob=dub_context_prob)), lambda m, b, g: m.objective(m, b, g), source, config,
+            Path(workdir) / "run", context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
+            on_step=on_step, should_stop=stop,
         )
+        trainer_box.append(trainer)
+        trainer.save_checkpoint = lambda: None  # the result is written below, in its own format
+        started = time.perf_counter()  # the budget is training time, from the first step
         result = trainer.fit()
     model.forget_fingerprint()
     if result.step == 0:
         raise UserFacingError("personality fine-tuning was cancelled before the first step; nothing was written.")
-    return save_lora(model.dit, out_path, base_fingerprint=base_fingerprint, extra_metadata={"steps": str(result.step), "lora_rank": str(lora_rank)})
+    wall = time.perf_counter() - started
+    metadata = {"steps": str(result.step), "lora_rank": str(lora_rank), "train_seconds": f"{wall:.1f}", "fps": repr(float(fps)),
+                "dub_context_prob": repr(float(dub_context_prob)), "final_loss": "" if not math.isfinite(result.last_loss) else f"{result.last_loss:.5f}"}
+    if lora_rank > 0:
+        return save_lora(model.dit, out_path, base_fingerprint=base_fingerprint, extra_metadata=metadata)
+    metadata["base_fingerprint"] = base_fingerprint
+    return save_checkpoint(model, out_path, dtype="bf16" if device.type == "cuda" else "fp32", training_stage="personality", extra_metadata=metadata)
 
 
 def lora_parameter_count(model) -> int:
-    from .lora import lora_layers
-
     return sum(layer.down.numel() + layer.up.numel() for layer in lora_layers(model.dit).values())
-

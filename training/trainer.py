@@ -231,6 +231,8 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self._tensorboard = None
+        self._window = {"started": time.perf_counter(), "steps": 0, "data_time_s": 0.0}
+        self._sync_next = False
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -284,11 +286,17 @@ class Trainer:
         params = list(self.trainable.values())
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = state_io.full_tensor(norm)
-        return float(norm)
+        return state_io.full_tensor(norm)  # a tensor: read (host sync) only when the step is logged
 
     def train_step(self) -> dict:
-        """One optimizer update at ``self.step``; returns the logged record."""
+        """One optimizer update at ``self.step``; returns the record.
+
+        Only every ``log_every``-th step (and the last) waits for the GPU: there the loss, the
+        metrics and the gradient norm become floats, the loss is checked for NaN/inf, and the
+        rates are averaged over the steps since the last such record. The steps between queue
+        their work without a host sync (a `float()` of the loss every step kept the GPU idle
+        while the host caught up); their records hold only ``step`` and ``synced: False``.
+        """
         context = self.context
         started = time.perf_counter()
         batch = self.batch_source.batch(self.step, context.rank, context.world_size)
@@ -299,11 +307,6 @@ class Trainer:
         self.train_module.train()
         with self._autocast():
             loss, metrics = self.loss_fn(self.train_module, batch, generator)
-        if not torch.isfinite(loss.detach()):
-            raise UserFacingError(
-                f"loss became {loss.item()} at step {self.step}; lower --lr (now {self.config.lr}) or enable gradient "
-                f"clipping, then resume from the last checkpoint."
-            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = self._grad_norm_and_clip()
@@ -312,28 +315,46 @@ class Trainer:
             self.ema.update(self.step)
         self.step += 1
         self.samples_seen += self.batch_source.global_batch_size
-        if context.device.type == "cuda":
-            torch.cuda.synchronize(context.device)
-        elapsed = time.perf_counter() - started
+        window = self._window
+        window["steps"] += 1
+        window["data_time_s"] += data_time
+        sync = self.step % max(1, self.config.log_every) == 0 or self.step >= self.config.total_steps or self._sync_next
+        if not sync:
+            return {"step": self.step, "synced": False}
+        self._sync_next = False
+        loss_value = all_reduce_mean(loss.detach().float().item(), context)  # waits for the GPU
+        if not math.isfinite(loss_value):
+            raise UserFacingError(
+                f"loss became {loss_value} at step {self.step}; lower --lr (now {self.config.lr}) or enable gradient "
+                f"clipping, then resume from the last checkpoint."
+            )
+        elapsed = time.perf_counter() - window["started"]
+        steps = window["steps"]
         record = {
             "step": self.step,
-            "loss": all_reduce_mean(loss.detach().float().item(), context),
-            "grad_norm": grad_norm,
+            "synced": True,
+            "loss": loss_value,
+            "grad_norm": float(grad_norm),
             "lr": lr,
-            "samples_per_s": self.batch_source.global_batch_size / elapsed,
-            "step_time_s": elapsed,
-            "data_time_s": data_time,
+            "samples_per_s": self.batch_source.global_batch_size * steps / elapsed,
+            "step_time_s": elapsed / steps,
+            "data_time_s": window["data_time_s"] / steps,
             "memory_mb": _memory_mb(context.device),
         }
         for key, value in metrics.items():
             record[key] = all_reduce_mean(float(value), context)
         if "tokens" in metrics:
             # "tokens" is per rank; the rate counts the whole job.
-            record["tokens_per_s"] = record["tokens"] * context.world_size / elapsed
+            record["tokens_per_s"] = record["tokens"] * context.world_size / record["step_time_s"]
+        self._window = {"started": time.perf_counter(), "steps": 0, "data_time_s": 0.0}
         return record
 
+    def sync_next_step(self) -> None:
+        """Make the next train_step a synced one (a caller that needs a loss now, e.g. to stop)."""
+        self._sync_next = True
+
     def _log(self, record: dict) -> None:
-        if not self.context.is_main:
+        if not self.context.is_main or not record.get("synced", True):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with (self.out_dir / "train_log.jsonl").open("a") as handle:
@@ -358,18 +379,21 @@ class Trainer:
 
     def fit(self, until_step: int | None = None) -> TrainResult:
         """Train until ``until_step`` (default: total_steps), checkpointing on the way and at the end."""
-        until = min(until_step or self.config.total_steps, self.config.total_steps)
         losses: list[float] = []
         last_checkpoint = None
         record = {"loss": float("nan")}
-        while self.step < until:
+        # total_steps is read every step: a time-budgeted run (training/personality.py) sets it
+        # once it knows its step rate, and the cosine schedule then ends at the budget.
+        while self.step < (until := min(until_step or self.config.total_steps, self.config.total_steps)):
             if self.should_stop is not None and self.should_stop():
                 break
-            record = self.train_step()
-            losses.append(record["loss"])
-            self._log(record)
+            step_record = self.train_step()
+            if step_record.get("synced", True):
+                record = step_record
+                losses.append(record["loss"])
+            self._log(step_record)
             if self.on_step is not None:
-                self.on_step(record)
+                self.on_step(step_record)
             every = self.config.checkpoint_every
             if every and self.step % every == 0 and self.step < until:
                 last_checkpoint = self.save_checkpoint()
