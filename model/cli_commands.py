@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     render.add_argument("--reference-guidance", type=float, default=1.0, help="guidance scale for identity (1 = off)")
     render.add_argument("--chunk-frames", type=int, default=None, help="frames per chunk (default from the model config)")
     render.add_argument("--overlap-frames", type=int, default=None, help="motion frames carried between chunks")
+    render.add_argument("--crop-only", action="store_true",
+                        help="write the face crops at the model's size instead of full frames (the face placed back into the "
+                             "reference's framing, background looped ping-pong; the default in both modes)")
     render.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     render.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     render.set_defaults(handler=_render)
@@ -57,7 +60,7 @@ def _render(args: argparse.Namespace) -> int:
     path = render_files(
         model, args.reference, args.audio, args.out, mode=args.mode, steps=args.steps, sampler=args.sampler, seed=args.seed,
         audio_guidance=args.audio_guidance, reference_guidance=args.reference_guidance,
-        chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames, progress=progress,
+        chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames, full_frame=not args.crop_only, progress=progress,
     )
     print(f"\nwrote {path}")
     return 0

@@ -11,8 +11,18 @@ Dub mode keeps the source video's pixels outside the mouth mask: the visible sou
 context for the model, and after decoding the output is composited so pixels outside the mask
 are the source's, byte for byte.
 
-``render_files`` is the end-to-end path of the CLI (and a model for the nodes): decode, face crop,
-identity, speech features, render, paste back (dub), mux the driving audio into an mp4.
+One orchestration for the CLI, the ComfyUI nodes, Train Avatar and the benchmarks:
+
+    prepared = prepare_reference_video(model, media.load_reference_video(path))   # track + crop, once
+    identity = extract_reference_identity(model, prepared)                        # Extract Identity
+    latents = render(model, identity, features, mode=mode, output="latents",
+                     **prepared.render_inputs(mode, identity, len(features)))     # Sparse Reference Sampler
+    frames = composite_frames(prepared, decode_frames(model, latents), mode=mode) # Decode Avatar Video
+
+``render_files`` (the CLI) is exactly these steps plus reading the files and muxing the driving
+audio into an mp4. ``composite_frames`` is the one place where rendered crops meet the source
+(dub: the source outside the mouth mask; full frames: the crop pasted back into the reference's
+own framing, looped ping-pong, in both modes).
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import media
 from ..errors import UserFacingError
 from .flow import check_sampler, guided_velocity, sample_flow
 from .identity import Identity, extract_identity
@@ -114,6 +125,28 @@ def ping_pong_order(count: int, length: int) -> np.ndarray:
     return _ping_pong(np.arange(count), length)
 
 
+def keep_source_outside_mask(frames: np.ndarray, source: np.ndarray, pixel_mask: np.ndarray) -> np.ndarray:
+    """Dub compositing of face crops: ``frames`` inside ``pixel_mask`` (float [S, S], > 0.5 = re-rendered),
+    ``source`` (the source crops of the same frames) everywhere else, byte for byte."""
+    inside = np.asarray(pixel_mask)[None, :, :, None] > 0.5
+    return np.where(inside, frames, source)
+
+
+def decode_frames(model, latents: torch.Tensor, *, batch_frames: int = 16, on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Latents [1, C, T, h, w] -> uint8 frames [T, S, S, 3], ``batch_frames`` latent frames at a time
+    (on_batch(done, total) after each). The one latent -> pixel conversion (render, the CLI, the decode node)."""
+    total = latents.shape[2]
+    size = model.config.frame_size
+    out = np.empty((total, size, size, 3), np.uint8)
+    with torch.no_grad():
+        for start in range(0, total, batch_frames):
+            chunk = latents[:, :, start:start + batch_frames].to(model.device, model.dtype)
+            out[start:start + chunk.shape[2]] = model.decode_latents(chunk)[0].clamp(0, 1).mul(255).round().byte().cpu().numpy()
+            if on_batch is not None:
+                on_batch(min(start + batch_frames, total), total)
+    return out
+
+
 def speech_features_for(audio_or_features, fps: float, config) -> np.ndarray:
     """Per-frame speech features from features [T, F], a 16 kHz mono waveform, a file path or a
     ComfyUI AUDIO dict."""
@@ -121,8 +154,6 @@ def speech_features_for(audio_or_features, fps: float, config) -> np.ndarray:
         return audio_or_features.astype(np.float32, copy=False)
     if isinstance(audio_or_features, torch.Tensor) and audio_or_features.dim() == 2:
         return audio_or_features.detach().cpu().float().numpy()
-    from .. import media
-
     if isinstance(audio_or_features, np.ndarray) and audio_or_features.ndim == 1:
         wave = audio_or_features.astype(np.float32, copy=False)
     else:
@@ -246,78 +277,169 @@ def render(
         if frames_out is None:
             latents_out.append(new_latents.float().cpu())
             continue
-        frames = (model.decode_latents(new_latents)[0].cpu().numpy() * 255.0).round().astype(np.uint8)
+        frames = decode_frames(model, new_latents, batch_frames=max(1, new_latents.shape[2]))
         if mode == "dub":
-            inside = pixel_mask[None, :, :, None] > 0.5
-            frames = np.where(inside, frames, source[start + known:end])
+            frames = keep_source_outside_mask(frames, source[start + known:end], pixel_mask)
         frames_out[start + known:end] = frames
     return frames_out if frames_out is not None else torch.cat(latents_out, dim=2)
+
+
+#################################################################################
+#                  The prepared reference: tracked and cropped once             #
+#################################################################################
+
+@dataclass(eq=False)
+class PreparedReference:
+    """A reference video made ready for everything downstream, by ``prepare_reference_video`` only.
+
+    Identity extraction, dub (source crops, forced reference blocks), compositing into full frames
+    (generate and dub), personality fine-tuning and preference pairs all read this one value, so the
+    CLI, the nodes and the benchmarks see the same crops of the same track at the same fps.
+    """
+
+    frames: np.ndarray  # uint8 [T, H, W, 3]: the full source frames, at the reference's own resolution
+    crops: np.ndarray  # uint8 [T, S, S, 3]: face crops (S = the model's frame size)
+    transforms: list[media.CropTransform]  # one per frame: source pixels <-> crop pixels
+    track: media.FaceTrack  # the face track the crops follow
+    fps: float
+    speech: np.ndarray | None  # float32 [T, F]: the reference's own speech features; None when silent
+    audio: np.ndarray | None  # float32 mono 16 kHz, exactly T / fps seconds; None when silent
+    source_hash: str
+    start_s: float = 0.0
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.crops.shape[0])
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.crops.shape[1])
+
+    @property
+    def key(self) -> str:
+        """Names the clip (file, start, fps, resolution), not how many of its frames were used:
+        an identity extracted from the first N frames still matches the whole clip."""
+        text = f"{self.source_hash}|{float(self.start_s)!r}|{float(self.fps)!r}|{self.frames.shape[1]}x{self.frames.shape[2]}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def frame_order(self, length: int) -> np.ndarray:
+        """The reference frame behind each of ``length`` output frames: the clip looped ping-pong
+        (dub re-renders these frames; full-frame output takes its background from them)."""
+        return ping_pong_order(self.n_frames, int(length))
+
+    def identity_metadata(self) -> dict:
+        boxes = getattr(self.track, "boxes", None)
+        return {
+            "source_hash": str(self.source_hash or ""),
+            "reference_key": self.key,
+            "crop_track": json.dumps(np.asarray(boxes).round(2).tolist()) if boxes is not None else "",
+        }
+
+    def is_reference_of(self, identity: Identity) -> bool:
+        """True when ``identity`` was extracted from this clip (its reference frame i is frame i here)."""
+        return identity.metadata.get("reference_key") == self.key
+
+    def render_inputs(self, mode: str, identity: Identity, length: int) -> dict:
+        """The keyword arguments of ``render`` this reference supplies: in dub mode the source crops
+        and, when the identity is this clip's own, the reference frame each output frame re-renders
+        (so those reference blocks are always attended to)."""
+        if mode != "dub":
+            return {}
+        aligned = self.is_reference_of(identity)
+        return {"dub_frames": self.crops, "dub_reference_frames": self.frame_order(length) if aligned else None}
+
+
+def reference_speech_features(reference_video, n_frames: int) -> np.ndarray | None:
+    """Speech features of the reference's own audio, one per frame (first ``n_frames``); None without audio."""
+    if not reference_video.has_audio or reference_video.audio is None:
+        return None
+    return media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames)
+
+
+def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames: int | None = None) -> PreparedReference:
+    """ReferenceVideo (``media.load_reference_video``) -> PreparedReference: face track (at the
+    clip's fps), crops at the model's frame size (or at ``model_or_frame_size`` pixels), transforms
+    and the clip's own speech features. ``max_frames``: only the first frames."""
+    size = model_or_frame_size if isinstance(model_or_frame_size, (int, np.integer)) else model_or_frame_size.config.frame_size
+    frames = reference_video.frames if not max_frames else reference_video.frames[:max_frames]
+    fps = float(reference_video.fps)
+    track = media.track_face(frames, fps=fps)
+    crops, transforms = media.crop_faces(frames, track, size=int(size))
+    audio = None
+    if reference_video.has_audio and reference_video.audio is not None:
+        audio = np.asarray(reference_video.audio, np.float32)[: int(round(len(crops) / fps * SPEECH_SAMPLE_RATE))]
+    return PreparedReference(
+        frames=frames, crops=crops, transforms=list(transforms), track=track, fps=fps,
+        speech=reference_speech_features(reference_video, len(crops)), audio=audio,
+        source_hash=str(reference_video.source_hash or ""), start_s=float(getattr(reference_video, "start_s", 0.0) or 0.0),
+    )
+
+
+def extract_reference_identity(model, prepared: PreparedReference) -> Identity:
+    """The identity of a prepared reference: its crops with its own speech, at its fps, tagged with
+    the clip it came from (so dub mode on the same clip can align reference blocks)."""
+    return extract_identity(model, prepared.crops, prepared.speech, fps=prepared.fps, metadata=prepared.identity_metadata())
+
+
+def reference_face_crops(reference_video, size: int, *, max_frames: int | None = None):
+    """(crops, crop transforms, track) of ``prepare_reference_video(size, reference_video)``."""
+    prepared = prepare_reference_video(int(size), reference_video, max_frames=max_frames)
+    return prepared.crops, prepared.transforms, prepared.track
+
+
+def prepare_reference(model, reference_video, *, max_frames: int | None = None):
+    """ReferenceVideo (media.load_reference_video) -> (Identity, face crops, crop transforms)."""
+    prepared = prepare_reference_video(model, reference_video, max_frames=max_frames)
+    return extract_reference_identity(model, prepared), prepared.crops, prepared.transforms
+
+
+def composite_frames(prepared: PreparedReference, frames: np.ndarray, *, mode: str, full_frame: bool = True,
+                     color_match: bool = True, dub_mask: np.ndarray | None = None) -> np.ndarray:
+    """Rendered face crops uint8 [T, S, S, 3] -> what is shown, for the CLI and the decode node alike.
+
+    Output frame i stands on reference frame ``prepared.frame_order(T)[i]``. dub: outside the dub
+    mask (default the lower face) the pixels are the source crop's. full_frame: the crop is pasted
+    back (feathered, colour matched) into that reference frame at the reference's resolution, in
+    generate mode too (the background then loops the reference ping-pong); otherwise crops come out.
+    """
+    if mode not in MODES:
+        raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[1:] != (prepared.frame_size, prepared.frame_size, 3):
+        raise UserFacingError(f"rendered frames are {frames.shape[1:3]} but the reference was cropped to {prepared.frame_size}²; "
+                              "prepare the reference at the model's frame size.")
+    order = prepared.frame_order(len(frames))
+    if mode == "dub":
+        mask = default_dub_mask(prepared.frame_size) if dub_mask is None else dub_mask
+        frames = keep_source_outside_mask(frames, prepared.crops[order], mask)
+    if full_frame:
+        frames = media.paste_back(prepared.frames[order], frames, [prepared.transforms[i] for i in order], color_match=color_match)
+    return frames
 
 
 #################################################################################
 #                           End to end: files in, mp4 out                       #
 #################################################################################
 
-def _file_hash(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def reference_face_crops(reference_video, size: int, *, max_frames: int | None = None):
-    """Face-track a ReferenceVideo and crop it to ``size`` x ``size``: (crops, crop transforms, track).
-    The one crop path for identity extraction, personality fine-tuning and preference pairs."""
-    from .. import media
-
-    frames = reference_video.frames if max_frames is None else reference_video.frames[:max_frames]
-    track = media.track_face(frames, fps=reference_video.fps)
-    crops, transforms = media.crop_faces(frames, track, size=size)
-    return crops, transforms, track
-
-
-def reference_speech_features(reference_video, n_frames: int) -> np.ndarray | None:
-    """Speech features of the reference's own audio, one per frame (first ``n_frames``); None without audio."""
-    from .. import media
-
-    if not reference_video.has_audio or reference_video.audio is None:
-        return None
-    return media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames)
-
-
-def prepare_reference(model, reference_video, *, max_frames: int | None = None):
-    """ReferenceVideo (media.load_reference_video) -> (Identity, face crops, crop transforms)."""
-    crops, transforms, track = reference_face_crops(reference_video, model.config.frame_size, max_frames=max_frames)
-    reference_features = reference_speech_features(reference_video, len(crops))
-    boxes = getattr(track, "boxes", None)
-    metadata = {
-        "source_hash": str(reference_video.source_hash or ""),
-        "crop_track": json.dumps(np.asarray(boxes).round(2).tolist()) if boxes is not None else "",
-    }
-    identity = extract_identity(model, crops, reference_features, fps=reference_video.fps, metadata=metadata)
-    return identity, crops, transforms
-
-
 def render_files(model, reference_path, audio_path, out_path, *, mode: str = "generate", steps: int = 20, sampler: str = "euler",
                  seed: int = 0, audio_guidance: float = 1.0, reference_guidance: float = 1.0, chunk_frames=None, overlap_frames=None,
-                 progress=None, should_cancel=None) -> Path:
+                 full_frame: bool = True, progress=None, should_cancel=None) -> Path:
     """Reference video + driving audio files -> mp4 exactly as long as the audio, audio muxed.
-    generate: the face-crop video; dub: the source video (looped) with the lower face re-rendered."""
-    from .. import media
 
+    The nodes' path step for step (prepare, extract, sample latents, decode, composite).
+    full_frame (default): the face placed back into the reference's framing at its resolution,
+    the background looped ping-pong (dub: only the lower face re-rendered); False: the face crops."""
+    if mode not in MODES:
+        raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
     reference_video = media.load_reference_video(str(reference_path))
-    identity, crops, transforms = prepare_reference(model, reference_video)
-    fps = float(reference_video.fps)
+    prepared = prepare_reference_video(model, reference_video)
+    identity = extract_reference_identity(model, prepared)
     wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)
-    features = media.speech_features(wave, SPEECH_SAMPLE_RATE, fps)
-    order = ping_pong_order(len(crops), len(features))  # the source frame each output frame re-renders (dub)
-    frames = render(
+    features = media.speech_features(wave, SPEECH_SAMPLE_RATE, prepared.fps)
+    latents = render(
         model, identity, features, mode=mode, steps=steps, sampler=sampler, seed=seed, audio_guidance=audio_guidance,
-        reference_guidance=reference_guidance, chunk_frames=chunk_frames, overlap_frames=overlap_frames, fps=fps,
-        dub_frames=crops if mode == "dub" else None, dub_reference_frames=order if mode == "dub" else None,
-        progress=progress, should_cancel=should_cancel,
+        reference_guidance=reference_guidance, chunk_frames=chunk_frames, overlap_frames=overlap_frames, fps=prepared.fps,
+        progress=progress, should_cancel=should_cancel, output="latents", **prepared.render_inputs(mode, identity, len(features)),
     )
-    if mode == "dub":
-        frames = media.paste_back(reference_video.frames[order], frames, [transforms[i] for i in order])
-    return Path(media.write_video(out_path, frames, fps, audio=wave, sample_rate=SPEECH_SAMPLE_RATE))
+    frames = composite_frames(prepared, decode_frames(model, latents), mode=mode, full_frame=full_frame)
+    return Path(media.write_video(out_path, frames, prepared.fps, audio=wave, sample_rate=SPEECH_SAMPLE_RATE))
