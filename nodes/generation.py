@@ -1,24 +1,30 @@
 """Sparse Reference Sampler (identity + speech -> LATENT) and Decode Avatar Video (LATENT -> IMAGE, VIDEO).
 
 LATENT is the core dict ``{"samples": [1, C, T, h, w]}``; the sampler adds a ``sparse_avatar`` entry
-with what decoding needs (fps, the driving audio, and in dub mode the source frames and crop
-transforms for paste-back), so the two nodes stay independent of each other's internals.
+with what decoding needs (fps, the driving audio, the mode and, when a source is connected, its
+``PreparedReference``), so the two nodes stay independent of each other's internals. Both run the
+library's steps (``model.pipeline``: render -> decode_frames -> composite_frames), the same ones
+``render_files`` (the CLI) runs.
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from ..errors import UserFacingError
-from ..media import audio_to_comfy, crop_faces, frames_to_comfy_image, track_face
-from ..media import paste_back as paste_crops_back
+from ..media import audio_to_comfy, frames_to_comfy_image
 from ..model.flow import SAMPLERS, MAX_STEPS, SamplingCancelled
 from ..model.identity import Identity
-from ..model.pipeline import MODES, default_dub_mask, ping_pong_order, render
+from ..model.pipeline import MODES, PreparedReference, composite_frames, decode_frames, render
 from . import _comfy
+from .reference_video import prepared_reference
 
 CATEGORY = "sparse-avatar"
 _PREVIEW_SIDE = 256
+
+logger = logging.getLogger(__name__)
 
 
 def _preview_image(avatar, latents: torch.Tensor):
@@ -67,7 +73,9 @@ class SparseReferenceSampler:
             },
             "optional": {
                 "source": ("REFERENCE_VIDEO", {"tooltip": "Dub mode: the video whose lower face is re-rendered "
-                                               "(usually the same Load Reference Video)."}),
+                                               "(usually the same Load Reference Video). Generate mode (optional): "
+                                               "the framing the generated face is placed back into, so Decode "
+                                               "Avatar Video can output full frames."}),
             },
         }
 
@@ -77,16 +85,19 @@ class SparseReferenceSampler:
             raise UserFacingError("'identity' must come from Extract, Load or Mix Identity.")
         if not isinstance(speech, dict) or "features" not in speech:
             raise UserFacingError("'speech' must come from Encode Speech.")
+        if mode not in MODES:
+            raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
+        if mode == "dub" and source is None:
+            raise UserFacingError("dub mode needs the source video: connect Load Reference Video to 'source'.")
         avatar = model.ready()
         fps = float(speech["fps"])
-        paste = None
-        dub_frames = None
-        if mode == "dub":
-            if source is None:
-                raise UserFacingError("dub mode needs the source video: connect Load Reference Video to 'source'.")
-            track = track_face(source.frames)
-            dub_frames, transforms = crop_faces(source.frames, track, size=avatar.config.frame_size)
-            paste = {"frames": source.frames, "crops": dub_frames, "transforms": transforms}
+        features = speech["features"]
+        prepared = prepared_reference(avatar, source) if source is not None else None
+        if prepared is not None and abs(prepared.fps - fps) > 1e-3:
+            logger.warning("Sparse Reference Sampler: the speech was encoded at %g fps but the source runs at %g fps; "
+                           "connect Load Reference Video's fps to Encode Speech so the source plays at its own speed.",
+                           fps, prepared.fps)
+        source_inputs = prepared.render_inputs(mode, identity, len(features)) if prepared is not None else {}
 
         progress = _comfy.progress_bar(100)
 
@@ -105,12 +116,12 @@ class SparseReferenceSampler:
                 avatar, identity, speech["features"], mode=mode, steps=int(steps), sampler=sampler,
                 audio_guidance=float(audio_guidance), reference_guidance=float(reference_guidance), seed=int(seed),
                 chunk_frames=int(chunk_frames) or None, overlap_frames=None if overlap_frames < 0 else int(overlap_frames),
-                fps=fps, dub_frames=dub_frames, progress=on_progress, should_cancel=should_cancel, output="latents",
+                fps=fps, progress=on_progress, should_cancel=should_cancel, output="latents", **source_inputs,
             )
         except SamplingCancelled:
             raise UserFacingError("sampling was cancelled") from None
         info = {"fps": fps, "audio": speech.get("audio"), "sample_rate": speech.get("sample_rate", 16000),
-                "mode": mode, "paste_back": paste}
+                "mode": mode, "reference": prepared}
         return ({"samples": latents.cpu().float(), "sparse_avatar": info},)
 
 
@@ -118,11 +129,13 @@ class DecodeAvatarVideo:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "VIDEO", "AUDIO")
     RETURN_NAMES = ("frames", "video", "audio")
-    OUTPUT_TOOLTIPS = ("The video frames (in dub mode pasted back into the source frames).",
+    OUTPUT_TOOLTIPS = ("The video frames: with a source connected to the sampler, the face pasted back into the "
+                       "source's full frames (generate and dub); otherwise the face crops.",
                        "A core VIDEO with the driving audio, for Save Video.",
                        "The driving audio, exactly as long as the frames.")
     FUNCTION = "decode"
-    DESCRIPTION = "Decodes the sampler's latents to frames; in dub mode pastes the new face back into the source video."
+    DESCRIPTION = ("Decodes the sampler's latents to frames; with a source connected to the sampler, pastes the face "
+                   "back into the source video's full frames (looped ping-pong), in generate and dub mode.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -132,8 +145,8 @@ class DecodeAvatarVideo:
                 "latent": ("LATENT", {"tooltip": "From Sparse Reference Sampler."}),
             },
             "optional": {
-                "paste_back": ("BOOLEAN", {"default": True, "tooltip": "Dub mode: paste the face crop back into the "
-                                           "full source frames (off = the face crop only)."}),
+                "paste_back": ("BOOLEAN", {"default": True, "tooltip": "Paste the face crop back into the full source "
+                                           "frames (needs the sampler's 'source'; off = the face crop only)."}),
                 "color_match": ("BOOLEAN", {"default": True, "tooltip": "Match the crop's colours to the source "
                                             "around the seam when pasting back."}),
             },
@@ -145,26 +158,18 @@ class DecodeAvatarVideo:
             raise UserFacingError("this LATENT was not made by Sparse Reference Sampler; connect its output.")
         avatar = model.ready()
         samples = latent["samples"]
-        frames = []
         progress = _comfy.progress_bar(samples.shape[2])
-        step = 16
-        with torch.no_grad():
-            for start in range(0, samples.shape[2], step):
-                _comfy.check_interrupted()
-                chunk = samples[:, :, start:start + step].to(avatar.device, avatar.dtype)
-                decoded = avatar.decode_latents(chunk)[0].clamp(0, 1).mul(255).round().byte().cpu().numpy()
-                frames.append(decoded)
-                progress.update_absolute(min(start + step, samples.shape[2]))
-        frames = np.concatenate(frames)
-        paste = info.get("paste_back")
-        if info.get("mode") == "dub" and paste is not None:
-            # Dub re-renders only the lower face: everything else in the crop stays the source's.
-            order = ping_pong_order(len(paste["frames"]), len(frames))
-            inside = default_dub_mask(frames.shape[1])[None, :, :, None] > 0.5
-            frames = np.where(inside, frames, paste["crops"][order])
-        if info.get("mode") == "dub" and paste_back and paste is not None:
-            frames = paste_crops_back(paste["frames"][order], frames, [paste["transforms"][i] for i in order],
-                                color_match=bool(color_match))
+        _comfy.check_interrupted()
+
+        def on_batch(done: int, total: int) -> None:
+            progress.update_absolute(done)
+            _comfy.check_interrupted()
+
+        frames = decode_frames(avatar, samples, on_batch=on_batch)
+        prepared = info.get("reference")
+        if isinstance(prepared, PreparedReference):
+            frames = composite_frames(prepared, frames, mode=info.get("mode", "generate"), full_frame=bool(paste_back),
+                                      color_match=bool(color_match))
         image = frames_to_comfy_image(frames)
         audio = info.get("audio")
         if audio is None:

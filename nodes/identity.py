@@ -10,8 +10,9 @@ import os
 from ..errors import UserFacingError
 from ..media import frames_to_comfy_image
 from ..model.identity import load_identity, mix_identity, save_identity
-from ..model.pipeline import prepare_reference
+from ..model.pipeline import extract_reference_identity
 from . import _comfy, _models
+from .reference_video import prepared_reference
 
 CATEGORY = "sparse-avatar/identity"
 
@@ -38,8 +39,8 @@ class ExtractIdentity:
     def extract(self, model, reference, max_frames=0):
         _comfy.check_interrupted()
         avatar = model.ready()
-        identity, crops, _ = prepare_reference(avatar, reference, max_frames=max_frames or None)
-        return identity, frames_to_comfy_image(crops)
+        prepared = prepared_reference(avatar, reference, max_frames=max_frames or None)
+        return extract_reference_identity(avatar, prepared), frames_to_comfy_image(prepared.crops)
 
 
 class SaveIdentity:

@@ -1,16 +1,50 @@
 """Load Reference Video: a file from ComfyUI's input folder, or a VIDEO / IMAGE input, decoded by
 ``media.load_reference_video`` into a REFERENCE_VIDEO (frames + fps + the clip's own audio).
+
+``prepared_reference`` is how every node downstream (Extract Identity, the sampler's source,
+Train Avatar, Preference Pair) gets the face track and crops of a REFERENCE_VIDEO: made by the
+library's ``prepare_reference_video``, once per reference and crop size while the graph holds it.
 """
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 
 import numpy as np
 
 from ..errors import UserFacingError
 from ..media import audio_to_comfy, frames_to_comfy_image, load_reference_video
-from ..media.video_io import VIDEO_EXTENSIONS
+from ..media.video_io import VIDEO_EXTENSIONS, ReferenceVideo
+from ..model.pipeline import PreparedReference, prepare_reference_video
 from . import _comfy
+
+# id(reference) -> (weak reference to it, {(crop size, max_frames): PreparedReference}). An entry
+# goes when ComfyUI drops the REFERENCE_VIDEO (a new clip loaded), so nothing outlives its video.
+_PREPARED: dict[int, tuple[weakref.ref, dict]] = {}
+_PREPARED_LOCK = threading.Lock()
+
+
+def prepared_reference(model_or_frame_size, reference, *, max_frames: int | None = None) -> PreparedReference:
+    """The PreparedReference of a REFERENCE_VIDEO (``model.pipeline.prepare_reference_video``),
+    tracked and cropped once: Extract Identity, the sampler and Train Avatar share it."""
+    if not isinstance(reference, ReferenceVideo):
+        raise UserFacingError("'reference' / 'source' must come from Load Reference Video.")
+    size = model_or_frame_size if isinstance(model_or_frame_size, (int, np.integer)) else model_or_frame_size.config.frame_size
+    key = (int(size), int(max_frames) if max_frames and max_frames < reference.n_frames else None)
+    with _PREPARED_LOCK:
+        entry = _PREPARED.get(id(reference))
+        if entry is not None and entry[0]() is reference and key in entry[1]:
+            return entry[1][key]
+    prepared = prepare_reference_video(int(size), reference, max_frames=key[1])
+    with _PREPARED_LOCK:
+        entry = _PREPARED.get(id(reference))
+        if entry is None or entry[0]() is not reference:
+            ident = id(reference)
+            entry = (weakref.ref(reference, lambda _, ident=ident: _PREPARED.pop(ident, None)), {})
+            _PREPARED[ident] = entry
+        entry[1][key] = prepared
+    return prepared
 
 CATEGORY = "sparse-avatar"
 

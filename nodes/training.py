@@ -9,7 +9,6 @@ JSONL format of ``training/preferences.py`` for the Diffusion-DPO stage.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,11 +21,12 @@ from ..media import comfy_image_to_frames, write_video
 from ..media.audio import SPEECH_SAMPLE_RATE, resample_audio, write_wav
 from ..media.comfy_types import comfy_audio_to_wave
 from ..media.video_io import ReferenceVideo
-from ..model.pipeline import reference_face_crops, reference_speech_features
+from ..model.personal import check_own_audio, check_preference_pair, personality_data, reference_crops_video
 from ..training.lora import load_lora
 from ..training.personality import finetune_personality
 from ..training.preferences import append_pair
 from . import _comfy, _models
+from .reference_video import prepared_reference
 
 CATEGORY = "sparse-avatar/training"
 MODEL_CATEGORY = "sparse-avatar"
@@ -88,15 +88,11 @@ class TrainAvatar:
         if not isinstance(reference, ReferenceVideo):
             raise UserFacingError("'reference' must come from Load Reference Video.")
         _comfy.check_file_name(filename_prefix)
-        if not reference.has_audio or reference.audio is None:
-            raise UserFacingError(
-                "Train Avatar learns how the person moves while talking, so the reference needs its own audio track, "
-                "and this one has none. Load a video file with its sound in Load Reference Video (not an IMAGE "
-                "batch), or a VIDEO input that carries audio.")
+        check_own_audio(reference, advice="Load a video file with its sound in Load Reference Video (not an IMAGE "
+                                          "batch), or a VIDEO input that carries audio.")
         _comfy.check_interrupted()
         avatar = model.ready()
-        crops, _, _ = reference_face_crops(reference, avatar.config.frame_size)
-        speech = reference_speech_features(reference, len(crops))
+        crops, speech = personality_data(prepared_reference(avatar, reference))
         out_path = _comfy.numbered_path(_models.folder(_models.LORA_FOLDER), filename_prefix, ".safetensors")
         steps = int(steps)
 
@@ -193,16 +189,6 @@ def _video_frames_and_audio(video, which: str):
     return frames, fps, wave
 
 
-def _reference_crops_file(reference: ReferenceVideo, folder: str, size: int) -> str:
-    """The reference's face crops at ``size`` with its own audio, written once per reference into ``folder``."""
-    key = f"{reference.source_hash}|{reference.start_s}|{reference.n_frames}|{reference.fps}|{reference.frames.shape[1:3]}|{size}"
-    path = os.path.join(folder, f"reference_{hashlib.sha256(key.encode()).hexdigest()[:16]}_{size}.mp4")
-    if not os.path.isfile(path):
-        crops, _, _ = reference_face_crops(reference, size)
-        write_video(path, crops, reference.fps, audio=reference.audio)
-    return path
-
-
 class RecordPreferencePair:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
@@ -217,8 +203,8 @@ class RecordPreferencePair:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "video_a": ("VIDEO", {"tooltip": "Rendering A: Decode Avatar Video's 'video' output (face crops; in dub "
-                                  "mode turn paste_back off). Its audio is the driving speech."}),
+            "video_a": ("VIDEO", {"tooltip": "Rendering A: Decode Avatar Video's 'video' output (face crops: turn "
+                                  "paste_back off when the sampler has a source). Its audio is the driving speech."}),
             "video_b": ("VIDEO", {"tooltip": "Rendering B of the same reference and speech (e.g. another seed or "
                                   "step count): same length and size as A."}),
             "reference": ("REFERENCE_VIDEO", {"tooltip": "From Load Reference Video: the reference both were rendered from."}),
@@ -237,29 +223,12 @@ class RecordPreferencePair:
             raise UserFacingError("'reference' must come from Load Reference Video.")
         frames_a, fps_a, audio_a = _video_frames_and_audio(video_a, "A")
         frames_b, fps_b, audio_b = _video_frames_and_audio(video_b, "B")
-        if frames_a.shape != frames_b.shape:
-            raise UserFacingError(f"video A is {frames_a.shape[0]} frames of {frames_a.shape[2]}x{frames_a.shape[1]} but B is "
-                                  f"{frames_b.shape[0]} of {frames_b.shape[2]}x{frames_b.shape[1]}; a pair must be two renderings "
-                                  "of the same speech at the same size.")
-        if frames_a.shape[1] != frames_a.shape[2]:
-            raise UserFacingError(f"the videos are {frames_a.shape[2]}x{frames_a.shape[1]}; preference training needs the "
-                                  "square face crops the model renders. In dub mode turn Decode Avatar Video's paste_back off.")
-        if abs(fps_a - fps_b) > 1e-3:
-            raise UserFacingError(f"video A is {fps_a:g} fps but B is {fps_b:g} fps; render both at the same frame rate.")
-        if audio_a is None:
-            raise UserFacingError("video A has no audio; connect Decode Avatar Video's 'video' output, which carries the "
-                                  "driving speech both renderings were made from.")
-        if audio_b is not None:
-            length = min(len(audio_a), len(audio_b))
-            if abs(len(audio_a) - len(audio_b)) > SPEECH_SAMPLE_RATE / fps_a or (
-                    length and float(np.mean(np.abs(audio_a[:length] - audio_b[:length]))) > 0.01):
-                raise UserFacingError("videos A and B carry different audio; a preference pair compares two renderings "
-                                      "of the same speech.")
+        check_preference_pair(frames_a, fps_a, audio_a, frames_b, fps_b, audio_b)
         _comfy.check_interrupted()
         root = os.path.join(_comfy.output_directory(), PREFERENCES_FOLDER)
         folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
-        reference_path = _reference_crops_file(reference, folder, frames_a.shape[1])
+        reference_path = reference_crops_video(prepared_reference(frames_a.shape[1], reference), folder)
         stem = _comfy.numbered_path(folder, "pair", "_a.mp4")[: -len("_a.mp4")]
         path_a = write_video(f"{stem}_a.mp4", frames_a, fps_a, audio=audio_a)
         path_b = write_video(f"{stem}_b.mp4", frames_b, fps_a, audio=audio_a)
