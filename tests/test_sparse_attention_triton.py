@@ -294,6 +294,44 @@ def test_matches_reference_py_with_duplicates_and_unsorted_ids(fused):
     assert _max_abs_error(lse, expected_lse) < 2e-5
 
 
+def _compact_block_indices_torch(block_indices, ref_lengths, num_ref_blocks, block_size):
+    """The compaction as plain torch ops (what the kernel replaced): the oracle."""
+    batch = block_indices.shape[0]
+    ids = block_indices.long()
+    sentinel = num_ref_blocks
+    starts_valid = (ids >= 0) & (ids * block_size < ref_lengths.view(batch, 1, 1, 1))
+    ids = torch.where(starts_valid, ids, torch.full_like(ids, sentinel))
+    ids, _ = torch.sort(ids, dim=-1)
+    duplicate = torch.zeros_like(starts_valid)
+    duplicate[..., 1:] = ids[..., 1:] == ids[..., :-1]
+    ids = torch.where(duplicate, torch.full_like(ids, sentinel), ids)
+    ids, _ = torch.sort(ids, dim=-1)
+    valid = ids < sentinel
+    full = valid & ((ids + 1) * block_size <= ref_lengths.view(batch, 1, 1, 1))
+    return (torch.where(valid, ids, torch.full_like(ids, -1)).to(torch.int32),
+            valid.sum(-1, dtype=torch.int32), full.sum(-1, dtype=torch.int32))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("k_sel", [1, 3, 8, 17, 64, 70])  # 70: above the kernel's width, torch fallback
+def test_compaction_kernel_matches_the_torch_version(fused, k_sel):
+    generator = torch.Generator().manual_seed(k_sel)
+    batch, kv_heads, query_blocks, ref_blocks, block = 3, 2, 5, 9, 16
+    ids = torch.randint(-1, ref_blocks + 2, (batch, kv_heads, query_blocks, k_sel), generator=generator)
+    ids[..., -1] = ids[..., 0]  # repeats
+    ids[0, 0, 0] = -1
+    ref_lengths = torch.tensor([ref_blocks * block, 5 * block + 3, 0], dtype=torch.int32)  # full, partial, empty
+    got = fused._compact_block_indices(ids.to(torch.int32), ref_lengths, ref_blocks, block)
+    want = _compact_block_indices_torch(ids, ref_lengths, ref_blocks, block)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.int32 and torch.equal(g, w)
+    # a broadcast (expanded, stride-0) index tensor as the wrapper passes it
+    shared = ids[:1, :1].expand(batch, kv_heads, query_blocks, k_sel)
+    for g, w in zip(fused._compact_block_indices(shared, ref_lengths, ref_blocks, block),
+                    _compact_block_indices_torch(shared, ref_lengths, ref_blocks, block)):
+        assert torch.equal(g, w)
+
+
 @needs_interpreter
 def test_inverse_index_lists_every_selecting_query_block(fused):
     indices = torch.tensor([[[[2, 0, -1], [0, -1, -1], [1, 2, 0]]]], dtype=torch.int32)  # B=1, Hkv=1, nQ=3
