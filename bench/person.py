@@ -153,6 +153,8 @@ def run(args) -> None:
         with torch.no_grad():
             started = time.perf_counter()
             identity = extract_identity(model, crops[:split], speech[:split], fps=fps)
+            # Warm-up (kernel compilation for the render shapes) outside the timed renders.
+            render(model, identity, speech[split:split + 8], mode="dub", steps=1, fps=fps, dub_frames=crops[split:split + 8])
             identity_s = time.perf_counter() - started
             test_speech = speech[split:]
             timings = {}
@@ -167,9 +169,13 @@ def run(args) -> None:
             started = time.perf_counter()
             long_frames = render(model, identity, long_features, mode="generate", steps=args.steps, fps=fps, seed=args.seed)
             timings["long_generate"] = time.perf_counter() - started
-        # Held-out renders exact (PNG); the 60 s render every 2nd frame as JPEG q85 (16 MiB per file come back).
+        # At most 16 MiB a file comes back: held-out renders as JPEG q95 (~45 dB, far above what is
+        # measured), the 60 s render every 2nd frame at 128² q85 (identity, blinks, motion only).
+        import cv2
+
+        small_long = np.stack([cv2.resize(frame, (128, 128), interpolation=cv2.INTER_AREA) for frame in long_frames[::2]])
         encoded = {}
-        for name, frames, options in (("dub", results["dub"], {"png": True}), ("generate", results["generate"], {"png": True}), ("long", long_frames[::2], {"quality": 85})):
+        for name, frames, options in (("dub", results["dub"], {}), ("generate", results["generate"], {}), ("long", small_long, {"quality": 85})):
             encoded[f"{name}_bytes"], encoded[f"{name}_offsets"] = _encode_jpegs(frames, **options)
         np.savez(out / f"{args.variant}_{path.stem}.npz", split=np.int64(split), **encoded)
         record = {
@@ -282,7 +288,9 @@ def score(args) -> None:
             arrays = np.load(record_path.with_suffix(".npz"))
             arrays = {name: _decode_jpegs(arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]) for name in ("dub", "generate", "long")}
             dub = _composite(test, arrays["dub"], mask)
-            long_frames = arrays["long"]
+            import cv2
+
+            long_frames = np.stack([cv2.resize(frame, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_CUBIC) for frame in arrays["long"]])
             row = {"clip": clip, "method": record["variant"], "run": record,
                    "dub": _dub_metrics(fm, test, dub, mask, real_landmarks),
                    "generate": _generate_metrics(fm, test, arrays["generate"], real_landmarks, real_embeddings_mean),

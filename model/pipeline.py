@@ -27,6 +27,7 @@ own framing, looped ping-pong, in both modes).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import media
 from ..errors import UserFacingError
 from .flow import check_sampler, guided_velocity, sample_flow
 from .identity import Identity, extract_identity
+from .masks import dub_mask
+
+
+class _MediaOnFirstUse:
+    """``media`` (PyAV, librosa, OpenCV) loads when a function first needs it, not at import:
+    training and rendering from arrays run on GPU boxes that have only torch and numpy
+    (bench/person.py's run phase, bench/README.md)."""
+
+    def __getattr__(self, name):
+        return getattr(importlib.import_module(__name__.rsplit(".", 2)[0] + ".media"), name)
+
+
+media = _MediaOnFirstUse()
 
 MODES = ("generate", "dub")
 DEFAULT_FPS = 25.0
@@ -62,12 +75,8 @@ class RenderProgress:
 
 def default_dub_mask(size: int) -> np.ndarray:
     """float32 [size, size] in {0, 1}: the lower face of a face crop (media.crop_faces framing),
-    i.e. the region dub mode re-renders."""
-    mask = np.zeros((size, size), np.float32)
-    top, bottom = int(round(size * 0.52)), int(round(size * 0.92))
-    left, right = int(round(size * 0.22)), int(round(size * 0.78))
-    mask[top:bottom, left:right] = 1.0
-    return mask
+    i.e. the region dub mode re-renders; the same box training hides (model/masks.py)."""
+    return dub_mask(size)
 
 
 def chunk_plan(total_frames: int, chunk_frames: int, overlap_frames: int) -> list[tuple[int, int, int]]:

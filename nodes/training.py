@@ -1,8 +1,9 @@
-"""Training nodes: Train Avatar (stage 3, a personality LoRA), Load Avatar LoRA, Preference Pair (stage 5 data).
+"""Training nodes: Train Avatar (stage 3: the person), Load Avatar LoRA, Preference Pair (stage 5 data).
 
 Train Avatar runs ``training.personality.finetune_personality`` on a copy of the loaded model
-(ComfyUI caches the loaded model; it is never changed), writes the LoRA to models/avatar_loras and
-returns the model with the LoRA merged, so a graph renders with it right away. Load Avatar LoRA
+(ComfyUI caches the loaded model; it is never changed) for a time budget, writes the result (a
+full model to models/avatar with lora_rank 0, the default while no trained base ships, else a
+LoRA to models/avatar_loras) and returns the trained model, so a graph renders with it right away. Load Avatar LoRA
 applies a saved one. Preference Pair records a human A/B choice between two renderings in the
 JSONL format of ``training/preferences.py`` for the Diffusion-DPO stage.
 """
@@ -71,19 +72,27 @@ class TrainAvatar:
             "model": ("AVATAR_MODEL", {"tooltip": "From Load Avatar Model: the base the LoRA is trained on (not changed)."}),
             "reference": ("REFERENCE_VIDEO", {"tooltip": "From Load Reference Video: the person talking, with the "
                                               "clip's own audio (at least about a second; minutes are better)."}),
-            "steps": ("INT", {"default": 1500, "min": 1, "max": 100_000,
-                              "tooltip": "Training steps (batches of 4 windows of the video)."}),
-            "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256,
-                                  "tooltip": "LoRA rank: higher learns more detail, makes a larger file."}),
-            "learning_rate": ("FLOAT", {"default": 5e-4, "min": 1e-6, "max": 1e-1, "step": 1e-5, "round": False,
-                                        "tooltip": "AdamW learning rate of the LoRA weights."}),
+            "steps": ("INT", {"default": 100_000, "min": 1, "max": 1_000_000,
+                              "tooltip": "The most training steps (batches of 8 windows of 16 frames); 'minutes' usually ends "
+                                         "training first."}),
+            "lora_rank": ("INT", {"default": 0, "min": 0, "max": 256,
+                                  "tooltip": "0: train every weight and save a full model in models/avatar (needed while the base "
+                                             "is untrained: a low-rank change of random weights cannot learn a face). Above 0: a "
+                                             "LoRA of that rank on a trained base, saved in models/avatar_loras."}),
+            "learning_rate": ("FLOAT", {"default": 3e-4, "min": 1e-6, "max": 1e-1, "step": 1e-5, "round": False,
+                                        "tooltip": "AdamW learning rate (3e-4 for full training; LoRAs take about 5e-4)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                              "tooltip": "Same seed and inputs = the same LoRA (on the same device)."}),
             "filename_prefix": ("STRING", {"default": "avatar_lora", "tooltip": "File name start in "
-                                "models/avatar_loras; a counter is appended. Letters, digits, '-', '_', '.' and spaces only."}),
+                                "models/avatar (full) or models/avatar_loras (LoRA); a counter is appended. Letters, digits, '-', "
+                                "'_', '.' and spaces only."}),
+        }, "optional": {
+            "minutes": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 24 * 60.0, "step": 0.5,
+                                  "tooltip": "Training time; the learning-rate schedule is fitted to it. 0 = no limit (only "
+                                             "'steps'). About 10 minutes on one H200-class GPU learn a person from 15-20 s of video."}),
         }}
 
-    def train(self, model, reference, steps=1500, lora_rank=16, learning_rate=5e-4, seed=0, filename_prefix="avatar_lora"):
+    def train(self, model, reference, steps=100_000, lora_rank=0, learning_rate=3e-4, seed=0, filename_prefix="avatar_lora", minutes=10.0):
         _check_model(model)
         if not isinstance(reference, ReferenceVideo):
             raise UserFacingError("'reference' must come from Load Reference Video.")
@@ -93,18 +102,20 @@ class TrainAvatar:
         _comfy.check_interrupted()
         avatar = model.ready()
         crops, speech = personality_data(prepared_reference(avatar, reference))
-        out_path = _comfy.numbered_path(_models.folder(_models.LORA_FOLDER), filename_prefix, ".safetensors")
+        full = int(lora_rank) == 0
+        out_path = _comfy.numbered_path(_models.folder(_models.AVATAR_FOLDER if full else _models.LORA_FOLDER), filename_prefix, ".safetensors")
         steps = int(steps)
+        budget = float(minutes) * 60.0 if minutes and float(minutes) > 0 else None
 
         progress = _comfy.progress_bar(steps)
-        log_every = max(1, steps // 10)
         done = 0
+        planned = steps  # a time-budgeted run learns its step count after its first steps
         interrupt = None  # ComfyUI's interrupt, when its progress hook raised it
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            nonlocal done, interrupt
-            done = step
-            if step == total or step % log_every == 0:
+        def on_step(step: int, total: int, loss: float | None) -> None:
+            nonlocal done, interrupt, planned
+            done, planned = step, total
+            if loss is not None and (step == total or step % max(10, total // 10) < 10):
                 logger.info("Train Avatar: step %d/%d, loss %.4f", step, total, loss)
             # About 100 updates per run: each one is a websocket message to the browser.
             if interrupt is None and (step == total or step % max(1, total // 100) == 0):
@@ -128,23 +139,28 @@ class TrainAvatar:
             trainee = copy.deepcopy(avatar).float()
             try:
                 path = finetune_personality(
-                    trainee, crops, speech, out_path, steps=steps, lora_rank=int(lora_rank), lr=float(learning_rate),
-                    seed=int(seed), progress=on_step, should_cancel=should_cancel)
+                    trainee, crops, speech, out_path, steps=steps, time_budget_s=budget, lora_rank=int(lora_rank), lr=float(learning_rate),
+                    fps=float(reference.fps), seed=int(seed), progress=on_step, should_cancel=should_cancel)
+                if full:
+                    trained = trainee.to(avatar.dtype).eval().requires_grad_(False)
+                    trained.training_stage = "personality"
+                    trained.forget_fingerprint()
             except UserFacingError:
                 _comfy.check_interrupted()  # cancelled before the first step: ComfyUI's interrupt, not an error
                 raise
             finally:
-                del trainee
-        if done < steps:
-            logger.warning("Train Avatar cancelled after %d of %d steps; the LoRA trained so far is saved as %s "
-                           "(apply it with Load Avatar LoRA).", done, steps, path)
+                if not full:
+                    del trainee
+        if done < planned and (interrupt is not None or _comfy.interrupt_requested()):
+            logger.warning("Train Avatar cancelled after %d of %d steps; what was trained so far is saved as %s "
+                           "(%s).", done, planned, path, "load it with Load Avatar Model" if full else "apply it with Load Avatar LoRA")
             # Re-raise ComfyUI's interrupt, as the sampler does on Cancel: the prompt ends as interrupted and
             # ComfyUI does not cache this partial result as the finished training of these inputs.
             if interrupt is not None:
                 raise interrupt
             _comfy.check_interrupted()
-        logger.info("Train Avatar: LoRA for base %s written to %s", base_fingerprint, path)
-        tuned = model_with_lora(model, path)
+        logger.info("Train Avatar: %s for base %s written to %s", "model" if full else "LoRA", base_fingerprint, path)
+        tuned = _models.AvatarModelHandle(trained.to("cpu"), Path(path).name) if full else model_with_lora(model, path)
         return {"ui": {"text": [f"{Path(path).name} ({done} steps)"]}, "result": (tuned, str(path))}
 
 

@@ -120,7 +120,8 @@ def test_nodes_are_registered_with_tooltips():
             assert spec[1].get("tooltip"), f"{node.__name__}.{name} has no tooltip"
     assert TrainAvatar.OUTPUT_NODE and RecordPreferencePair.OUTPUT_NODE
     defaults = TrainAvatar.INPUT_TYPES()["required"]
-    assert defaults["steps"][1]["default"] == 1500 and defaults["lora_rank"][1]["default"] == 16
+    assert defaults["lora_rank"][1]["default"] == 0  # full training: no trained base ships yet
+    assert TrainAvatar.INPUT_TYPES()["optional"]["minutes"][1]["default"] == 10.0
 
 
 def test_train_avatar_writes_a_lora_that_load_avatar_lora_applies(models_cwd):

@@ -40,9 +40,11 @@ from .lora import apply_lora, lora_layers, save_lora
 from .objectives import StepModule
 from .trainer import Trainer, TrainerConfig
 
-# Steps whose wall time sets the step count of a time-budgeted run (the first ones include
-# kernel compilation and allocator warm-up, so the estimate errs towards fewer steps).
-BUDGET_PROBE_STEPS = 20
+# A time-budgeted run fits its step count to the budget from the step rate measured after the
+# first BUDGET_WARMUP_STEPS (kernel compilation, allocator warm-up), and fits it again every
+# BUDGET_REFIT_STEPS steps: the rate changes when the GPU is shared or the clocks settle.
+BUDGET_WARMUP_STEPS = 10
+BUDGET_REFIT_STEPS = 25
 
 
 class PersonClipSource:
@@ -165,12 +167,20 @@ def finetune_personality(
     started = time.perf_counter()
     trainer_box: list[Trainer] = []
 
+    rate_clock: dict = {}
+
     def on_step(record: dict) -> None:
         trainer = trainer_box[0]
-        if time_budget_s is not None and record["step"] == BUDGET_PROBE_STEPS:
-            seconds_per_step = (time.perf_counter() - started) / BUDGET_PROBE_STEPS
-            trainer.config.total_steps = max(BUDGET_PROBE_STEPS + 1, min(steps, int(time_budget_s / seconds_per_step)))
-            trainer.config.warmup_steps = min(trainer.config.warmup_steps, max(1, trainer.config.total_steps // 10))
+        step = record["step"]
+        if time_budget_s is not None and step == BUDGET_WARMUP_STEPS:
+            rate_clock.update(step=step, time=time.perf_counter())
+        elif time_budget_s is not None and rate_clock and step % BUDGET_REFIT_STEPS == 0:
+            now = time.perf_counter()
+            seconds_per_step = (now - rate_clock["time"]) / (step - rate_clock["step"])
+            remaining = max(0.0, time_budget_s - (now - started))
+            trainer.config.total_steps = max(step + 1, min(steps, step + int(remaining / seconds_per_step)))
+            if step == BUDGET_REFIT_STEPS:  # warm-up stays a tenth of the run, decided once
+                trainer.config.warmup_steps = min(trainer.config.warmup_steps, max(1, trainer.config.total_steps // 10))
         if progress is not None:
             progress(record["step"], trainer.config.total_steps, record.get("loss") if record.get("synced", True) else None)
 
