@@ -1,8 +1,11 @@
 """The front door: validate, route, pick a backend, run it.
 
-`sparse_reference_attention` is what the model calls. Validation and routing happen here once,
-so every backend receives the same normalised inputs (see `dispatch.py` for the backend
-signature) and computes the same function.
+`sparse_reference_attention` is what the model calls. Validation (`inputs.py`) and routing
+(`routing.py`) happen here once, so every backend receives the same normalised inputs (see
+`dispatch.py` for the backend signature), computes the same function and only asserts.
+No value of a GPU tensor is read here (no host sync) unless the caller passes block_indices:
+a GPU ref_lengths is clamped to [0, Lr], GPU forced ids outside [0, nR) are dropped (see
+inputs.py); CPU tensors are checked by value.
 """
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ import torch
 
 from ..errors import UserFacingError
 from . import dispatch
-from .inputs import check_attention_inputs, check_block_indices, check_top_k
-from .reference import check_forced_blocks, reference_block_centroids, select_reference_blocks
+from .inputs import check_attention_inputs, check_block_indices, check_forced_blocks, check_top_k, clamp_ref_lengths
+from .routing import block_centroids, select_reference_blocks
 
 
 def sparse_reference_attention(
@@ -39,7 +42,8 @@ def sparse_reference_attention(
     ref_lengths LongTensor [B] or None (all Lr valid). Blocks are routed here unless
     block_indices are given (centroids are computed unless given). Returns out [B, H, Lq, d] in
     q's dtype, and with return_lse=True also lse [B, H, Lq] (fp32; fp64 for fp64 inputs).
-    backend: "auto" | "reference" | "dense" | "flex" | "triton" | "xformers" (see dispatch.py).
+    backend: "auto" | "naive" | "dense" | "flex" | "triton" | "xformers" (see dispatch.py;
+    "reference" is a deprecated alias of "naive").
     """
     shapes = check_attention_inputs(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_size)
     check_top_k(top_k)
@@ -55,9 +59,10 @@ def sparse_reference_attention(
         block_indices = None
         ref_lengths = None
     else:
+        ref_lengths = clamp_ref_lengths(ref_lengths, shapes.ref_len)  # a GPU tensor's values are not read
         if block_indices is None:
             if centroids is None:
-                centroids = reference_block_centroids(ref_k, ref_lengths, block_size)
+                centroids = block_centroids(ref_k, ref_lengths, block_size)
             elif tuple(centroids.shape) != (shapes.batch, shapes.kv_heads, shapes.ref_blocks, shapes.head_dim):
                 raise UserFacingError(
                     f"centroids must be [B, Hkv, nR, d] = {(shapes.batch, shapes.kv_heads, shapes.ref_blocks, shapes.head_dim)} "
@@ -66,7 +71,7 @@ def sparse_reference_attention(
                 )
             if forced_blocks is not None:
                 check_forced_blocks(forced_blocks, shapes.batch, shapes.kv_heads, shapes.query_blocks, shapes.ref_blocks)
-            # ref_lengths were checked above; routing need not check (and host-sync) again.
+            # Validated above (no host sync for GPU tensors); routing does not check again.
             block_indices = select_reference_blocks(q, centroids, ref_lengths, block_size, top_k, forced_blocks)
         else:
             check_block_indices(block_indices, shapes)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserFacingError
-from .inputs import ceil_div, check_block_size, check_ref_lengths
-from .reference import accumulation_dtype, attend_with_lse, query_block_means, valid_reference_blocks
+from .blocks import valid_reference_blocks
+from .inputs import accumulation_dtype, ceil_div, check_block_size, check_ref_lengths, clamp_ref_lengths
+from .merge import attend_with_lse
+from .routing import query_block_means
 
 
 def coarse_reference_attention(
@@ -49,8 +51,8 @@ def coarse_reference_attention(
     kv_heads, ref_blocks = centroids.shape[1], centroids.shape[2]
     if kv_heads < 1 or heads % kv_heads != 0:
         raise UserFacingError(f"query heads H={heads} must be a multiple of the centroids' key/value heads Hkv={kv_heads}.")
-    if ref_lengths is not None:
-        check_ref_lengths(ref_lengths, batch, ref_blocks * block_size, q.device)
+    check_ref_lengths(ref_lengths, batch, ref_blocks * block_size, q.device)  # values on the CPU only (no host sync)
+    ref_lengths = clamp_ref_lengths(ref_lengths, ref_blocks * block_size)
     scale = head_dim ** -0.5 if scale is None else scale
     group_size = heads // kv_heads
     query_blocks = ceil_div(query_len, block_size)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import accumulation_dtype, valid_positions
+from .blocks import valid_positions
+from .inputs import accumulation_dtype
 
 
 def selected_reference_mask(

@@ -1,6 +1,6 @@
 """Pick the attention backend for a call.
 
-Every backend computes the same function (`reference.py` defines it) with one signature:
+Every backend computes the same function (`naive.py` defines it) with one signature:
 
     attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices,
               block_size, scale, need_lse=True) -> (out [B,H,Lq,d] in q's dtype, lse [B,H,Lq] fp32)
@@ -8,19 +8,27 @@ Every backend computes the same function (`reference.py` defines it) with one si
 (with need_lse=False a backend may return None for the lse and skip computing it)
 
 where the front door (`api.py`) has already validated the inputs, turned empty branches into
-None, filled ref_lengths and routed block_indices (int32 [B,Hkv,nQ,K], -1 = unused slot).
+None, filled ref_lengths (in [0, Lr]) and routed block_indices (int32 [B,Hkv,nQ,K], -1 = unused
+slot). Backends trust these inputs and only assert cheap shape facts.
 
 Which backend runs, strongest first:
   1. the `backend=` argument of `sparse_reference_attention` (anything but "auto"),
   2. the environment variable SPARSE_AVATAR_ATTENTION,
-  3. `set_default_backend(name)` (the ComfyUI nodes call it from ComfyUI's attention flags),
+  3. `set_default_backend(name)` (for scripts; the ComfyUI nodes pass a backend per model instead,
+     see `backend_for_comfyui_flags`),
   4. "auto": fused Triton (CUDA, supported dtype/head dim) -> FlexAttention (CUDA) ->
-     xformers (CUDA) -> dense SDPA -> reference (CPU fallback when the dense mask gets large).
+     xformers (CUDA) -> dense SDPA -> naive (CPU fallback when the dense mask gets large).
 A backend named explicitly (1-3) that cannot run these inputs is an error, never a silent swap.
+
+"naive" (the plain-PyTorch definition) was called "reference" until "reference" came to mean
+the reference video only; "reference" is still accepted, with a one-time logged warning, so
+saved settings (SPARSE_AVATAR_ATTENTION=reference, node choices, scripts) keep working.
+`_naive` is the one door through which production code reaches naive.py.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Callable
 
@@ -30,11 +38,17 @@ from ..errors import UserFacingError
 from .inputs import AttentionShapes
 
 ENV_VAR = "SPARSE_AVATAR_ATTENTION"
-BACKEND_NAMES = ("triton", "flex", "xformers", "dense", "reference")
+BACKEND_NAMES = ("triton", "flex", "xformers", "dense", "naive")
 AUTO = "auto"
+# Old name -> backend name. Accepted everywhere a name is (argument, env var, default), with a
+# logged warning once per old name per process.
+DEPRECATED_NAMES = {"reference": "naive"}
+
+logger = logging.getLogger(__name__)
+_warned_names: set[str] = set()
 
 # The dense backend materialises a [B, H, Lq, Lq+S+Lr] mask and score matrix; above this many
-# elements "auto" on CPU prefers the reference backend, whose reference branch only touches the
+# elements "auto" on CPU prefers the naive backend, whose reference branch only touches the
 # selected blocks (B·H·Lq·k·b scores).
 DENSE_AUTO_LIMIT = 1 << 26
 
@@ -45,6 +59,16 @@ Attention = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 
 def _check_name(name: str, what: str) -> str:
     normalised = str(name).strip().lower()
+    if normalised in DEPRECATED_NAMES:
+        new_name = DEPRECATED_NAMES[normalised]
+        if normalised not in _warned_names:
+            _warned_names.add(normalised)
+            logger.warning(
+                "attention backend %r (%s) is deprecated: the plain-PyTorch backend is now called %r "
+                "(\"reference\" means the reference video). Using %r; please rename it.",
+                normalised, what, new_name, new_name,
+            )
+        normalised = new_name
     if normalised not in (AUTO, *BACKEND_NAMES):
         raise UserFacingError(
             f"unknown attention backend {name!r} ({what}); choose one of: {', '.join((AUTO, *BACKEND_NAMES))}."
@@ -125,13 +149,14 @@ def _dense(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, 
     return dense_sparse_attention, ""
 
 
-def _reference(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
-    from .reference import reference_attention
+def _naive(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
+    # The one door from production code to the definition (the CPU fallback of "auto").
+    from .naive import naive_attention
 
-    return reference_attention, ""
+    return naive_attention, ""
 
 
-_FINDERS = {"triton": _triton, "flex": _flex, "xformers": _xformers, "dense": _dense, "reference": _reference}
+_FINDERS = {"triton": _triton, "flex": _flex, "xformers": _xformers, "dense": _dense, "naive": _naive}
 
 
 def available_backends(q: torch.Tensor, shapes: AttentionShapes) -> dict[str, str]:
@@ -157,7 +182,7 @@ def _auto(q: torch.Tensor, shapes: AttentionShapes) -> tuple[str, Attention]:
             if attention is not None:
                 return name, attention
     dense_elements = shapes.batch * shapes.heads * shapes.query_len * (shapes.query_len + shapes.static_len + shapes.ref_len)
-    name = "dense" if q.is_cuda or dense_elements <= DENSE_AUTO_LIMIT else "reference"
+    name = "dense" if q.is_cuda or dense_elements <= DENSE_AUTO_LIMIT else "naive"
     return name, _FINDERS[name](q, shapes)[0]
 
 

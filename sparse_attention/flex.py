@@ -1,6 +1,6 @@
 """FlexAttention backend (torch.nn.attention.flex_attention), used where it exists.
 
-Three Flex calls, merged exactly by their log-sum-exps (as in reference.py):
+Three Flex calls, merged exactly by their log-sum-exps (`merge.py`, as in the definition `naive.py`):
   clip      q·k over the Lq clip tokens, H heads, no mask;
   static    q·static_k, GQA (enable_gqa) so the Hkv static heads are never repeated;
   reference q·ref_k with a BlockMask built by `BlockMask.from_kv_blocks` straight from the routed
@@ -21,7 +21,7 @@ import inspect
 import torch
 
 from .inputs import AttentionShapes, ceil_div
-from .reference import merge_by_lse
+from .merge import merge_by_lse
 
 try:  # FlexAttention: torch >= 2.5; the differentiable lse used by the merge needs a recent one.
     from torch.nn.attention import flex_attention as _flex_module
@@ -57,8 +57,7 @@ def unavailable_reason(q: torch.Tensor, shapes: AttentionShapes) -> str:
         q.is_cuda
         and shapes.block_size % 128 != 0
         and q.dtype in (torch.float16, torch.bfloat16)
-        and torch.is_grad_enabled()
-        and q.requires_grad
+        and shapes.needs_grad
     ):
         # Measured on H100 with torch 2.11: the forward compiles with 64-wide tiles and fp32
         # trains fine, but the fp16/bf16 backward fails to compile (NoValidChoicesError) for

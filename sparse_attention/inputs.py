@@ -1,8 +1,20 @@
-"""Shape and dtype checks shared by the front door and every backend.
+"""Input validation for the public entries, and the call's sizes.
 
-Backends may assume what `check_attention_inputs` guarantees, so each of them does not repeat
-(and slightly vary) the same validation. Problems are reported as `UserFacingError` (a
-`ValueError`) naming the tensor, the shape it has and the shape it should have.
+The public entries (`sparse_reference_attention`, `route_reference_blocks`,
+`reference_block_centroids`, `coarse_reference_attention`) validate here, once per call; the
+backends and the internal routing trust what they are given and only `assert` cheap shape facts.
+Problems are reported as `UserFacingError` (a `ValueError`) naming the tensor, the shape it has
+and the shape it should have.
+
+Values of index tensors cost a host sync to read on a GPU, which on the H200 made the front door
+2-3x slower than the fused forward it wraps. So:
+  - ref_lengths: shape, dtype and device are always checked; the values are checked where that
+    is free (a CPU tensor) and once per reference (`reference_block_centroids`, which the model
+    calls when it builds a reference's caches); a GPU tensor at the front door is clamped to
+    [0, Lr] on the device instead (`clamp_ref_lengths`), never read.
+  - forced_blocks: shape and dtype always; values on the CPU only; on a GPU ids outside
+    [0, nR) are treated like -1 (routing drops them).
+  - block_indices given by the caller (never by the model): checked by value, one sync.
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ class AttentionShapes:
     static_len: int  # S (0 when there are no static tokens)
     ref_len: int  # Lr (0 when there is no reference)
     block_size: int
+    needs_grad: bool = False  # grad mode on and some input requires grad (a backward will run)
 
     @property
     def group_size(self) -> int:
@@ -42,6 +55,11 @@ class AttentionShapes:
 
 def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs; fp64 stays fp64 so gradcheck can run on the definition."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -67,7 +85,11 @@ def _check_4d(name: str, tensor: torch.Tensor, layout: str) -> None:
         raise UserFacingError(f"{name} must be a floating-point tensor (fp32, fp16 or bf16); got {_describe(tensor)}.")
 
 
-def check_ref_lengths(ref_lengths: torch.Tensor | None, batch: int, ref_len: int, device: torch.device) -> None:
+def check_ref_lengths(
+    ref_lengths: torch.Tensor | None, batch: int, ref_len: int, device: torch.device, *, read_values: bool = False
+) -> None:
+    """Shape, dtype and device of ref_lengths; its values too when it lives on the CPU (free) or
+    when read_values=True (one host sync on a GPU: for once-per-reference callers)."""
     if ref_lengths is None:
         return
     if not isinstance(ref_lengths, torch.Tensor) or ref_lengths.dim() != 1 or ref_lengths.shape[0] != batch:
@@ -77,10 +99,45 @@ def check_ref_lengths(ref_lengths: torch.Tensor | None, batch: int, ref_len: int
         raise UserFacingError(f"ref_lengths must hold integers (torch.long); got {ref_lengths.dtype}.")
     if ref_lengths.device != device:
         raise UserFacingError(f"ref_lengths is on {ref_lengths.device} but the queries are on {device}; move it with .to(q.device).")
-    if batch:
-        low, high = torch.stack([ref_lengths.min(), ref_lengths.max()]).tolist()  # one host sync
+    if batch and (read_values or ref_lengths.device.type == "cpu"):
+        low, high = torch.stack([ref_lengths.min(), ref_lengths.max()]).tolist()  # a host sync off the CPU
         if low < 0 or high > ref_len:
             raise UserFacingError(f"ref_lengths must lie in [0, Lr={ref_len}]; got values from {low} to {high}.")
+
+
+def clamp_ref_lengths(ref_lengths: torch.Tensor | None, ref_len: int) -> torch.Tensor | None:
+    """ref_lengths whose values were not read (a GPU tensor), clamped to [0, Lr] on its device:
+    one small kernel, no host sync. Every backend then sees lengths in range."""
+    if ref_lengths is None or ref_lengths.device.type == "cpu":
+        return ref_lengths
+    return ref_lengths.clamp(0, ref_len)
+
+
+def check_forced_blocks(forced_blocks: torch.Tensor, batch: int, kv_heads: int, query_blocks: int, ref_blocks: int) -> None:
+    """Integer [B|1, Hkv|1, nQ, F]; ids in [-1, nR) checked on a CPU tensor only (on a GPU,
+    routing drops ids outside [0, nR) like -1, without a host sync)."""
+    shape = tuple(forced_blocks.shape) if isinstance(forced_blocks, torch.Tensor) else None
+    ok = (
+        shape is not None
+        and len(shape) == 4
+        and shape[0] in (1, batch)
+        and shape[1] in (1, kv_heads)
+        and shape[2] == query_blocks
+        and not forced_blocks.is_floating_point()
+        and forced_blocks.dtype != torch.bool
+    )
+    if not ok:
+        got = f"shape {shape}, dtype {forced_blocks.dtype}" if shape is not None else type(forced_blocks).__name__
+        raise UserFacingError(
+            f"forced_blocks must be an integer tensor [B, Hkv, nQ, F] = [{batch}, {kv_heads}, {query_blocks}, F] "
+            f"(B and Hkv may be 1 to broadcast; -1 = no block); got {got}."
+        )
+    if forced_blocks.numel() and forced_blocks.device.type == "cpu":
+        low, high = torch.stack([forced_blocks.min(), forced_blocks.max()]).tolist()
+        if low < -1 or high >= ref_blocks:
+            raise UserFacingError(
+                f"forced_blocks must hold reference block ids in [0, nR={ref_blocks}) or -1; got values from {low} to {high}."
+            )
 
 
 def check_attention_inputs(
@@ -94,7 +151,9 @@ def check_attention_inputs(
     ref_lengths: torch.Tensor | None,
     block_size: int,
 ) -> AttentionShapes:
-    """Validate one call's tensors and return its sizes; raise UserFacingError on any mismatch."""
+    """Validate one call's tensors and return its sizes; raise UserFacingError on any mismatch.
+
+    Reads no tensor values except those of a CPU ref_lengths (see the module docstring)."""
     check_block_size(block_size)
     _check_4d("q", q, "[B, H, Lq, d]")
     batch, heads, query_len, head_dim = q.shape
@@ -146,6 +205,9 @@ def check_attention_inputs(
             raise UserFacingError(f"{name} is on {tensor.device} but q is on {q.device}; put all attention inputs on one device.")
 
     check_ref_lengths(ref_lengths, batch, lengths["ref"], q.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, static_k, static_v, ref_k, ref_v)
+    )
     return AttentionShapes(
         batch=batch,
         heads=heads,
@@ -155,11 +217,15 @@ def check_attention_inputs(
         static_len=lengths["static"],
         ref_len=lengths["ref"],
         block_size=block_size,
+        needs_grad=needs_grad,
     )
 
 
 def check_block_indices(block_indices: torch.Tensor, shapes: AttentionShapes) -> None:
-    """Block indices must be integer [B, Hkv, nQ, K] with ids in [-1, nR)."""
+    """Block indices must be integer [B, Hkv, nQ, K] with ids in [-1, nR), none repeated in a row.
+
+    Reads the values (one host sync on a GPU): only for caller-given block_indices, which the
+    model never passes; a wrong id would index out of bounds in some backends."""
     expected = (shapes.batch, shapes.kv_heads, shapes.query_blocks)
     if (
         not isinstance(block_indices, torch.Tensor)

@@ -4,7 +4,7 @@ One softmax over three key sets, in a single pass per (batch, query head, query 
     clip keys (H heads, all Lq)  ∪  static keys (Hkv heads, all S)  ∪  the selected reference
     blocks (Hkv heads, compact int32 ``block_indices [B, Hkv, nQ, K]``, -1 = none; positions at or
     beyond ``ref_lengths[b]`` masked).
-The definition of correct is ``reference.py``; this file must agree with it (tests in
+The definition of correct is ``naive.py``; this file must agree with it (tests in
 ``tests/test_sparse_attention_triton.py``, run on CPU under ``TRITON_INTERPRET=1``).
 
 Structure follows the classic flash-attention layout (forward with online softmax in base 2;
@@ -35,7 +35,6 @@ try:  # Triton is optional: the pack runs without it (dispatch falls back to oth
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     _HAVE_TRITON = False
 
-from ..errors import UserFacingError
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -783,17 +782,13 @@ def fused_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_length
     be None only when there is no reference). Differentiable in q, k, v, static_*, ref_* (and
     through lse). Check ``is_supported(q, block_size)`` first.
     """
-    if not _HAVE_TRITON:
-        raise UserFacingError("The fused sparse-attention backend needs Triton; install triton or "
-                              "choose another attention backend (e.g. backend='reference').")
-    if q.dim() != 4:
-        raise UserFacingError(f"q must be [B, H, Lq, d]; got shape {tuple(q.shape)}.")
+    # Internal checks only (cheap, no host sync): the front door has validated the inputs.
+    assert _HAVE_TRITON, "the fused backend needs Triton (dispatch checks is_supported first)"
+    assert q.dim() == 4, f"q must be [B, H, Lq, d]; got shape {tuple(q.shape)}"
     batch, heads, lq, head_dim = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise UserFacingError(f"clip k and v must match q {tuple(q.shape)}; got {tuple(k.shape)} and {tuple(v.shape)}.")
+    assert k.shape == q.shape and v.shape == q.shape, f"clip k and v must match q {tuple(q.shape)}; got {tuple(k.shape)} and {tuple(v.shape)}"
     for name, tensor in (("static_k", static_k), ("static_v", static_v), ("ref_k", ref_k), ("ref_v", ref_v)):
-        if tensor is not None and tensor.dtype != q.dtype:
-            raise UserFacingError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; cast them to one dtype.")
+        assert tensor is None or tensor.dtype == q.dtype, f"{name} has dtype {tensor.dtype} but q has {q.dtype}"
     if ref_k is not None:
         kv_heads = ref_k.shape[1]
     elif static_k is not None:
@@ -802,30 +797,25 @@ def fused_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_length
         kv_heads = block_indices.shape[1]
     else:
         kv_heads = heads
-    if kv_heads == 0 or heads % kv_heads != 0:
-        raise UserFacingError(f"{heads} query heads cannot be grouped onto {kv_heads} key/value heads; "
-                              "H must be a multiple of Hkv.")
+    assert kv_heads > 0 and heads % kv_heads == 0, f"{heads} query heads cannot be grouped onto {kv_heads} key/value heads"
 
     def empty_kv():
         return q.new_zeros((batch, kv_heads, 0, head_dim))
 
     if static_k is None or static_v is None:
-        if (static_k is None) != (static_v is None):
-            raise UserFacingError("Pass both static_k and static_v, or neither.")
+        assert (static_k is None) == (static_v is None), "pass both static_k and static_v, or neither"
         static_k_in, static_v_in = empty_kv(), empty_kv()
     else:
         static_k_in, static_v_in = static_k, static_v
     if ref_k is None or ref_v is None:
-        if (ref_k is None) != (ref_v is None):
-            raise UserFacingError("Pass both ref_k and ref_v, or neither.")
+        assert (ref_k is None) == (ref_v is None), "pass both ref_k and ref_v, or neither"
         ref_k_in, ref_v_in = empty_kv(), empty_kv()
     else:
         ref_k_in, ref_v_in = ref_k, ref_v
     for name, tensor in (("static_k", static_k_in), ("static_v", static_v_in), ("ref_k", ref_k_in), ("ref_v", ref_v_in)):
-        if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[1] != kv_heads or tensor.shape[3] != head_dim:
-            raise UserFacingError(f"{name} must be [B={batch}, Hkv={kv_heads}, L, d={head_dim}]; got {tuple(tensor.shape)}.")
-    if static_k_in.shape != static_v_in.shape or ref_k_in.shape != ref_v_in.shape:
-        raise UserFacingError("static_k/static_v (and ref_k/ref_v) must have the same shape.")
+        assert tensor.dim() == 4 and tensor.shape[0] == batch and tensor.shape[1] == kv_heads and tensor.shape[3] == head_dim, (
+            f"{name} must be [B={batch}, Hkv={kv_heads}, L, d={head_dim}]; got {tuple(tensor.shape)}")
+    assert static_k_in.shape == static_v_in.shape and ref_k_in.shape == ref_v_in.shape, "k/v shapes of a branch differ"
 
     ref_len_max = ref_k_in.shape[2]
     num_route_q = -(-lq // block_size)
@@ -834,13 +824,10 @@ def fused_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_length
     else:
         ref_lengths = ref_lengths.to(device=q.device, dtype=torch.int32).clamp(0, ref_len_max).contiguous()
     if ref_len_max == 0 or block_indices is None:
-        if ref_len_max > 0:
-            raise UserFacingError("block_indices are required when a reference is given; route them with "
-                                  "route_reference_blocks() or call sparse_reference_attention().")
+        assert ref_len_max == 0, "block_indices are required with a reference (route_reference_blocks)"
         block_indices = torch.full((batch, kv_heads, num_route_q, 1), -1, dtype=torch.int32, device=q.device)
-    if block_indices.dim() != 4 or block_indices.shape[0] != batch or block_indices.shape[2] != num_route_q:
-        raise UserFacingError(f"block_indices must be [B={batch}, Hkv={kv_heads}, nQ={num_route_q}, K]; "
-                              f"got {tuple(block_indices.shape)}.")
+    assert block_indices.dim() == 4 and block_indices.shape[0] == batch and block_indices.shape[2] == num_route_q, (
+        f"block_indices must be [B={batch}, Hkv={kv_heads}, nQ={num_route_q}, K]; got {tuple(block_indices.shape)}")
     block_indices = block_indices.to(q.device).expand(batch, kv_heads, num_route_q, block_indices.shape[3])
     if block_indices.shape[3] == 0:
         block_indices = torch.full((batch, kv_heads, num_route_q, 1), -1, dtype=torch.int32, device=q.device)

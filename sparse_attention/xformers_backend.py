@@ -5,7 +5,7 @@ that returns the lse, but it has no autograd, and the branch merge needs the lse
 backend reports itself unavailable when any input requires grad, and training uses the fused,
 Flex or dense backends instead.
 
-Same plan as reference.py, with the xformers kernel doing each branch's softmax: clip branch
+Same plan as the definition (`naive.py`), with the xformers kernel doing each branch's softmax: clip branch
 (H heads), static branch (Hkv heads, the G query heads of a group stacked as rows), reference
 branch over the gathered selected blocks (one row-batch per (b, kv head, query block)) with an
 additive mask for unused slots and padding; the three are merged by log-sum-exp.
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserFacingError
+from .blocks import gather_reference_blocks
 from .inputs import AttentionShapes
-from .reference import gather_reference_blocks, merge_by_lse
+from .merge import merge_by_lse
 
 try:
     from xformers import ops as xops
@@ -32,7 +32,7 @@ def unavailable_reason(q: torch.Tensor, shapes: AttentionShapes) -> str:
         return "xformers kernels need CUDA tensors"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"xformers kernels take fp16/bf16/fp32, not {q.dtype}"
-    if torch.is_grad_enabled() and q.requires_grad:
+    if shapes.needs_grad:
         return "the xformers backend is inference-only (its lse has no autograd); use triton, flex or dense for training"
     return ""
 
@@ -50,10 +50,8 @@ def _branch(query, key, value, bias, scale):
 def xformers_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, block_indices, block_size, scale, need_lse=True):
     # The lse is always returned: the branch merge needs it anyway.
     inputs = (q, k, v, static_k, static_v, ref_k, ref_v)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        raise UserFacingError(
-            "the xformers attention backend is inference-only (no gradients); use backend 'triton', 'flex' or 'dense' for training."
-        )
+    # dispatch offers this backend only without grad (unavailable_reason: shapes.needs_grad).
+    assert not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)), "xformers backend: inference only"
     batch, heads, query_len, head_dim = q.shape
     to_rows = lambda tensor: tensor.transpose(1, 2)  # [B, H, L, d] -> xformers' [B, L, H, d]
     clip_out, clip_lse = _branch(to_rows(q), to_rows(k), to_rows(v), None, scale)

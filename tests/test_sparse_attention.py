@@ -1,5 +1,6 @@
-"""Sparse reference attention: the definition against brute force, every backend against the
-definition (outputs, lse, gradients), routing, dispatch and input errors."""
+"""Sparse reference attention: the definition (naive.py) against brute force, every backend against
+the definition (outputs, lse, gradients), routing, dispatch (and the deprecated "reference"
+backend name), input errors, and the package layout (naive.py reached only through dispatch)."""
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ from sparse_avatar.sparse_attention import (
 )
 from sparse_avatar.sparse_attention import dispatch
 from sparse_avatar.sparse_attention.inputs import check_attention_inputs
-from sparse_avatar.sparse_attention.reference import reference_attention
+from sparse_avatar.sparse_attention.naive import naive_attention
 
 
 def make_inputs(batch=2, heads=4, kv_heads=2, query_len=21, static_len=3, ref_len=45, head_dim=8, dtype=torch.float64, seed=0):
@@ -90,7 +91,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_reference_matches_brute_force(case):
+def test_naive_matches_brute_force(case):
     _, batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths, forced = case
     inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len)
     ref_lengths = None if lengths is None else torch.tensor(lengths)
@@ -100,7 +101,7 @@ def test_reference_matches_brute_force(case):
         forced_blocks = torch.tensor([forced[i % len(forced)] for i in range(query_blocks)])[None, None]
     out, lse = sparse_reference_attention(
         **inputs, ref_lengths=ref_lengths, block_size=block, top_k=top_k, forced_blocks=forced_blocks,
-        backend="reference", return_lse=True,
+        backend="naive", return_lse=True,
     )
     block_indices = None
     if inputs["ref_k"] is not None and ref_len > 0:
@@ -114,7 +115,7 @@ def test_reference_matches_brute_force(case):
 def test_top_k_covering_all_blocks_equals_plain_attention():
     inputs = make_inputs(batch=2, heads=4, kv_heads=1, query_len=19, static_len=4, ref_len=37)
     ref_lengths = torch.tensor([37, 22])
-    out, lse = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=8, top_k=5, backend="reference", return_lse=True)
+    out, lse = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=8, top_k=5, backend="naive", return_lse=True)
     group_size = 4
     keys = torch.cat([inputs["k"], inputs["static_k"].repeat_interleave(group_size, 1), inputs["ref_k"].repeat_interleave(group_size, 1)], 2)
     values = torch.cat([inputs["v"], inputs["static_v"].repeat_interleave(group_size, 1), inputs["ref_v"].repeat_interleave(group_size, 1)], 2)
@@ -134,7 +135,7 @@ def test_gradcheck_fp64_tiny():
     block_indices = torch.tensor([[[[1, -1], [0, 1]]]], dtype=torch.int32)  # nQ = 2 blocks of 4
 
     def function(*args):
-        out, lse = reference_attention(*args, ref_lengths, block_indices, 4, 0.7)
+        out, lse = naive_attention(*args, ref_lengths, block_indices, 4, 0.7)
         return out, lse
 
     assert torch.autograd.gradcheck(function, tensors, eps=1e-6, atol=1e-7)
@@ -194,7 +195,8 @@ def test_routing_top_scores_in_descending_order():
 def _select_reference_blocks_before_trim(q, centroids, ref_lengths, block_size, top_k, forced_blocks):
     """The routing as it was before its kernel count was trimmed (frozen copy): the trimmed one
     must return exactly the same ids."""
-    from sparse_avatar.sparse_attention.reference import query_block_means, valid_reference_blocks
+    from sparse_avatar.sparse_attention.blocks import valid_reference_blocks
+    from sparse_avatar.sparse_attention.routing import query_block_means
 
     batch, heads, query_len, head_dim = q.shape
     kv_heads, ref_blocks = centroids.shape[1], centroids.shape[2]
@@ -239,7 +241,7 @@ def _select_reference_blocks_before_trim(q, centroids, ref_lengths, block_size, 
     ],
 )
 def test_routing_is_unchanged_by_the_kernel_trim(dtype, batch, heads, kv_heads, query_len, ref_len, lengths, top_k, block, forced):
-    from sparse_avatar.sparse_attention.reference import select_reference_blocks
+    from sparse_avatar.sparse_attention.routing import select_reference_blocks
 
     generator = torch.Generator().manual_seed(11)
     q = torch.randn(batch, heads, query_len, 16, generator=generator).to(dtype)
@@ -270,15 +272,15 @@ def test_centroids_exclude_padding_even_nan():
     assert torch.equal(centroids[1, 0, 2], torch.zeros(2))
 
 
-def test_reference_ignores_nan_in_reference_padding():
+def test_naive_ignores_nan_in_reference_padding():
     inputs = make_inputs(batch=2, heads=2, kv_heads=1, query_len=9, static_len=2, ref_len=20, dtype=torch.float32)
     ref_lengths = torch.tensor([20, 7])
-    clean_out = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=4, top_k=2, backend="reference")
+    clean_out = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=4, top_k=2, backend="naive")
     inputs["ref_k"][1, :, 7:] = float("nan")
     inputs["ref_v"][1, :, 7:] = float("nan")
     for name in ("q", "ref_k", "ref_v"):
         inputs[name].requires_grad_(True)
-    out = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=4, top_k=2, backend="reference")
+    out = sparse_reference_attention(**inputs, ref_lengths=ref_lengths, block_size=4, top_k=2, backend="naive")
     torch.testing.assert_close(out, clean_out)
     out.sum().backward()
     assert torch.isfinite(inputs["q"].grad).all()
@@ -320,11 +322,11 @@ def flex_or_skip():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", BACKEND_CASES)
-def test_dense_backend_matches_reference(case, dtype):
+def test_dense_backend_matches_naive(case, dtype):
     batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths = case
     inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len, dtype=dtype, seed=7)
     ref_lengths = None if lengths is None else torch.tensor(lengths)
-    expected = run_backend("reference", inputs, ref_lengths, block, top_k, with_grad=True)
+    expected = run_backend("naive", inputs, ref_lengths, block, top_k, with_grad=True)
     got = run_backend("dense", inputs, ref_lengths, block, top_k, with_grad=True)
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
@@ -335,28 +337,28 @@ def test_dense_backend_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("case", BACKEND_CASES)
-def test_dense_backend_without_lse_uses_sdpa_and_matches_reference(case):
+def test_dense_backend_without_lse_uses_sdpa_and_matches_naive(case):
     batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths = case
     inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len, dtype=torch.float32, seed=11)
     ref_lengths = None if lengths is None else torch.tensor(lengths)
     results = {}
-    for backend in ("reference", "dense"):
+    for backend in ("naive", "dense"):
         leaves = {name: (None if t is None else t.clone().requires_grad_(True)) for name, t in inputs.items()}
         out = sparse_reference_attention(**leaves, ref_lengths=ref_lengths, block_size=block, top_k=top_k, backend=backend)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results[backend] = [out] + [t.grad for t in leaves.values() if t is not None]
-    for got, expected in zip(results["dense"], results["reference"]):
+    for got, expected in zip(results["dense"], results["naive"]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("case", BACKEND_CASES)
-def test_flex_backend_matches_reference_forward(case):
+def test_flex_backend_matches_naive_forward(case):
     flex_or_skip()
     batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths = case
     inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len, dtype=torch.float32, seed=8)
     ref_lengths = None if lengths is None else torch.tensor(lengths)
-    expected = run_backend("reference", inputs, ref_lengths, block, top_k, with_grad=False)
+    expected = run_backend("naive", inputs, ref_lengths, block, top_k, with_grad=False)
     got = run_backend("flex", inputs, ref_lengths, block, top_k, with_grad=False)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
@@ -364,7 +366,7 @@ def test_flex_backend_matches_reference_forward(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["triton", "flex", "dense", "xformers"])
-def test_cuda_backends_match_reference(backend, dtype):
+def test_cuda_backends_match_naive(backend, dtype):
     """On a GPU (skipped on CPU): every backend that can run, against the definition.
 
     Flex is only checked here for gradients: eager Flex on CPU has no backward."""
@@ -376,7 +378,7 @@ def test_cuda_backends_match_reference(backend, dtype):
     with_grad = backend != "xformers"
     if reason:
         pytest.skip(reason)
-    expected = run_backend("reference", inputs, ref_lengths, 64, 3, with_grad=with_grad)
+    expected = run_backend("naive", inputs, ref_lengths, 64, 3, with_grad=with_grad)
     got = run_backend(backend, inputs, ref_lengths, 64, 3, with_grad=with_grad)
     tolerance = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
     torch.testing.assert_close(got[0], expected[0], **tolerance)
@@ -399,21 +401,21 @@ def shapes_of(inputs, block=8):
     return check_attention_inputs(*inputs.values(), None, block)
 
 
-def test_auto_on_cpu_picks_dense_for_small_and_reference_for_large(clean_dispatch):
+def test_auto_on_cpu_picks_dense_for_small_and_naive_for_large(clean_dispatch):
     small = make_inputs(dtype=torch.float32)
     assert dispatch.choose_backend("auto", small["q"], shapes_of(small))[0] == "dense"
     clean_dispatch.setattr(dispatch, "DENSE_AUTO_LIMIT", 10)
-    assert dispatch.choose_backend("auto", small["q"], shapes_of(small))[0] == "reference"
+    assert dispatch.choose_backend("auto", small["q"], shapes_of(small))[0] == "naive"
 
 
 def test_argument_env_var_and_default_precedence(clean_dispatch):
     inputs = make_inputs(dtype=torch.float32)
     q, shapes = inputs["q"], shapes_of(inputs)
-    set_default_backend("reference")
-    assert dispatch.choose_backend("auto", q, shapes)[0] == "reference"
+    set_default_backend("naive")
+    assert dispatch.choose_backend("auto", q, shapes)[0] == "naive"
     clean_dispatch.setenv(dispatch.ENV_VAR, "Dense")
     assert dispatch.choose_backend("auto", q, shapes)[0] == "dense"
-    assert dispatch.choose_backend("reference", q, shapes)[0] == "reference"
+    assert dispatch.choose_backend("naive", q, shapes)[0] == "naive"
 
 
 def test_env_var_changes_what_the_front_door_runs(clean_dispatch):
@@ -421,15 +423,15 @@ def test_env_var_changes_what_the_front_door_runs(clean_dispatch):
 
     def spy(*args, **options):
         calls.append(args)
-        from sparse_avatar.sparse_attention.reference import reference_attention as definition
+        from sparse_avatar.sparse_attention.naive import naive_attention as definition
 
         return definition(*args, **options)
 
-    clean_dispatch.setitem(dispatch._FINDERS, "reference", lambda q, shapes: (spy, ""))
+    clean_dispatch.setitem(dispatch._FINDERS, "naive", lambda q, shapes: (spy, ""))
     inputs = make_inputs(dtype=torch.float32)
     sparse_reference_attention(**inputs, block_size=8)
     assert not calls
-    clean_dispatch.setenv(dispatch.ENV_VAR, "reference")
+    clean_dispatch.setenv(dispatch.ENV_VAR, "naive")
     sparse_reference_attention(**inputs, block_size=8)
     assert len(calls) == 1
 
@@ -469,7 +471,7 @@ def test_available_backends_reports_reasons():
     inputs = make_inputs(dtype=torch.float32)
     report = dispatch.available_backends(inputs["q"], shapes_of(inputs))
     assert set(report) == set(dispatch.BACKEND_NAMES)
-    assert report["dense"] == "" and report["reference"] == ""
+    assert report["dense"] == "" and report["naive"] == ""
     if not torch.cuda.is_available():
         assert report["triton"] and report["xformers"]
 
@@ -522,12 +524,12 @@ def test_bad_inputs_raise_user_facing_errors():
 def test_given_block_indices_and_centroids_are_used():
     inputs = make_inputs(dtype=torch.float64)
     block_indices = torch.tensor([5, -1], dtype=torch.int32).expand(2, 2, 3, 2)
-    out = sparse_reference_attention(**inputs, block_size=8, block_indices=block_indices, backend="reference")
+    out = sparse_reference_attention(**inputs, block_size=8, block_indices=block_indices, backend="naive")
     expected, _ = brute_force(**inputs, ref_lengths=None, block_indices=block_indices, block_size=8)
     torch.testing.assert_close(out, expected)
     centroids = reference_block_centroids(inputs["ref_k"], block_size=8)
-    routed = sparse_reference_attention(**inputs, block_size=8, centroids=centroids, top_k=2, backend="reference")
-    torch.testing.assert_close(routed, sparse_reference_attention(**inputs, block_size=8, top_k=2, backend="reference"))
+    routed = sparse_reference_attention(**inputs, block_size=8, centroids=centroids, top_k=2, backend="naive")
+    torch.testing.assert_close(routed, sparse_reference_attention(**inputs, block_size=8, top_k=2, backend="naive"))
 
 
 # ---- coarse branch ---------------------------------------------------------------------------
@@ -589,12 +591,12 @@ cases = [(static_k, static_v, ref_k, ref_v, lengths), (None, None, ref_k, ref_v,
 worst = 0.0
 for static_k, static_v, ref_k, ref_v, ref_lengths in cases:
     results = {}
-    for backend in ("reference", "triton"):
+    for backend in ("naive", "triton"):
         leaves = [None if t is None else t.clone().requires_grad_(True) for t in (q, k, v, static_k, static_v, ref_k, ref_v)]
         out, lse = sparse_reference_attention(*leaves, ref_lengths, block_size=16, top_k=2, backend=backend, return_lse=True)
         (out.square().sum() + lse.sum()).backward()
         results[backend] = [out, lse] + [t.grad for t in leaves if t is not None and t.numel()]
-    worst = max(worst, max((a - b).abs().max().item() for a, b in zip(results["reference"], results["triton"])))
+    worst = max(worst, max((a - b).abs().max().item() for a, b in zip(results["naive"], results["triton"])))
 print("worst", worst)
 assert worst < 1e-4, worst
 """
@@ -618,8 +620,8 @@ def test_triton_backend_through_the_front_door_in_the_interpreter():
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_shapes_reference_and_dense_match_brute_force(seed):
-    """Random odd sizes, lengths, top_k and forced blocks: reference and dense both equal brute force."""
+def test_random_shapes_naive_and_dense_match_brute_force(seed):
+    """Random odd sizes, lengths, top_k and forced blocks: naive and dense both equal brute force."""
     rng = torch.Generator().manual_seed(100 + seed)
 
     def pick(low, high):
@@ -634,7 +636,7 @@ def test_random_shapes_reference_and_dense_match_brute_force(seed):
     forced = torch.randint(-1, max(ref_blocks, 1), (batch, 1, query_blocks, pick(0, 2)), generator=rng) if ref_blocks else None
     top_k = pick(0, 4)
     options = dict(ref_lengths=ref_lengths, block_size=block, top_k=top_k, forced_blocks=forced, return_lse=True)
-    out, lse = sparse_reference_attention(**inputs, **options, backend="reference")
+    out, lse = sparse_reference_attention(**inputs, **options, backend="naive")
     dense_out, dense_lse = sparse_reference_attention(**inputs, **options, backend="dense")
     block_indices = None
     if ref_len:
@@ -644,3 +646,97 @@ def test_random_shapes_reference_and_dense_match_brute_force(seed):
     for got_out, got_lse in ((out, lse), (dense_out, dense_lse)):
         torch.testing.assert_close(got_out, expected_out, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got_lse, expected_lse, rtol=1e-9, atol=1e-9)
+
+
+# ---- the deprecated backend name "reference" --------------------------------------------------
+
+
+def test_reference_is_a_deprecated_alias_of_naive_warned_once(clean_dispatch, caplog):
+    clean_dispatch.setattr(dispatch, "_warned_names", set())
+    inputs = make_inputs(dtype=torch.float32)
+    q, shapes = inputs["q"], shapes_of(inputs)
+    with caplog.at_level("WARNING", logger=dispatch.__name__):
+        assert dispatch.choose_backend("reference", q, shapes)[0] == "naive"
+        assert dispatch.choose_backend(" Reference ", q, shapes)[0] == "naive"
+        clean_dispatch.setenv(dispatch.ENV_VAR, "reference")
+        assert dispatch.choose_backend("auto", q, shapes)[0] == "naive"
+        clean_dispatch.delenv(dispatch.ENV_VAR)
+        set_default_backend("reference")
+        assert dispatch.get_default_backend() == "naive"
+        out = sparse_reference_attention(**inputs, block_size=8, backend="reference")
+    warnings = [record for record in caplog.records if "deprecated" in record.getMessage()]
+    assert len(warnings) == 1 and "'naive'" in warnings[0].getMessage()
+    torch.testing.assert_close(out, sparse_reference_attention(**inputs, block_size=8, backend="naive"))
+    assert "reference" not in dispatch.BACKEND_NAMES
+
+
+# ---- validation once, at the entry, without host syncs --------------------------------------
+
+
+def test_front_door_validation_reads_no_values_of_device_tensors():
+    """On a device (here "meta", whose tensors have no values: reading one raises), the front
+    door's checks look at shapes, dtypes and devices only; ref_lengths are clamped, not read."""
+    meta = {name: (None if t is None else t.to("meta")) for name, t in make_inputs(dtype=torch.float32).items()}
+    ref_lengths = torch.empty(2, dtype=torch.long, device="meta")
+    shapes = check_attention_inputs(*meta.values(), ref_lengths, 8)
+    assert shapes.ref_len == 45 and not shapes.needs_grad
+    from sparse_avatar.sparse_attention.inputs import check_forced_blocks, clamp_ref_lengths
+
+    assert clamp_ref_lengths(ref_lengths, 45).device.type == "meta"
+    check_forced_blocks(torch.empty(1, 1, 3, 2, dtype=torch.long, device="meta"), 2, 2, 3, 6)
+    with pytest.raises(UserFacingError, match="ref_lengths must be an integer tensor"):
+        check_attention_inputs(*meta.values(), torch.empty(3, dtype=torch.long, device="meta"), 8)
+    # Once per reference, reference_block_centroids does read them (one sync on a GPU).
+    with pytest.raises(NotImplementedError):
+        reference_block_centroids(meta["ref_k"], ref_lengths, 8)
+
+
+def test_clamped_lengths_and_out_of_range_forced_ids_behave_like_valid_ones():
+    """What a GPU caller gets instead of an error: lengths clamped to [0, Lr], forced ids outside
+    [0, nR) treated as -1 (routing drops them, no out-of-bounds index)."""
+    from sparse_avatar.sparse_attention.inputs import clamp_ref_lengths
+    from sparse_avatar.sparse_attention.routing import select_reference_blocks
+
+    lengths = torch.tensor([-3, 7, 99])
+    assert clamp_ref_lengths(lengths, 45) is lengths  # CPU tensors are checked by value instead
+    assert torch.equal(torch.tensor([-3, 7, 99]).clamp(0, 45), torch.tensor([0, 7, 45]))
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 16, 4, generator=generator)
+    centroids = torch.randn(1, 1, 5, 4, generator=generator)
+    wild = torch.tensor([[[[7, 2, -5], [5, 100, 1]]]])
+    tame = torch.tensor([[[[-1, 2, -1], [-1, -1, 1]]]])
+    got = select_reference_blocks(q, centroids, None, 8, 2, wild)
+    assert torch.equal(got, select_reference_blocks(q, centroids, None, 8, 2, tame))
+    with pytest.raises(UserFacingError, match="forced_blocks must hold reference block ids"):
+        route_reference_blocks(q, centroids, block_size=8, top_k=2, forced_blocks=wild)
+
+
+def test_backends_assert_instead_of_raising_user_facing_errors():
+    inputs = make_inputs(dtype=torch.float64)
+    with pytest.raises(AssertionError):
+        naive_attention(*inputs.values(), None, None, 8)  # a reference without block_indices
+    with pytest.raises(AssertionError):
+        naive_attention(*inputs.values(), None, torch.zeros(2, 2, 4, 1, dtype=torch.int32), 8)  # nQ is 3
+
+
+def test_layout_naive_only_through_dispatch_and_no_user_errors_in_backends():
+    """naive.py (the oracle) is imported by production code only in dispatch._naive; backends,
+    routing helpers and merging never raise UserFacingError (that is for the public entries)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(dispatch.__file__).parent
+    assert not (package / "reference.py").exists()
+    importers = {}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and inner.module == "naive":
+                        importers.setdefault(path.name, []).append(node.name)
+            elif isinstance(node, ast.ImportFrom) and node.module == "naive" and node.col_offset == 0:
+                importers.setdefault(path.name, []).append("<module>")
+        if path.name in ("naive.py", "merge.py", "blocks.py", "dense.py", "flex.py", "xformers_backend.py", "triton_fused.py"):
+            assert "UserFacingError" not in path.read_text(), path.name
+    assert importers == {"dispatch.py": ["_naive"]}

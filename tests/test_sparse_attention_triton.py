@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from sparse_avatar.sparse_attention.reference import reference_attention  # noqa: E402
+from sparse_avatar.sparse_attention.naive import naive_attention  # noqa: E402
 
 BLOCK = 16
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -158,7 +158,7 @@ def test_forward_and_gradients_match_brute_force(fused, case_name, dtype):
     expected_out, expected_lse = brute_force(*expected_inputs, block_size, scale)
 
     # FlagAttention's rule: the kernel's error against fp64 may be at most ~2x that of the same
-    # computation done plainly in the input precision (reference.py upcasts to fp32, so for fp16
+    # computation done plainly in the input precision (naive.py upcasts to fp32, so for fp16
     # we bound by the rounding of the output itself instead).
     out_tolerance = 2e-5 if dtype == torch.float32 else 2e-3
     assert _max_abs_error(out, expected_out) < out_tolerance
@@ -209,15 +209,15 @@ def static_chunks(fused):
 @needs_interpreter
 @pytest.mark.parametrize("case_name,dtype,chunks", STATIC_SPLIT_RUNS,
                          ids=[f"{c}-{str(d).replace('torch.', '')}-{n or 'auto'}" for c, d, n in STATIC_SPLIT_RUNS])
-def test_split_static_backward_matches_reference_py(fused, static_chunks, case_name, dtype, chunks):
-    """Every gradient (q, k, v, static k/v, reference k/v) against reference.py in fp64."""
+def test_split_static_backward_matches_naive_py(fused, static_chunks, case_name, dtype, chunks):
+    """Every gradient (q, k, v, static k/v, reference k/v) against naive.py in fp64."""
     static_chunks(chunks)
     inputs = make_inputs(STATIC_SPLIT_CASES[case_name], dtype, seed=7)
     scale = inputs[0].shape[-1] ** -0.5
     grad_inputs = _with_grad(inputs)
     out, lse = fused.fused_sparse_attention(*grad_inputs, BLOCK, scale)
     expected_inputs = _with_grad([t.double() if t is not None and t.is_floating_point() else t for t in inputs])
-    expected_out, expected_lse = reference_attention(*expected_inputs, BLOCK, scale)
+    expected_out, expected_lse = naive_attention(*expected_inputs, BLOCK, scale)
     generator = torch.Generator().manual_seed(2)
     grad_out = torch.randn(out.shape, generator=generator).double()
     grad_lse = torch.randn(lse.shape, generator=generator).double()
@@ -276,9 +276,9 @@ def test_static_chunk_choice_fills_the_gpu_without_empty_chunks():
 
 
 @needs_interpreter
-def test_matches_reference_py_with_duplicates_and_unsorted_ids(fused):
-    """Against reference.py itself; duplicate ids in one row are attended once by the kernel, so
-    the reference gets the de-duplicated row."""
+def test_matches_naive_py_with_duplicates_and_unsorted_ids(fused):
+    """Against naive.py itself; duplicate ids in one row are attended once by the kernel, so
+    the definition gets the de-duplicated row."""
     case = (1, 4, 2, 33, 2, 64, None, 3, 16)
     q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths, _ = make_inputs(case, torch.float32, seed=3)
     unique = torch.tensor([[[[3, 0, -1], [1, -1, 2], [-1, -1, -1]], [[2, 1, 0], [0, -1, -1], [3, 2, 1]]]], dtype=torch.int32)
@@ -288,8 +288,8 @@ def test_matches_reference_py_with_duplicates_and_unsorted_ids(fused):
     scale = 0.3
     out, lse = fused.fused_sparse_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths,
                                             with_duplicates, BLOCK, scale)
-    expected_out, expected_lse = reference_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths,
-                                                     unique, BLOCK, scale)
+    expected_out, expected_lse = naive_attention(q, k, v, static_k, static_v, ref_k, ref_v, ref_lengths,
+                                                 unique, BLOCK, scale)
     assert _max_abs_error(out, expected_out) < 2e-5
     assert _max_abs_error(lse, expected_lse) < 2e-5
 
