@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     # On CPU "auto" picks the dense-mask backend, which scores every reference token whatever
     # top_k is; the plain reference backend only touches the selected blocks, so it shows the
     # sparsity (and is the faster one on CPU for these shapes).
-    parser.add_argument("--backend", default=None, help="attention backend (default: auto on cuda, reference on cpu)")
+    parser.add_argument("--backend", default=None, help="attention backend (default: auto on cuda, naive on cpu)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     chunk_frames = args.chunk_frames or (48 if cuda else 8)
     timed_steps = args.timed_steps or (5 if cuda else 2)
     dtype = args.dtype or ("bf16" if cuda else "fp32")
-    backend = args.backend or ("auto" if cuda else "reference")
+    backend = args.backend or ("auto" if cuda else "naive")
     if not cuda:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     rows = []

@@ -8,7 +8,7 @@
 
 Stages (each writes its files as soon as it finishes, so a run cut short keeps what it measured):
   1. sweep     (--sweep) tile configurations of the fused kernels on one shape -> sweep.json
-  2. check     fused vs reference.py (fp64) on small odd shapes, fp32/fp16/bf16, forward and all
+  2. check     fused vs naive.py (fp64) on small odd shapes, fp32/fp16/bf16, forward and all
                gradients -> sparse_attention_check.json
   3. bench     the grid below -> sparse_attention.json / .md / .png; fused rows also time the
                static-key dK/dV alone (split as shipped vs unsplit), the routing and the front door;
@@ -44,7 +44,7 @@ import _checkout  # noqa: F401,E402  (sparse_avatar importable from a bare check
 
 from sparse_avatar.files import write_text  # noqa: E402
 from sparse_avatar.sparse_attention import triton_fused  # noqa: E402
-from sparse_avatar.sparse_attention.reference import reference_attention  # noqa: E402
+from sparse_avatar.sparse_attention.naive import naive_attention  # noqa: E402
 
 HEADS, HEAD_DIM, STATIC_LEN, BLOCK = 16, 128, 64, 128
 
@@ -259,10 +259,10 @@ def sweep(device, dtype, out_dir, log):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. check against reference.py
+# 2. check against naive.py (the definition)
 # ---------------------------------------------------------------------------------------------
 def check(device, out_dir, log, smoke=False, quick=False, stem="sparse_attention"):
-    """Fused vs reference.py in fp64, forward and every gradient, on small odd shapes."""
+    """Fused vs naive.py in fp64, forward and every gradient, on small odd shapes."""
     cases = [
         # (B, H, G, Lq, S, Lr, lengths, top_k, d, block)
         (2, 8, 4, 300, 37, 1000, [1000, 611], 4, 128, 128),
@@ -311,12 +311,12 @@ def check(device, out_dir, log, smoke=False, quick=False, stem="sparse_attention
             (out.double() * grad_out).sum().backward()
             return out.double(), lse.double(), [None if t is None else t.grad.double() for t in tensors]
 
-        exact = run(reference_attention, torch.float64)
+        exact = run(naive_attention, torch.float64)
         for dtype in dtypes:
             triton_fused.POISON_OUTPUTS_FOR_TESTS = True
             fused = run(triton_fused.fused_sparse_attention, dtype)
             triton_fused.POISON_OUTPUTS_FOR_TESTS = False
-            plain = run(reference_attention, dtype)  # same-precision inputs, fp32 accumulation
+            plain = run(naive_attention, dtype)  # same-precision inputs, fp32 accumulation
             row = {"case": case, "dtype": str(dtype).replace("torch.", "")}
             ok = True
             for index, name in enumerate(["out", "lse"] + ["d" + n for n in names]):
@@ -332,7 +332,7 @@ def check(device, out_dir, log, smoke=False, quick=False, stem="sparse_attention
                 baseline = (same_precision - want).abs().max().item() / magnitude
                 finite = bool(torch.isfinite(got).all())
                 # FlagAttention's rule (kernel error <= 2x the plain same-precision computation's)
-                # with a floor: reference.py accumulates in fp32 and keeps probabilities in fp32,
+                # with a floor: naive.py accumulates in fp32 and keeps probabilities in fp32,
                 # while the kernel rounds P to the input dtype before P@V as every flash kernel does.
                 floor = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
                 passed = finite and error <= max(2 * baseline, floor)
@@ -395,7 +395,9 @@ def fused_breakdown(p, grad, block, top_k, device):
     fwd+bwd when every query block selects the same blocks (the reference dK/dV's worst case: one
     program per selected key tile walks all G*Lq queries)."""
     from sparse_avatar.sparse_attention import sparse_reference_attention
-    from sparse_avatar.sparse_attention.reference import reference_block_centroids, select_reference_blocks
+    # block_centroids: reference_block_centroids without its once-per-reference ref_lengths check
+    # (a host sync), so the column times the computation.
+    from sparse_avatar.sparse_attention.routing import block_centroids, select_reference_blocks
 
     q, static_k, static_v = p["q"].detach(), p["static_k"].detach(), p["static_v"].detach()
     scale = q.shape[-1] ** -0.5
@@ -421,8 +423,8 @@ def fused_breakdown(p, grad, block, top_k, device):
             triton_fused._STATIC_CHUNKS = None
         del out, lse, delta
         ref_k, ref_v, ref_lengths = p["ref_k"].detach(), p["ref_v"].detach(), p["ref_lengths"]
-        result["centroids_ms"] = time_ms(lambda: reference_block_centroids(ref_k, ref_lengths, block), device)
-        centroids = reference_block_centroids(ref_k, ref_lengths, block)
+        result["centroids_ms"] = time_ms(lambda: block_centroids(ref_k, ref_lengths, block), device)
+        centroids = block_centroids(ref_k, ref_lengths, block)
         def route():
             return select_reference_blocks(q, centroids, ref_lengths, block, top_k, None)
 
