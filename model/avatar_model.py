@@ -34,7 +34,8 @@ class AvatarModel(nn.Module):
         return next(self.parameters()).dtype
 
     def set_attention_backend(self, backend: str) -> None:
-        """"auto" | "reference" | "dense" | "flex" | "triton" | "xformers" (see sparse_attention)."""
+        """"auto" | "naive" | "dense" | "flex" | "triton" | "xformers" (see sparse_attention;
+        "reference" is a deprecated alias of "naive")."""
         self.dit.attention_backend = backend
 
     def fingerprint(self) -> str:

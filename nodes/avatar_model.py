@@ -7,7 +7,9 @@ from ..sparse_attention import dispatch
 from . import _comfy, _models
 
 CATEGORY = "sparse-avatar"
-ATTENTION_CHOICES = ("auto", "triton", "flex", "xformers", "dense", "reference")
+# "naive" = the plain-PyTorch definition. "reference" is its old name, listed last only so saved
+# workflows that chose it still validate; dispatch maps it to "naive" with a one-time warning.
+ATTENTION_CHOICES = ("auto", "triton", "flex", "xformers", "dense", "naive", "reference")
 
 
 def _comfyui_attention_default() -> str:
