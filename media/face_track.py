@@ -18,7 +18,8 @@ Pipeline (``track_face``):
    run forward, then backward) on the box centre and log-size then gives a zero-phase,
    jitter-free track and interpolates every frame that was not examined or where the face was
    missed.
-4. Too few detections -> ``UserFacingError`` telling the user to crop the video or pass a face box.
+4. Too few detections -> ``UserFacingError`` telling the user to crop the video around the face or
+   use a clip where it is visible and frontal.
 """
 from __future__ import annotations
 
@@ -464,7 +465,7 @@ def track_face(
     if coverage < min_coverage or not detected.any():
         raise UserFacingError(
             f"reference video has no face in {100 * (1 - coverage):.0f}% of frames; "
-            "crop it to the person's face or pass a face box (x0, y0, x1, y1)"
+            "crop the video around the face, or use a clip where the face is visible and frontal"
         )
 
     face_counts = np.asarray(face_counts)
@@ -479,7 +480,7 @@ def track_face(
         share = (with_face >= 2).mean()
         warnings.append(
             f"{n_faces_seen} faces seen in {100 * share:.0f}% of the examined frames; following the largest one. "
-            "Crop the video or pass a face box to choose another person."
+            "To use another person, crop the video around their face."
         )
     if coverage < 0.9:
         warnings.append(f"face found in only {100 * coverage:.0f}% of the examined frames; the gaps are interpolated")

@@ -131,7 +131,7 @@ def test_real_video_with_the_face_painted_out_is_a_clear_error(shared_media_dir)
         top, bottom = int(max(0, y0 - 0.4 * side)), int(min(frame.shape[0], y1 + 0.4 * side))
         left, right = int(max(0, x0 - 0.4 * side)), int(min(frame.shape[1], x1 + 0.4 * side))
         frame[top:bottom, left:right] = frame.reshape(-1, 3).mean(axis=0).astype(np.uint8)
-    with pytest.raises(UserFacingError, match=r"reference video has no face in \d+% of frames; crop it .* face box"):
+    with pytest.raises(UserFacingError, match=r"reference video has no face in \d+% of frames; crop the video around the face, or use a clip where the face is visible and frontal"):
         track_face(frames, fps=reference.fps)
 
 
