@@ -3,12 +3,14 @@
 Each library area owns its commands in a ``cli_commands.py`` next to its code, exposing
 ``register(subparsers)``; this file only assembles them, so the CLI and the ComfyUI nodes call the
 same library functions. A handler returns an exit code; a ``UserFacingError`` (bad input the user
-can fix) is printed as one line and exits 2, never as a traceback.
+can fix) is printed as one line and exits 2, never as a traceback; the pack's warnings (logger
+``sparse-avatar``) are printed as one ``warning: ...`` line each.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .errors import UserFacingError
@@ -41,7 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WarningLines(logging.Handler):
+    """``warning: <message>`` on stderr, one line per record (looked up at emit time, so tests can capture it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = " ".join(self.format(record).split())
+            print(f"{record.levelname.lower()}: {text}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - a warning must never break the command
+            self.handleError(record)
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("sparse-avatar")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

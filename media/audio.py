@@ -6,6 +6,7 @@ AUDIO dict of the same sound give the same samples.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import wave as wave_file
@@ -21,6 +22,8 @@ from ..files import atomic_temp_path
 from .paths import resolve_input_path
 
 SPEECH_SAMPLE_RATE = 16000
+# One logger for the pack's warnings, named for display (ComfyUI imports the pack under its path).
+logger = logging.getLogger("sparse-avatar")
 # Peak below this (dBFS) counts as silence: quieter than any usable speech recording.
 SILENCE_PEAK_DBFS = -60.0
 
@@ -62,6 +65,21 @@ def check_audio_samples(wave: np.ndarray, what: str, *, allow_silence: bool = Tr
             f"{what} is silent (peak {peak_dbfs(wave):.0f} dBFS); there is no speech to lip-sync - "
             "check the file, its volume, or that the right track was chosen"
         )
+
+
+def check_speech_audio(wave: np.ndarray, what: str) -> list[str]:
+    """The one check of driving speech, shared by ``probe``, ``render`` and Encode Speech.
+
+    Empty (a header-only file) or NaN/infinite audio is refused with a ``UserFacingError``.
+    Silence is accepted, since a closed-mouth take is a real use, and comes back as a one-line
+    warning; callers print or log it."""
+    check_audio_samples(wave, what)
+    peak = peak_dbfs(wave)
+    if peak < SILENCE_PEAK_DBFS:
+        level = "all samples are zero" if peak == -math.inf else f"peak {peak:.0f} dBFS"
+        return [f"{what} is silent ({level}): the avatar's mouth will stay closed; if it should speak, check the "
+                "file, its volume, or that the right track was chosen"]
+    return []
 
 
 # FFmpeg's default channel layout for a channel count (ComfyUI AUDIO dicts carry only the count).
@@ -153,18 +171,17 @@ def decode_audio_stream(container, stream, *, from_s: float | None = None) -> tu
     return wave, rate, first_time
 
 
-def load_audio(
+def load_speech(
     source,
     *,
     sample_rate: int = SPEECH_SAMPLE_RATE,
     duration_s: float | None = None,
-    allow_silence: bool = True,
-) -> np.ndarray:
-    """Mono float32 samples at ``sample_rate`` from a file path or a ComfyUI AUDIO dict.
+) -> tuple[np.ndarray, list[str]]:
+    """(mono float32 samples at ``sample_rate``, warnings) from a file path or a ComfyUI AUDIO dict.
 
     ``duration_s`` trims or pads (with silence) to exactly round(duration_s * sample_rate)
-    samples. Empty or non-finite audio is refused; silent audio too when ``allow_silence`` is
-    False (driving speech must contain speech).
+    samples. The result passes ``check_speech_audio``: empty or non-finite audio is refused,
+    silence is only a warning.
     """
     if isinstance(source, dict):
         from .comfy_types import comfy_audio_to_wave
@@ -185,7 +202,7 @@ def load_audio(
                 wave, source_rate, _ = decode_audio_stream(container, container.streams.audio[0])
         except UserFacingError:
             raise
-        except (av.error.FFmpegError, OSError, ValueError) as error:
+        except (av.error.FFmpegError, OSError, ValueError, EOFError) as error:
             raise UserFacingError(
                 f"cannot decode audio from {path.name} ({error.__class__.__name__}: {error}); the file is damaged "
                 "or not audio - re-export it as wav/mp3/flac"
@@ -196,7 +213,27 @@ def load_audio(
         if not math.isfinite(duration_s) or duration_s <= 0:
             raise UserFacingError(f"duration must be a positive number of seconds, got {duration_s}")
         wave = fit_to_length(wave, int(round(duration_s * sample_rate)))
-    check_audio_samples(wave, what, allow_silence=allow_silence)
+    return wave, check_speech_audio(wave, what)
+
+
+def load_audio(
+    source,
+    *,
+    sample_rate: int = SPEECH_SAMPLE_RATE,
+    duration_s: float | None = None,
+    allow_silence: bool = True,
+) -> np.ndarray:
+    """Mono float32 samples at ``sample_rate`` from a file path or a ComfyUI AUDIO dict.
+
+    ``load_speech`` with its warnings logged (logger ``sparse-avatar``; the CLI prints them as
+    ``warning: ...``). ``allow_silence=False`` turns the silence warning into an error.
+    """
+    wave, warnings = load_speech(source, sample_rate=sample_rate, duration_s=duration_s)
+    if warnings and not allow_silence:
+        check_audio_samples(wave, "the AUDIO input" if isinstance(source, dict) else f"audio of {Path(str(source)).name}",
+                            allow_silence=False)
+    for warning in warnings:
+        logger.warning(warning)
     return wave
 
 

@@ -22,7 +22,8 @@ _PROBE_FACE_SAMPLES = 48
 
 
 def register(subparsers) -> None:
-    probe = subparsers.add_parser("probe", help="show streams, codec, fps, duration, audio and face coverage of a file")
+    probe = subparsers.add_parser("probe", help="show streams, codec, fps, duration, audio and face coverage of a file; "
+                                                "audio gets the same check render makes")
     probe.add_argument("file", help="video or audio file")
     probe.add_argument("--no-faces", action="store_true", help="skip the face-coverage check (faster)")
     probe.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -59,15 +60,33 @@ def _face_coverage(path: Path, info) -> dict:
             "faces_seen": int(track.n_faces_seen), "warnings": list(track.warnings)}
 
 
+def _audio_check(info) -> list[str]:
+    """Warnings from the same audio check ``render`` and Encode Speech make (``audio.load_speech``).
+
+    An audio-only file is driving speech: what render would refuse is refused here too. A video's
+    own track only makes the reference silent when unusable, so that is a warning."""
+    from .audio import load_speech
+
+    try:
+        _, warnings = load_speech(info.path)
+    except UserFacingError as error:
+        if not info.has_video:
+            raise
+        return [f"{error}; as a reference the video is used without its audio, as driving audio it is refused"]
+    return [f"as driving audio: {warning}" for warning in warnings] if info.has_video else warnings
+
+
 def run_probe(args) -> int:
     from .video_io import probe_media
 
     info = probe_media(args.file)
+    audio_warnings = _audio_check(info) if info.has_audio else []
     faces = None
     if info.has_video and not args.no_faces:
         faces = _face_coverage(info.path, info)
     if args.json:
         record = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(info).items()}
+        record["audio_warnings"] = audio_warnings
         record["faces"] = faces
         print(json.dumps(record))
     else:
@@ -84,6 +103,8 @@ def run_probe(args) -> int:
         if info.has_audio:
             duration = f", {info.audio_duration_s:.3f} s" if info.audio_duration_s else ""
             print(f"audio      {info.audio_codec} {info.sample_rate} Hz, {info.channels} ch{duration}")
+            for warning in audio_warnings:
+                print(f"           warning: {warning}")
         else:
             print("audio      none")
         if faces is not None:

@@ -56,7 +56,8 @@ class EncodeSpeech:
     def encode(self, audio, fps=25.0, frames=0, audio_encoder_output=None):
         _comfy.check_interrupted()
         progress = _comfy.progress_bar(2)
-        wave = load_audio(audio, sample_rate=SPEECH_SAMPLE_RATE, allow_silence=False)
+        # The same check as the CLI's probe and render: empty / NaN refused, silence logged as a warning.
+        wave = load_audio(audio, sample_rate=SPEECH_SAMPLE_RATE)
         n_frames = int(frames) if frames else max(1, int(round(wave.shape[0] / SPEECH_SAMPLE_RATE * fps)))
         wave = fit_to_length(wave, int(round(n_frames / fps * SPEECH_SAMPLE_RATE)))
         progress.update(1)
