@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from ..errors import UserFacingError
-from .audio import SPEECH_SAMPLE_RATE, decode_audio_stream, fit_to_length, resample_audio
+from .audio import SPEECH_SAMPLE_RATE, decode_audio_stream, fit_to_length, logger, resample_audio
 from .comfy_types import comfy_audio_to_wave, comfy_image_to_frames, is_comfy_video
 from ..files import atomic_temp_path
 from .paths import resolve_input_path
@@ -434,13 +434,20 @@ def load_reference_video(
                 f"decode only up to {decoded_end:.2f} s; re-download or re-export it, or set end to "
                 f"{math.floor(decoded_end * 10) / 10:.1f} s to use the intact part"
             )
+        # The frames are good: a damaged or NaN own audio track makes this a silent reference, with a
+        # warning, instead of refusing the clip.
+        warnings = []
         try:
             audio = extract_aligned_audio(path, start_s=start_s or 0.0, duration_s=len(frames_array) / out_fps)
-        except _FFMPEG_ERRORS as error:
-            raise UserFacingError(f"the audio track of {path.name} is damaged ({_short(error)}); re-export the file") from None
-        warnings = []
-        if audio is not None and not np.isfinite(audio).all():
-            audio, warnings = None, [f"the audio track of {path.name} contains invalid samples and was ignored"]
+        except (*_FFMPEG_ERRORS, ValueError) as error:  # UserFacingError is a ValueError
+            audio, problem = None, f"is damaged ({_short(error)})"
+        else:
+            problem = None if audio is None or np.isfinite(audio).all() else "contains invalid (NaN/infinite) samples"
+            if problem:
+                audio = None
+        if problem:
+            warnings.append(f"the audio track of {path.name} {problem}; using the video as a silent reference")
+            logger.warning(warnings[-1])
         return ReferenceVideo(frames_array, out_fps, audio, audio is not None, path, file_sha256(path),
                               warnings=warnings, start_s=start_s or 0.0)
     if hasattr(source, "shape") or isinstance(source, np.ndarray):
