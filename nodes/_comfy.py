@@ -106,6 +106,52 @@ def annotated_path_exists(name: str) -> bool:
     return folder_paths.exists_annotated_filepath(name)
 
 
+def _annotation(name: str) -> str:
+    """ComfyUI folder named by a file widget value: ``clip.mp4 [output]`` -> output; plain -> input."""
+    for tag in ("output", "temp", "input"):
+        if name.endswith(f" [{tag}]"):
+            return tag
+    return "input"
+
+
+def annotated_root(name: str) -> str | None:
+    """The ComfyUI folder a file widget value lives in (None outside ComfyUI). The value must stay
+    inside it once symlinks and ``..`` are followed."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return getattr(folder_paths, f"get_{_annotation(name)}_directory")()
+
+
+def input_file_problem(name, what: str = "file") -> str | None:
+    """Why the file widget value ``name`` cannot be used (one line for ComfyUI's validation), or None.
+
+    Missing, a folder, empty, unreadable, or outside its ComfyUI folder (``../``, an absolute path,
+    a symlink leading out) - checked without decoding, so it is cheap enough for every queue."""
+    if not isinstance(name, str) or not name.strip():
+        return f"no {what} chosen; upload one or pick a file"
+    root, path, folder = annotated_root(name), annotated_path(name), _annotation(name)
+    if root is not None:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            return (f"{what} '{name}' is outside ComfyUI's {folder} folder; only files inside it can be used - "
+                    f"copy the file into {root} and pick it")
+    if not os.path.exists(path):
+        return f"{what} '{name}' not found in ComfyUI's {folder} folder; upload it or pick another file"
+    if not os.path.isfile(path):
+        return f"{what} '{name}' is a folder, not a file; pick a file"
+    try:
+        with open(path, "rb") as handle:
+            first = handle.read(1)
+    except OSError as error:
+        return f"{what} '{name}' cannot be read ({error.strerror or error}); check its permissions"
+    if not first:
+        return f"{what} '{name}' is empty (0 bytes); the upload probably failed - upload it again"
+    return None
+
+
 def input_files(extensions: tuple[str, ...]) -> list[str]:
     """Sorted names of files in ComfyUI's input folder with one of ``extensions`` (empty outside ComfyUI)."""
     folder = input_directory()

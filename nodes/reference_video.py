@@ -7,6 +7,7 @@ library's ``prepare_reference_video``, once per reference and crop size while th
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -47,6 +48,7 @@ def prepared_reference(model_or_frame_size, reference, *, max_frames: int | None
     return prepared
 
 CATEGORY = "sparse-avatar"
+_MAX_SECONDS = 36000.0
 
 
 class LoadReferenceVideo:
@@ -77,9 +79,9 @@ class LoadReferenceVideo:
                 "fps": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 120.0, "step": 0.01,
                                   "tooltip": "Frame rate to decode at; 0 keeps the source's rate. Variable-rate "
                                              "clips are resampled to a constant rate."}),
-                "start_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 36000.0, "step": 0.1,
+                "start_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": _MAX_SECONDS, "step": 0.1,
                                             "tooltip": "Where the reference starts, in seconds from the first frame."}),
-                "end_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 36000.0, "step": 0.1,
+                "end_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": _MAX_SECONDS, "step": 0.1,
                                           "tooltip": "Where it ends; 0 = the end of the clip."}),
                 "max_side": ("INT", {"default": 1024, "min": 0, "max": 8192, "step": 8,
                                      "tooltip": "Downscale so the longer side is at most this many pixels (saves "
@@ -107,7 +109,8 @@ class LoadReferenceVideo:
         else:
             if not video:
                 raise UserFacingError("no reference video chosen; upload one with the 'video' widget or connect a VIDEO")
-            source, allowed = _comfy.annotated_path(video), _comfy.media_roots()
+            root = _comfy.annotated_root(video)
+            source, allowed = _comfy.annotated_path(video), None if root is None else [root]
 
         progress = None
 
@@ -137,11 +140,31 @@ class LoadReferenceVideo:
             return ""
         return f"{stat.st_mtime_ns}-{stat.st_size}"
 
+    # ComfyUI skips its own checks (combo list, min/max) for every input VALIDATE_INPUTS names, and
+    # for all inputs when it takes **kwargs; it reports a returned message once per named input.
+    # So it names only what needs more than the built-ins: the file (annotated values such as
+    # 'clip.mp4 [output]' are not in the combo list) and the time range (end after start). fps and
+    # max_side keep ComfyUI's min/max from INPUT_TYPES.
     @classmethod
-    def VALIDATE_INPUTS(cls, video, **_):
-        if video and not _comfy.annotated_path_exists(video):
-            return f"reference video not found: {video}; upload it or pick another file"
-        return True
+    def VALIDATE_INPUTS(cls, video, start_seconds=0.0, end_seconds=0.0):
+        # No file chosen is fine here: a connected VIDEO / IMAGE input replaces it (load says so otherwise).
+        file_problem = _comfy.input_file_problem(video, "reference video") if video else None
+        problems = [problem for problem in (_time_range_problem(start_seconds, end_seconds), file_problem) if problem]
+        return "; ".join(problems) if problems else True
+
+
+def _time_range_problem(start_seconds, end_seconds) -> str | None:
+    """What is wrong with a start/end pair (seconds; end 0 = the end of the clip), or None."""
+    try:
+        start, end = float(start_seconds), float(end_seconds)
+    except (TypeError, ValueError):
+        return f"start and end must be numbers of seconds, got {start_seconds!r} and {end_seconds!r}"
+    for label, value in (("start", start), ("end", end)):
+        if not (math.isfinite(value) and 0.0 <= value <= _MAX_SECONDS):
+            return f"{label} must be between 0 and {_MAX_SECONDS:g} seconds, got {value:g}"
+    if end and end <= start:
+        return f"end ({end:g} s) must be after start ({start:g} s), or 0 for the end of the clip"
+    return None
 
 
 NODE_CLASS_MAPPINGS = {"SparseAvatarLoadReferenceVideo": LoadReferenceVideo}
