@@ -133,9 +133,12 @@ def input_file_problem(name, what: str = "file") -> str | None:
         return f"no {what} chosen; upload one or pick a file"
     root, path, folder = annotated_root(name), annotated_path(name), _annotation(name)
     if root is not None:
-        real_root = os.path.realpath(root)
-        real = os.path.realpath(path)
-        if os.path.commonpath([real_root, real]) != real_root:
+        real_root, real = os.path.realpath(root), os.path.realpath(path)
+        try:
+            inside = os.path.commonpath([real_root, real]) == real_root
+        except ValueError:  # another drive (Windows)
+            inside = False
+        if not inside:
             return (f"{what} '{name}' is outside ComfyUI's {folder} folder; only files inside it can be used - "
                     f"copy the file into {root} and pick it")
     if not os.path.exists(path):
