@@ -55,9 +55,11 @@ class _WarningLines(logging.Handler):
 
 
 def _show_warnings() -> None:
-    logger = logging.getLogger("sparse-avatar")
-    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
-        logger.addHandler(_WarningLines(logging.WARNING))
+    # "sparse-avatar": media's warnings; the package name: modules that log under it (model.pipeline).
+    for name in dict.fromkeys(("sparse-avatar", __package__ or "sparse_avatar")):
+        logger = logging.getLogger(name)
+        if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+            logger.addHandler(_WarningLines(logging.WARNING))
 
 
 def main(argv: list[str] | None = None) -> int:
