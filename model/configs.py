@@ -76,6 +76,10 @@ class ModelConfig:
     # Probability that a training sample is a dub sample: the target itself is given as context
     # with the lower face (model.masks.dub_mask, jittered) hidden, as dub mode renders.
     dub_context_prob: float = 0.0
+    # Fixed 2D sin-cos embedding of each token's (row, column) added to the input tokens (clip
+    # and reference), as in DiT. RoPE alone is relative: at pure noise, with no context, nothing
+    # tells a token where in the face it is, and renders came out as shuffled face tiles.
+    absolute_positions: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes (never read by the network)
 
     def __post_init__(self) -> None:

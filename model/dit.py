@@ -149,6 +149,21 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return rotated.reshape(x.shape).to(dtype)
 
 
+def sincos_grid_embedding(rows: int, cols: int, hidden: int, device) -> torch.Tensor:
+    """[rows·cols, hidden]: half the channels encode the row, half the column, each as sin/cos
+    at geometrically spaced frequencies (DiT's get_2d_sincos_pos_embed), row-major like tokens."""
+    quarter = hidden // 4
+    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(1, quarter)))
+    row = torch.arange(rows, device=device, dtype=torch.float32)[:, None] * freqs[None]  # [rows, q]
+    col = torch.arange(cols, device=device, dtype=torch.float32)[:, None] * freqs[None]
+    row_part = torch.cat([row.sin(), row.cos()], dim=-1)[:, None].expand(rows, cols, 2 * quarter)
+    col_part = torch.cat([col.sin(), col.cos()], dim=-1)[None].expand(rows, cols, 2 * quarter)
+    embedding = torch.cat([row_part, col_part], dim=-1).reshape(rows * cols, 4 * quarter)
+    if embedding.shape[1] < hidden:
+        embedding = torch.cat([embedding, embedding.new_zeros(rows * cols, hidden - embedding.shape[1])], dim=-1)
+    return embedding
+
+
 def token_positions(frames: int, rows: int, cols: int, device, *, frame_offset: int = 0, fixed_frame: bool = False) -> torch.Tensor:
     """[frames·rows·cols, 3] grid of (frame, row, col) in token order (frame-major)."""
     t = torch.zeros(frames, device=device) if fixed_frame else torch.arange(frames, device=device) + frame_offset
@@ -386,6 +401,14 @@ class AvatarDiT(nn.Module):
             raise ValueError(f"latent grid {time}x{rows}x{cols} is not divisible by the patch size {self.config.patch_size}")
         return time // pt, rows // ph, cols // pw
 
+    def _add_absolute_positions(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """x [B, T'·h'·w', D] + the (row, column) embedding of each token (config.absolute_positions)."""
+        if not self.config.absolute_positions:
+            return x
+        frames, rows, cols = grid
+        embedding = sincos_grid_embedding(rows, cols, x.shape[-1], x.device).to(x.dtype)
+        return (x.view(x.shape[0], frames, rows * cols, -1) + embedding).view_as(x)
+
     # -- reference pass ---------------------------------------------------------------------------
 
     def encode_reference(self, reference_latents: torch.Tensor, reference_audio: torch.Tensor | None = None, reference_frames: torch.Tensor | None = None):
@@ -396,7 +419,7 @@ class AvatarDiT(nn.Module):
         layer_caches, which masks them from routing, attention and the static resampler."""
         grid = self.token_grid(reference_latents.shape)
         tokens_per_frame = grid[1] * grid[2]
-        x = self.reference_embed(self.patchify(reference_latents).to(self.reference_embed.weight.dtype))
+        x = self._add_absolute_positions(self.reference_embed(self.patchify(reference_latents).to(self.reference_embed.weight.dtype)), grid)
         clean = torch.ones(x.shape[0], device=x.device)
         conditioning = self.t_embedder(clean)
         audio_keep = None
@@ -444,7 +467,7 @@ class AvatarDiT(nn.Module):
         context_latents = context_latents * context_mask  # unknown content never leaks in
         stacked = torch.cat([noisy_latents, context_latents, context_mask.to(noisy_latents.dtype)], dim=1)
         dtype = self.input_embed.weight.dtype
-        x = self.input_embed(self.patchify(stacked).to(dtype))
+        x = self._add_absolute_positions(self.input_embed(self.patchify(stacked).to(dtype)), grid)
         conditioning = self.t_embedder(t.to(x.device).expand(batch) if t.dim() == 0 else t)
         audio_tokens = self.speech_embedder(speech_features.to(x.device), grid[0], audio_keep)
         angles = rope_angles(token_positions(*grid, x.device), self.config.head_dim, self.config.rope_theta)

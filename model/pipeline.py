@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ from ..errors import UserFacingError
 from .flow import check_sampler, guided_velocity, sample_flow
 from .identity import Identity, extract_identity
 from .masks import dub_mask
+
+
+logger = logging.getLogger(__name__.rsplit(".", 2)[0])
 
 
 class _MediaOnFirstUse:
@@ -170,6 +174,23 @@ def speech_features_for(audio_or_features, fps: float, config) -> np.ndarray:
     return media.speech_features(wave, SPEECH_SAMPLE_RATE, fps)
 
 
+UNTRAINED_STAGES = ("init",)
+_warned_untrained: set[str] = set()
+
+
+def warn_if_untrained(model) -> bool:
+    """One line (once per model) when a model that was never trained renders: its output is noise
+    by construction, and a user should hear that from us, not find it in the video."""
+    if getattr(model, "training_stage", None) not in UNTRAINED_STAGES:
+        return False
+    key = model.fingerprint()
+    if key not in _warned_untrained:
+        _warned_untrained.add(key)
+        logger.warning("this model was never trained (random initial weights): it renders noise. Train it on the person's "
+                       "video first (Train Avatar / python -m sparse_avatar.train --config personality).")
+    return True
+
+
 @torch.no_grad()
 def render(
     model,
@@ -213,6 +234,7 @@ def render(
     check_sampler(sampler, steps)
     if model.codec.temporal_factor != 1:
         raise UserFacingError(f"chunked rendering needs a per-frame latent codec; {model.codec.id} compresses time by {model.codec.temporal_factor}.")
+    warn_if_untrained(model)
     identity = reference if isinstance(reference, Identity) else extract_identity(model, reference, None, fps=fps)
     if identity.metadata.get("model_fingerprint") not in (None, model.fingerprint()):
         raise UserFacingError("this identity was extracted with a different model; extract it again with the loaded checkpoint.")

@@ -155,3 +155,44 @@ def test_time_budget_stops_training(tmp_path):
     finetune_personality(new_model(X_CONFIG, seed=0), crops, speech, tmp_path / "b.safetensors", steps=10_000, time_budget_s=1.0,
                          lora_rank=0, batch_size=2, target_frames=4, reference_frames=8, progress=lambda s, n, loss: steps.append(s))
     assert 1 <= steps[-1] < 10_000
+
+
+def test_an_untrained_model_warns_once_when_it_renders(caplog):
+    from sparse_avatar.model import extract_identity, render
+
+    model = new_model("tiny", seed=11)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    identity = extract_identity(model, frames)
+    features = rng.standard_normal((2, 160)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        render(model, identity, features, steps=1)
+        render(model, identity, features, steps=1)
+    warnings = [r for r in caplog.records if "never trained" in r.getMessage()]
+    assert len(warnings) == 1
+    caplog.clear()
+    model.training_stage = "personality"
+    with caplog.at_level("WARNING"):
+        render(model, identity, features, steps=1)
+    assert not [r for r in caplog.records if "never trained" in r.getMessage()]
+
+
+def test_absolute_positions_tell_every_token_its_place():
+    from sparse_avatar.model.dit import sincos_grid_embedding
+
+    embedding = sincos_grid_embedding(8, 8, 128, "cpu")
+    assert embedding.shape == (64, 128) and embedding.abs().max() <= 1.0
+    distances = torch.cdist(embedding, embedding) + torch.eye(64) * 10
+    assert distances.min() > 0.1  # no two (row, col) cells share an embedding
+    config = X_CONFIG.replace(refiner_channels=0)
+    with_positions, without = new_model(config.replace(absolute_positions=True), seed=5), new_model(config, seed=5)
+    for model in (with_positions, without):
+        torch.manual_seed(0)
+        for parameter in model.parameters():
+            parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    noisy = torch.zeros(1, 48, 1, 8, 8)  # every token the same: only a position can tell them apart
+    audio = torch.zeros(1, 1, config.speech_feature_dim)
+    out_with = with_positions.dit(noisy, torch.tensor([0.0]), audio, None, output="data")
+    out_without = without.dit(noisy, torch.tensor([0.0]), audio, None, output="data")
+    spread = lambda out: out[0, :, 0].reshape(48, 64).std(dim=1).mean()  # noqa: E731  (across token positions)
+    assert spread(out_with) > 5 * spread(out_without)
