@@ -207,7 +207,7 @@ def test_sparse_path_equals_dense_attention_when_every_block_is_selected(monkeyp
     torch.manual_seed(0)
     for parameter in model.parameters():  # leave the zero init so every branch matters
         parameter.data.add_(torch.randn_like(parameter) * 0.05)
-    model.set_attention_backend("reference")
+    model.set_attention_backend("naive")
     latents, reference, audio, reference_audio = _inputs(model, frames=3, reference_frames=5)
     with torch.no_grad():
         caches = model.dit.layer_caches(model.dit.encode_reference(reference, reference_audio))

@@ -40,7 +40,7 @@ def _synthetic_crops(size, count=12, seed=0):
 
 def test_load_sample_decode_generate(models_cwd):
     assert "tiny.safetensors" in LoadAvatarModel.INPUT_TYPES()["required"]["checkpoint"][0]
-    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="reference")
+    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="naive")
     avatar = handle.ready()
     identity = extract_identity(avatar, _synthetic_crops(avatar.config.frame_size), None, fps=25.0)
     speech, n_frames = _speech()
@@ -57,7 +57,7 @@ def test_load_sample_decode_generate(models_cwd):
 
 
 def test_identity_save_load_mix_round_trip(models_cwd):
-    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="reference")
+    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="naive")
     avatar = handle.ready()
     first = extract_identity(avatar, _synthetic_crops(avatar.config.frame_size, seed=1), None, fps=25.0)
     second = extract_identity(avatar, _synthetic_crops(avatar.config.frame_size, seed=2), None, fps=25.0)
@@ -88,7 +88,7 @@ def test_bad_inputs_get_clear_messages(models_cwd):
 
 def test_extract_identity_and_dub_on_a_real_clip(models_cwd, shared_media_dir):
     reference = load_reference_video(str(shared_media_dir / "v15_real3dportrait_may_5s.mp4"), end_s=0.6, max_side=256)
-    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="reference")
+    (handle,) = LoadAvatarModel().load("tiny.safetensors", dtype="fp32", attention="naive")
     identity, crops = ExtractIdentity().extract(handle, reference)
     size = handle.model.config.frame_size
     assert tuple(crops.shape) == (reference.n_frames, size, size, 3)
