@@ -378,6 +378,54 @@ def _write_strip(strips, path: Path) -> None:
         cv2.imwrite(str(path), np.concatenate(panels, axis=0)[..., ::-1])
 
 
+# ----------------------------------------------------------------------------------- CPU ablation
+
+def ablate_cpu(args) -> None:
+    """The same split and calls at 32² with `tiny` on this CPU: a cheap way to compare generator
+    changes when no GPU is left (numbers are for ranking variants, not for the targets)."""
+    import cv2
+    import torch
+
+    from sparse_avatar.evaluation.face_metrics import psnr
+    from sparse_avatar.files import write_text
+    from sparse_avatar.model import extract_identity, new_model, render
+    from sparse_avatar.model.configs import get_config
+    from sparse_avatar.model.masks import dub_mask
+    from sparse_avatar.training.personality import finetune_personality
+
+    arrays = np.load(Path(args.data) / f"{args.clip}.npz")
+    crops = _decode_jpegs(arrays["jpeg"], arrays["offsets"])
+    speech = arrays["speech"]
+    frames = np.stack([cv2.resize(frame, (32, 32), interpolation=cv2.INTER_AREA) for frame in crops])
+    split = int(len(frames) * TRAIN_FRACTION)
+    train, test, mask = frames[:split], frames[split:], dub_mask(32)
+    mean = np.repeat(train.mean(0, keepdims=True).round().astype(np.uint8), len(test), 0)
+    rows = [("baseline: mean training frame", psnr(test, mean), psnr(test, mean, mask), None)]
+    variants = {
+        "xpred": dict(prediction="x", loss_space="v"),
+        "xpred-abs": dict(prediction="x", loss_space="v", absolute_positions=True),
+        "xpred-abs-xloss": dict(prediction="x", loss_space="x", absolute_positions=True),
+    }
+    for name in args.variants.split(","):
+        model = new_model(get_config("tiny").replace(**variants[name]), seed=0)
+        model.set_attention_backend("dense")
+        started = time.perf_counter()
+        finetune_personality(model, train, speech[:split], Path(args.out) / f"ablation_{name}.safetensors", steps=args.steps, lora_rank=0, lr=1e-3,
+                             batch_size=4, target_frames=8, reference_frames=24, dub_context_prob=0.5)
+        (Path(args.out) / f"ablation_{name}.safetensors").unlink()
+        identity = extract_identity(model.eval(), train, speech[:split], fps=float(arrays["fps"]))
+        generated = render(model, identity, speech[split:], mode="generate", steps=10)
+        dubbed = render(model, identity, speech[split:], mode="dub", steps=10, dub_frames=test)
+        rows.append((name, psnr(test, generated), psnr(test, dubbed, mask), time.perf_counter() - started))
+        print(rows[-1], flush=True)
+    lines = [f"# Person benchmark, CPU ablation at 32² (`tiny`, {args.steps} steps, {args.clip})", "",
+             "`python bench/person.py ablate-cpu`: the benchmark's split and calls at 32² on this 2-core CPU, for ranking generator "
+             "changes without a GPU. Not comparable with the 256² targets.", "",
+             "| variant | generate PSNR dB | dub region PSNR dB | train + render s |", "|---|---|---|---|"]
+    lines += [f"| {name} | {gen:.2f} | {dub:.2f} | {'' if seconds is None else f'{seconds:.0f}'} |" for name, gen, dub, seconds in rows]
+    write_text(Path(args.out) / "person_cpu_ablation.md", "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -405,8 +453,14 @@ def main(argv=None) -> None:
     s.add_argument("--runs", required=True)
     s.add_argument("--data", default=".bench_data/person")
     s.add_argument("--out", default="bench/results")
+    a = commands.add_parser("ablate-cpu")
+    a.add_argument("--data", default=".bench_data/person")
+    a.add_argument("--clip", default="v07_infinitetalk_ref_man_15s")
+    a.add_argument("--variants", default="xpred,xpred-abs,xpred-abs-xloss")
+    a.add_argument("--steps", type=int, default=300)
+    a.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
-    {"prepare": prepare, "run": run, "score": score}[args.command](args)
+    {"prepare": prepare, "run": run, "score": score, "ablate-cpu": ablate_cpu}[args.command](args)
 
 
 if __name__ == "__main__":

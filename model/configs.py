@@ -141,6 +141,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# What the person benchmark kept for the 256² sizes: x-prediction (+3.6 dB dub-region PSNR over
+# velocity prediction at the same budget, bench/results/person.md, H200), absolute token
+# positions and the clean-frame loss (+2.9 and +1.4 dB generate PSNR on the 32² CPU ablation,
+# bench/results/person_cpu_ablation.md). `tiny` stays as the CPU tests calibrated it (velocity
+# prediction); old checkpoints carry their own config.
+_PERSON_DEFAULTS = dict(prediction="x", loss_space="x", absolute_positions=True)
+
 CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         name="tiny", latent_codec="pixel-f4", latent_channels=48, frame_size=32, patch_size=(1, 1, 1),
@@ -150,14 +157,17 @@ CONFIGS: dict[str, ModelConfig] = {
     "small": ModelConfig(
         name="small", latent_codec="pixel-f8", latent_channels=192, frame_size=256, patch_size=(1, 2, 2),
         hidden=512, depth=12, heads=8, kv_heads=2, static_tokens=32, block_size=128, top_k=8, audio_window=4,
+        **_PERSON_DEFAULTS,
     ),
     "base": ModelConfig(
         name="base", latent_codec="pixel-f8", latent_channels=192, frame_size=256, patch_size=(1, 2, 2),
         hidden=1024, depth=24, heads=16, kv_heads=4, static_tokens=64, block_size=128, top_k=8, audio_window=4,
+        **_PERSON_DEFAULTS,
     ),
     "xl": ModelConfig(
         name="xl", latent_codec="pixel-f8", latent_channels=192, frame_size=256, patch_size=(1, 2, 2),
         hidden=2048, depth=18, heads=32, kv_heads=8, static_tokens=64, block_size=128, top_k=16, audio_window=4,
+        **_PERSON_DEFAULTS,
     ),
 }
 

@@ -201,6 +201,7 @@ def finetune_personality(
         started = time.perf_counter()  # the budget is training time, from the first step
         result = trainer.fit()
     model.forget_fingerprint()
+    model.training_stage = "personality"
     if result.step == 0:
         raise UserFacingError("personality fine-tuning was cancelled before the first step; nothing was written.")
     wall = time.perf_counter() - started

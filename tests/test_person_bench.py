@@ -1,0 +1,43 @@
+"""The person benchmark end to end on CPU (bench/person.py --smoke: a one-block model, 44 frames of
+a real clip): files and fields, not numbers (they mean nothing at this size)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "person.py"
+
+
+@pytest.mark.media
+@pytest.mark.slow
+def test_person_benchmark_prepares_runs_and_scores(shared_media_dir, tmp_path):
+    pytest.importorskip("mediapipe", reason="scoring needs the person-eval extra (mediapipe)")
+    pytest.importorskip("dlib", reason="scoring needs the person-eval extra (dlib)")
+    data, runs, results = tmp_path / "data", tmp_path / "runs", tmp_path / "results"
+
+    def bench(*args):
+        done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    bench("prepare", "--out", str(data), "--min-seconds", "15")
+    assert sorted(p.name for p in data.glob("v*.npz")) == ["v03_mimictalk_german_anchor_20s.npz", "v07_infinitetalk_ref_man_15s.npz"]
+    bench("run", "--smoke", "--variant", "xpred", "--device", "cpu", "--clips", "v07", "--data", str(data), "--out", str(runs), "--budget", "1",
+          "--batch", "2", "--target-frames", "4", "--reference-frames", "8", "--steps", "1")
+    record = json.loads((runs / "xpred_v07_infinitetalk_ref_man_15s.json").read_text())
+    assert record["steps"] >= 1 and record["train_frames"] == 40 and record["test_frames"] == 4
+    bench("score", "--runs", str(runs), "--data", str(data), "--out", str(results))
+    rows = json.loads((results / "person.json").read_text())
+    methods = {row["method"] for row in rows}
+    assert methods == {"baseline: mean training frame", "baseline: speech-nearest training frame", "ceiling: the real clip", "xpred"}
+    model_row = next(row for row in rows if row["method"] == "xpred")
+    assert set(model_row["dub"]) >= {"psnr_region_db", "ssim_region", "lmd_px", "mouth_corr"}
+    assert set(model_row["generate"]) >= {"identity_distance", "mouth_corr", "psnr_db"}
+    assert set(model_row["long"]) >= {"identity_first_10s", "identity_last_10s", "drift_ratio", "blink_rate_per_min", "head_sway_px"}
+    assert (results / "person.md").read_text().count("| v07_infinitetalk_ref_man_15s |") == 4
+    assert (results / "person_strip.png").stat().st_size > 0
+    assert (results / "person_videos" / "v07_infinitetalk_ref_man_15s_xpred.mp4").stat().st_size > 0
