@@ -19,7 +19,8 @@ run: per clip, ``training.personality.finetune_personality`` (the Train Avatar n
   generate mode, and a 60 s generate render for drift. Frames come back as npz.
 score: metrics (``evaluation.face_metrics``) against the real held-out crops, beside the
   mean-frame and speech-nearest-neighbour baselines and the real clip as the ceiling; writes
-  person.json / person.md, a strip (generated over real) and short mp4s.
+  person.json / person.md, and into person_media/ (git-ignored: it holds frames of the licensed
+  clips) a strip (real / dub / generate) and short side-by-side mp4s.
 """
 from __future__ import annotations
 
@@ -309,7 +310,7 @@ def _write_clip_videos(out, clip, variant, real, dub, generate, speech, split, f
     start = int(round(split / fps * 16000))
     audio = np.asarray(video.audio, np.float32).reshape(-1)[start:start + int(round(len(real) / fps * 16000))] if video.audio is not None else None
     frames = np.concatenate([real, dub, generate[: len(real)]], axis=2)
-    media.write_video(out / "person_videos" / f"{clip}_{variant}.mp4", frames, fps, audio=audio, sample_rate=16000)
+    media.write_video(out / "person_media" / f"{clip}_{variant}.mp4", frames, fps, audio=audio, sample_rate=16000)
 
 
 def _fmt(value, digits=2) -> str:
@@ -357,7 +358,10 @@ def write_report(rows, strips, out: Path) -> None:
                   f"reference {run['reference_frames']} frames, lr {run['lr']}, dub samples {run['dub_context_prob']:.0%}; "
                   f"{run['sampler_steps']} euler steps per render."]
     write_text(out / "person.md", "\n".join(lines) + "\n")
-    _write_strip(strips, out / "person_strip.png")
+    # Pictures hold frames of the licensed clips (evaluation only, never in the repository):
+    # written beside the tables into person_media/, which git ignores.
+    (out / "person_media").mkdir(parents=True, exist_ok=True)
+    _write_strip(strips, out / "person_media" / "person_strip.png")
 
 
 def _write_strip(strips, path: Path) -> None:
