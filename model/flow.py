@@ -210,21 +210,31 @@ def dub_context(model, target: torch.Tensor, generator=None) -> torch.Tensor:
     return (1.0 - cell_masks)[:, None, None].expand(batch, 1, time, rows, cols).to(target.device, target.dtype)
 
 
-def flow_loss(config, predicted: torch.Tensor, target: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The training loss in config.loss_space. ``predicted`` is what the network predicts
-    (config.prediction): the velocity for "v", the clean latents for "x".
-    x-prediction, loss "v": velocity MSE with 1 - t clamped at 0.05, as in JiT (an almost clean
-    sample's velocity would otherwise weigh hundreds of times more); loss "x": clean-data MSE."""
-    predicted, target = predicted.float(), target.float()
+def flow_errors(config, predicted: torch.Tensor, target: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample training error [B] in config.loss_space. ``predicted`` is what the network
+    predicts (config.prediction; ``model_output(config)`` names the forward's output for it):
+    the velocity for "v", the clean latents for "x". x-prediction with loss "v": velocity MSE
+    with 1 - t clamped at 0.05, as in JiT (an almost clean sample's velocity would otherwise
+    weigh hundreds of times more); loss "x": clean-data MSE. The one flow loss of every stage."""
+    predicted, target, noise, noisy = predicted.float(), target.float(), noise.float(), noisy.float()
+    sigma = (1.0 - t.float()).view(-1, *([1] * (target.dim() - 1)))
     if config.prediction == "v":
-        if config.loss_space == "v":
-            return F.mse_loss(predicted, target - noise.float())
-        sigma = (1.0 - t.float()).view(-1, 1, 1, 1, 1)
-        return F.mse_loss(noisy.float() + sigma * predicted, target)
-    if config.loss_space == "x":
-        return F.mse_loss(predicted, target)
-    sigma = (1.0 - t.float()).view(-1, 1, 1, 1, 1).clamp_min(0.05)
-    return F.mse_loss((predicted - noisy.float()) / sigma, (target - noisy.float()) / sigma)
+        difference = predicted - (target - noise) if config.loss_space == "v" else noisy + sigma * predicted - target
+    elif config.loss_space == "x":
+        difference = predicted - target
+    else:
+        difference = (predicted - target) / sigma.clamp_min(0.05)
+    return difference.pow(2).flatten(1).mean(1)
+
+
+def flow_loss(config, predicted, target, noise, noisy, t) -> torch.Tensor:
+    """``flow_errors`` averaged over the batch."""
+    return flow_errors(config, predicted, target, noise, noisy, t).mean()
+
+
+def model_output(config) -> str:
+    """The AvatarDiT.forward output that config.prediction learns: "velocity" or "data"."""
+    return "data" if config.prediction == "x" else "velocity"
 
 
 def training_step(model, batch: dict, *, generator: torch.Generator | None = None, dub_context_prob: float | None = None):
@@ -323,8 +333,7 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
             caches = dit.layer_caches(reference_kv)
         caches = _expand_caches(caches, size)
 
-    output = "data" if config.prediction == "x" else "velocity"
-    predicted = dit(noisy, t, audio, caches, context_latents=context, context_mask=mask, audio_keep=audio_keep, output=output)
+    predicted = dit(noisy, t, audio, caches, context_latents=context, context_mask=mask, audio_keep=audio_keep, output=model_output(config))
     main_loss = flow_loss(config, predicted, target, noise, noisy, t)
     loss = main_loss + config.static_consistency_weight * consistency
     metrics = {"loss": loss.detach(), "flow_loss": main_loss.detach(), "static_consistency": consistency.detach(), "t_mean": t.mean()}

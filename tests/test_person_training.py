@@ -196,3 +196,21 @@ def test_absolute_positions_tell_every_token_its_place():
     out_without = without.dit(noisy, torch.tensor([0.0]), audio, None, output="data")
     spread = lambda out: out[0, :, 0].reshape(48, 64).std(dim=1).mean()  # noqa: E731  (across token positions)
     assert spread(out_with) > 5 * spread(out_without)
+
+
+def test_one_flow_loss_for_every_prediction_and_loss_space():
+    from sparse_avatar.model.flow import flow_errors
+
+    target = torch.zeros(2, 3, 1, 2, 2)
+    noise = torch.ones_like(target)
+    t = torch.tensor([0.999, 0.5])
+    noisy = t.view(-1, 1, 1, 1, 1) * target + (1 - t.view(-1, 1, 1, 1, 1)) * noise
+    off = 0.1  # every prediction is off by 0.1 in its own space
+    # x-prediction, velocity loss: 0.1² / max(1 - t, 0.05)² -> bounded near clean (JiT's clamp)
+    torch.testing.assert_close(flow_errors(X_CONFIG, target + off, target, noise, noisy, t), torch.tensor([4.0, 0.04]))
+    torch.testing.assert_close(flow_errors(X_CONFIG.replace(loss_space="x"), target + off, target, noise, noisy, t), torch.tensor([0.01, 0.01]))
+    v_config = get_config("tiny")
+    torch.testing.assert_close(flow_errors(v_config, target - noise + off, target, noise, noisy, t), torch.tensor([0.01, 0.01]))
+    # velocity prediction scored as clean data: the velocity error times (1 - t)
+    torch.testing.assert_close(flow_errors(v_config.replace(loss_space="x"), target - noise + off, target, noise, noisy, t),
+                               torch.tensor([(0.001 * off) ** 2, (0.5 * off) ** 2]))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.codecs import codec_for_config
+from ..model.flow import flow_errors, flow_loss, model_output, training_step
 
 
 class StepModule(nn.Module):
@@ -95,8 +96,9 @@ def reference_caches(dit: nn.Module, batch: dict):
     return dit.layer_caches(reference_kv, token_frames * tokens_per_frame)
 
 
-def velocity(step_module: StepModule, batch: dict, noisy: torch.Tensor, t: torch.Tensor, caches, *, audio_keep=None) -> torch.Tensor:
-    """The one denoising call every objective uses (text conditioning applied when present)."""
+def velocity(step_module: StepModule, batch: dict, noisy: torch.Tensor, t: torch.Tensor, caches, *, audio_keep=None, output: str = "velocity") -> torch.Tensor:
+    """The one denoising call every objective uses (text conditioning applied when present).
+    output="velocity" (what trajectories integrate) or "data" (see AvatarDiT.forward)."""
     dit = step_module.dit
     speech = batch.get("target_speech")
     if speech is None:
@@ -104,8 +106,8 @@ def velocity(step_module: StepModule, batch: dict, noisy: torch.Tensor, t: torch
         audio_keep = torch.zeros(noisy.shape[0], dtype=torch.bool, device=noisy.device)
     if step_module.text_conditioner is not None and "captions" in batch:
         with step_module.text_conditioner.conditioning(dit, batch["captions"], noisy.device):
-            return dit(noisy, t, speech, caches, audio_keep=audio_keep)
-    return dit(noisy, t, speech, caches, audio_keep=audio_keep)
+            return dit(noisy, t, speech, caches, audio_keep=audio_keep, output=output)
+    return dit(noisy, t, speech, caches, audio_keep=audio_keep, output=output)
 
 
 # ----------------------------------------------------------------------------- flow matching
@@ -121,8 +123,6 @@ def model_flow_objective(*, per_sample: bool = True):
     with a generator seeded from the batch's first sample seed and every reference cut to the
     shortest valid length in the batch.
     """
-    from ..model.flow import training_step
-
     def sample_inputs(batch, rows, reference_length):
         return {
             "target_frames": _as_unit_float(batch["target_frames"][rows]),
@@ -160,7 +160,8 @@ def _as_unit_float(frames: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_objective(*, use_audio: bool = True, use_reference: bool = True):
-    """Velocity MSE with logit-normal t and per-sample condition dropout (for CFG).
+    """The model's flow loss (``model.flow.flow_loss``, config.prediction / loss_space) with
+    logit-normal t and per-sample condition dropout (for CFG).
 
     Stage 1 (video pretraining) runs it with ``use_audio=False`` (scene text conditions instead);
     stage 2 and 3 with audio and reference.
@@ -181,8 +182,8 @@ def flow_matching_objective(*, use_audio: bool = True, use_reference: bool = Tru
             audio_keep = torch.zeros(data.shape[0], dtype=torch.bool, device=data.device)
         local_batch = {key: value for key, value in batch.items() if use_audio or key != "target_speech"}
         caches = reference_caches(dit, batch) if use_reference else None
-        predicted = velocity(step_module, local_batch, noisy, t, caches, audio_keep=audio_keep if use_audio else None)
-        loss = F.mse_loss(predicted.float(), (data - noise).float())
+        predicted = velocity(step_module, local_batch, noisy, t, caches, audio_keep=audio_keep if use_audio else None, output=model_output(config))
+        loss = flow_loss(config, predicted, data, noise, noisy, t)
         tokens = data.shape[0] * dit.token_grid(data.shape)[0] * dit.token_grid(data.shape)[1] * dit.token_grid(data.shape)[2]
         return loss, {"tokens": float(tokens), "t_mean": float(t.mean())}
 
@@ -288,8 +289,10 @@ def dpo_objective(reference_model: nn.Module, *, beta: float = 500.0):
 
     def per_sample_error(module, batch, data, noise, t, caches):
         t_b = t.view(-1, 1, 1, 1, 1)
-        predicted = velocity(module, batch, t_b * data + (1 - t_b) * noise, t, caches)
-        return (predicted.float() - (data - noise).float()).pow(2).flatten(1).mean(1)
+        noisy = t_b * data + (1 - t_b) * noise
+        config = module.dit.config
+        predicted = velocity(module, batch, noisy, t, caches, output=model_output(config))
+        return flow_errors(config, predicted, data, noise, noisy, t)  # the stage-2 loss, per sample
 
     def objective(step_module: StepModule, batch: dict):
         dit = step_module.dit
