@@ -46,6 +46,23 @@ def _check_frames(frames: torch.Tensor, factor: int) -> None:
         raise UserFacingError(f"frame size {height}x{width} must be divisible by the codec factor {factor}; resize the crops to the model's frame size.")
 
 
+def space_to_depth(frames: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, T, H, W, 3] -> [B, 3·f·f, T, H/f, W/f], channel order (rgb, dy, dx): channel c of a
+    cell is a fixed pixel of its patch. A pure rearrangement (PixelCodec scales around it)."""
+    batch, time, height, width, _ = frames.shape
+    f = factor
+    cells = frames.reshape(batch, time, height // f, f, width // f, f, 3)
+    return cells.permute(0, 6, 3, 5, 1, 2, 4).reshape(batch, 3 * f * f, time, height // f, width // f)
+
+
+def depth_to_space(latents: torch.Tensor, factor: int) -> torch.Tensor:
+    """The inverse of ``space_to_depth``: [B, 3·f·f, T, h, w] -> [B, T, h·f, w·f, 3]."""
+    batch, _, time, rows, cols = latents.shape
+    f = factor
+    cells = latents.reshape(batch, 3, f, f, time, rows, cols).permute(0, 4, 5, 2, 6, 3, 1)
+    return cells.reshape(batch, time, rows * f, cols * f, 3)
+
+
 class PixelCodec(LatentCodec):
     """Patchified RGB: [B, T, H, W, 3] in 0..1 <-> [B, 3·f·f, T, H/f, W/f] in -1..1."""
 
@@ -60,21 +77,13 @@ class PixelCodec(LatentCodec):
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         _check_frames(frames, self.factor)
-        batch, time, height, width, _ = frames.shape
-        f = self.factor
-        cells = frames.reshape(batch, time, height // f, f, width // f, f, 3)
-        # channel order (rgb, dy, dx) so channel c of a cell is a fixed pixel of the patch
-        latents = cells.permute(0, 6, 3, 5, 1, 2, 4).reshape(batch, 3 * f * f, time, height // f, width // f)
-        return latents * 2.0 - 1.0
+        return space_to_depth(frames, self.factor) * 2.0 - 1.0
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        batch, channels, time, rows, cols = latents.shape
-        f = self.factor
+        channels = latents.shape[1]
         if channels != self.latent_channels:
             raise UserFacingError(f"latents have {channels} channels; the {self.id} codec expects {self.latent_channels}.")
-        cells = latents.reshape(batch, 3, f, f, time, rows, cols).permute(0, 4, 5, 2, 6, 3, 1)
-        frames = cells.reshape(batch, time, rows * f, cols * f, 3)
-        return ((frames + 1.0) * 0.5).clamp(0.0, 1.0)
+        return ((depth_to_space(latents, self.factor) + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
 def _scalar_factor(value) -> int | None:

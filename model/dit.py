@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sparse_attention import reference_block_centroids, sparse_reference_attention
+from .codecs import depth_to_space, space_to_depth
 from .configs import ModelConfig
 
 
@@ -303,17 +304,13 @@ class PixelRefiner(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def _to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, 3·f·f, T, h, w] -> [B·T, 3, h·f, w·f] (the PixelCodec channel order: rgb, dy, dx)."""
-        batch, _, time, rows, cols = latents.shape
-        f = self.factor
-        x = latents.reshape(batch, 3, f, f, time, rows, cols).permute(0, 4, 1, 5, 2, 6, 3)
-        return x.reshape(batch * time, 3, rows * f, cols * f)
+        """[B, 3·f·f, T, h, w] -> [B·T, 3, h·f, w·f] in the PixelCodec layout."""
+        frames = depth_to_space(latents, self.factor)  # [B, T, H, W, 3]
+        return frames.permute(0, 1, 4, 2, 3).reshape(-1, 3, *frames.shape[2:4])
 
     def _to_latents(self, pixels: torch.Tensor, batch: int) -> torch.Tensor:
-        f = self.factor
-        bt, channels, height, width = pixels.shape
-        x = pixels.reshape(batch, bt // batch, channels, height // f, f, width // f, f).permute(0, 2, 4, 6, 1, 3, 5)
-        return x.reshape(batch, channels * f * f, bt // batch, height // f, width // f)
+        frames = pixels.reshape(batch, -1, *pixels.shape[1:]).permute(0, 1, 3, 4, 2)  # [B, T, H, W, 3]
+        return space_to_depth(frames, self.factor)
 
     def forward(self, predicted: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         batch = predicted.shape[0]
