@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -111,6 +109,7 @@ def prepare(args) -> None:
 # ----------------------------------------------------------------------------------- run (GPU)
 
 def run(args) -> None:
+    import cv2
     import torch
 
     from sparse_avatar.model import extract_identity, new_model, render
@@ -172,8 +171,6 @@ def run(args) -> None:
             timings["long_generate"] = time.perf_counter() - started
         # At most 16 MiB a file comes back: held-out renders as JPEG q95 (~45 dB, far above what is
         # measured), the 60 s render every 2nd frame at 128² q85 (identity, blinks, motion only).
-        import cv2
-
         small_long = np.stack([cv2.resize(frame, (128, 128), interpolation=cv2.INTER_AREA) for frame in long_frames[::2]])
         encoded = {}
         for name, frames, options in (("dub", results["dub"], {}), ("generate", results["generate"], {}), ("long", small_long, {"quality": 85})):
@@ -204,11 +201,6 @@ def _speech_nearest_frames(train_speech: np.ndarray, test_speech: np.ndarray, ra
     a, b = windows(train_speech), windows(test_speech)
     distances = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None]
     return distances.argmin(1)
-
-
-def _composite(real: np.ndarray, rendered: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    inside = mask[None, :, :, None] > 0.5
-    return np.where(inside, rendered, real)
 
 
 def _dub_metrics(fm, real, candidate, mask, real_landmarks) -> dict:
@@ -254,8 +246,11 @@ def _long_metrics(fm, frames, fps, real_all_landmarks, real_embeddings_mean) -> 
 
 
 def score(args) -> None:
+    import cv2
+
     from sparse_avatar.evaluation import face_metrics as fm
     from sparse_avatar.model.masks import dub_mask
+    from sparse_avatar.model.pipeline import keep_source_outside_mask
 
     available = fm.available()
     if not all(available.values()):
@@ -279,7 +274,7 @@ def score(args) -> None:
         nearest = train[_speech_nearest_frames(speech[:split], speech[split:])]
         baselines = {"mean training frame": mean_frame, "speech-nearest training frame": nearest}
         for name, frames in baselines.items():
-            rows.append({"clip": clip, "method": f"baseline: {name}", "dub": _dub_metrics(fm, test, _composite(test, frames, mask), mask, real_landmarks),
+            rows.append({"clip": clip, "method": f"baseline: {name}", "dub": _dub_metrics(fm, test, keep_source_outside_mask(frames, test, mask), mask, real_landmarks),
                          "generate": _generate_metrics(fm, test, frames, real_landmarks, real_embeddings_mean)})
         ceiling_gen = _generate_metrics(fm, test, test, real_landmarks, real_embeddings_mean)
         rows.append({"clip": clip, "method": "ceiling: the real clip", "dub": {"psnr_region_db": float("inf"), "ssim_region": 1.0, "lmd_px": 0.0, "mouth_corr": 1.0, "face_found": ceiling_gen["face_found"]},
@@ -288,9 +283,7 @@ def score(args) -> None:
             record = json.loads(record_path.read_text())
             arrays = np.load(record_path.with_suffix(".npz"))
             arrays = {name: _decode_jpegs(arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]) for name in ("dub", "generate", "long")}
-            dub = _composite(test, arrays["dub"], mask)
-            import cv2
-
+            dub = keep_source_outside_mask(arrays["dub"], test, mask)
             long_frames = np.stack([cv2.resize(frame, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_CUBIC) for frame in arrays["long"]])
             row = {"clip": clip, "method": record["variant"], "run": record,
                    "dub": _dub_metrics(fm, test, dub, mask, real_landmarks),
@@ -388,7 +381,6 @@ def ablate_cpu(args) -> None:
     """The same split and calls at 32² with `tiny` on this CPU: a cheap way to compare generator
     changes when no GPU is left (numbers are for ranking variants, not for the targets)."""
     import cv2
-    import torch
 
     from sparse_avatar.evaluation.face_metrics import psnr
     from sparse_avatar.files import write_text

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import UserFacingError
 from .dit import LayerCache
-from .masks import jittered_dub_masks
+from .masks import jittered_dub_masks, known_cells
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
 MAX_STEPS = 50
@@ -202,12 +202,10 @@ def _expand_caches(caches, batch: int):
 def dub_context(model, target: torch.Tensor, generator=None) -> torch.Tensor:
     """Known-cell mask [B, 1, T, h, w] of dub samples: everything but a (jittered) lower-face box.
     A latent cell is known only if none of its pixels is to be re-rendered, as in dub rendering."""
-    size = model.config.frame_size
-    factor = model.codec.spatial_factor
     batch, _, time, rows, cols = target.shape
-    pixel_masks = jittered_dub_masks(batch, size, generator=generator).to(target.device)
-    cell_masks = pixel_masks.reshape(batch, rows, factor, cols, factor).amax(dim=(2, 4))
-    return (1.0 - cell_masks)[:, None, None].expand(batch, 1, time, rows, cols).to(target.device, target.dtype)
+    pixel_masks = jittered_dub_masks(batch, model.config.frame_size, generator=generator).to(target.device)
+    known = known_cells(pixel_masks, model.codec.spatial_factor)  # [B, h, w]
+    return known[:, None, None].expand(batch, 1, time, rows, cols).to(target.dtype)
 
 
 def flow_errors(config, predicted: torch.Tensor, target: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -32,3 +32,11 @@ def jittered_dub_masks(batch: int, size: int, *, jitter: float = 0.04, generator
     rows = (coords[None] >= pixels[:, 0:1]) & (coords[None] < pixels[:, 1:2])
     cols = (coords[None] >= pixels[:, 2:3]) & (coords[None] < pixels[:, 3:4])
     return (rows[:, :, None] & cols[:, None, :]).float()
+
+
+def known_cells(pixel_masks: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pixel masks [..., S, S] (1 = re-rendered) -> known latent cells [..., S/f, S/f] (1 = known):
+    a cell is known only if none of its f×f pixels is to be re-rendered (render and training)."""
+    *lead, height, width = pixel_masks.shape
+    cells = pixel_masks.reshape(*lead, height // factor, factor, width // factor, factor).amax(dim=(-3, -1))
+    return 1.0 - cells

@@ -40,7 +40,7 @@ import torch
 from ..errors import UserFacingError
 from .flow import check_sampler, guided_velocity, sample_flow
 from .identity import Identity, extract_identity
-from .masks import dub_mask
+from .masks import dub_mask, known_cells
 
 
 logger = logging.getLogger(__name__.rsplit(".", 2)[0])
@@ -265,10 +265,7 @@ def render(
     generator = torch.Generator().manual_seed(int(seed))
     channels, _, rows, cols = model.codec.latent_shape(1, size, size)
     if mode == "dub":
-        # A latent cell is known only if none of its pixels is to be re-rendered.
-        factor = model.codec.spatial_factor
-        cell_mask = torch.from_numpy(pixel_mask).reshape(rows, factor, cols, factor).amax(dim=(1, 3))
-        source_known = (1.0 - cell_mask).to(device, dtype)[None, None, None]  # [1, 1, 1, h, w]
+        source_known = known_cells(torch.from_numpy(pixel_mask), model.codec.spatial_factor).to(device, dtype)[None, None, None]  # [1, 1, 1, h, w]
     frames_out = np.empty((total, size, size, 3), np.uint8) if output == "frames" else None
     latents_out = []
     made_latents = None  # latents of all frames made so far, on device (only the tail is reused)
