@@ -162,15 +162,13 @@ def finetune_personality(
         model.requires_grad_(True)
     config = TrainerConfig(
         total_steps=steps, lr=lr, warmup_steps=min(100, max(1, steps // 10)), weight_decay=0.0, ema_decay=0.0, seed=seed,
-        parallel="none", log_every=log_every,
+        parallel="none", log_every=log_every, final_checkpoint=False,  # the result is written below, in its own format
     )
-    started = time.perf_counter()
-    trainer_box: list[Trainer] = []
-
     rate_clock: dict = {}
+    # The hooks read `config` (the trainer's own, so a new total_steps reaches its schedule),
+    # `trainer` and `started`, which are set below before the first step runs.
 
     def on_step(record: dict) -> None:
-        trainer = trainer_box[0]
         step = record["step"]
         if time_budget_s is not None and step == BUDGET_WARMUP_STEPS:
             rate_clock.update(step=step, time=time.perf_counter())
@@ -178,14 +176,13 @@ def finetune_personality(
             now = time.perf_counter()
             seconds_per_step = (now - rate_clock["time"]) / (step - rate_clock["step"])
             remaining = max(0.0, time_budget_s - (now - started))
-            trainer.config.total_steps = max(step + 1, min(steps, step + int(remaining / seconds_per_step)))
+            config.total_steps = max(step + 1, min(steps, step + int(remaining / seconds_per_step)))
             if step == BUDGET_REFIT_STEPS:  # warm-up stays a tenth of the run, decided once
-                trainer.config.warmup_steps = min(trainer.config.warmup_steps, max(1, trainer.config.total_steps // 10))
+                config.warmup_steps = min(config.warmup_steps, max(1, config.total_steps // 10))
         if progress is not None:
-            progress(record["step"], trainer.config.total_steps, record.get("loss") if record.get("synced", True) else None)
+            progress(record["step"], config.total_steps, record.get("loss") if record.get("synced", True) else None)
 
     def stop() -> bool:
-        trainer = trainer_box[0]
         if time_budget_s is not None and trainer.step > 0 and time.perf_counter() - started > time_budget_s:
             return True
         return bool(should_cancel and should_cancel())
@@ -196,8 +193,6 @@ def finetune_personality(
             Path(workdir) / "run", context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
             on_step=on_step, should_stop=stop,
         )
-        trainer_box.append(trainer)
-        trainer.save_checkpoint = lambda: None  # the result is written below, in its own format
         started = time.perf_counter()  # the budget is training time, from the first step
         result = trainer.fit()
     model.forget_fingerprint()

@@ -59,6 +59,7 @@ class TrainerConfig:
     compile: bool = False
     parallel: str = "auto"  # auto | none | ddp | fsdp
     checkpoint_every: int = 0  # 0: only at the end
+    final_checkpoint: bool = True  # False: a caller that writes the result itself (personality) skips the trainer state
     keep_checkpoints: int = 2
     log_every: int = 1
     sample_every: int = 0  # 0: no periodic samples
@@ -232,7 +233,6 @@ class Trainer:
         self.samples_seen = 0
         self._tensorboard = None
         self._window = {"started": time.perf_counter(), "steps": 0, "data_time_s": 0.0}
-        self._sync_next = False
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -318,10 +318,9 @@ class Trainer:
         window = self._window
         window["steps"] += 1
         window["data_time_s"] += data_time
-        sync = self.step % max(1, self.config.log_every) == 0 or self.step >= self.config.total_steps or self._sync_next
+        sync = self.step % max(1, self.config.log_every) == 0 or self.step >= self.config.total_steps
         if not sync:
             return {"step": self.step, "synced": False}
-        self._sync_next = False
         loss_value = all_reduce_mean(loss.detach().float().item(), context)  # waits for the GPU
         if not math.isfinite(loss_value):
             raise UserFacingError(
@@ -348,10 +347,6 @@ class Trainer:
             record["tokens_per_s"] = record["tokens"] * context.world_size / record["step_time_s"]
         self._window = {"started": time.perf_counter(), "steps": 0, "data_time_s": 0.0}
         return record
-
-    def sync_next_step(self) -> None:
-        """Make the next train_step a synced one (a caller that needs a loss now, e.g. to stop)."""
-        self._sync_next = True
 
     def _log(self, record: dict) -> None:
         if not self.context.is_main or not record.get("synced", True):
@@ -399,7 +394,7 @@ class Trainer:
                 last_checkpoint = self.save_checkpoint()
             if self.sample_fn and self.config.sample_every and self.step % self.config.sample_every == 0:
                 self._run_sample_fn()
-        if self.step > 0 and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{self.step:08d}")):
+        if self.config.final_checkpoint and self.step > 0 and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{self.step:08d}")):
             last_checkpoint = self.save_checkpoint()
         if self._tensorboard is not None:
             self._tensorboard.flush()
