@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,3 +43,15 @@ def espeak() -> str:
     if path is None:
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
     return path
+
+
+class CentreFaceDetector:
+    """A face detector stand-in (monkeypatched over media.face_track's): one face box in the
+    middle of every frame, so node and pipeline tests need no real face."""
+
+    name = "centre"
+
+    def detect(self, frame):
+        height, width = frame.shape[:2]
+        side = 0.5 * min(height, width)
+        return np.array([[width / 2 - side / 2, height / 2 - side / 2, width / 2 + side / 2, height / 2 + side / 2]], np.float32)

@@ -29,19 +29,9 @@ from sparse_avatar.nodes.generation import SparseReferenceSampler
 from sparse_avatar.nodes.speech import EncodeSpeech
 from sparse_avatar.nodes.training import LoadAvatarLoRA, RecordPreferencePair, TrainAvatar
 from sparse_avatar.training.preferences import PreferencePairs, append_pair, read_pairs
+from conftest import CentreFaceDetector
 
 FPS = 25.0
-
-
-class CentreFaceDetector:
-    """Reports one face box in the middle of every frame."""
-
-    name = "centre"
-
-    def detect(self, frame):
-        height, width = frame.shape[:2]
-        side = 0.5 * min(height, width)
-        return np.array([[width / 2 - side / 2, height / 2 - side / 2, width / 2 + side / 2, height / 2 + side / 2]], np.float32)
 
 
 class Interrupted(Exception):

@@ -24,21 +24,13 @@ from sparse_avatar.nodes.generation import DecodeAvatarVideo, SparseReferenceSam
 from sparse_avatar.nodes.identity import ExtractIdentity
 from sparse_avatar.nodes.reference_video import LoadReferenceVideo
 from sparse_avatar.nodes.speech import EncodeSpeech
+from conftest import CentreFaceDetector
 
 FPS = 20.0  # not the tracker's 25 fps fallback: the track must get the clip's own rate
 REFERENCE_FRAMES = 10
 AUDIO_FRAMES = 23  # longer than the reference: the source loops ping-pong
 HEIGHT, WIDTH = 72, 88
 SETTINGS = dict(steps=2, seed=11, chunk_frames=8, overlap_frames=2)
-
-
-class CentreFaceDetector:
-    name = "centre"
-
-    def detect(self, frame):
-        height, width = frame.shape[:2]
-        side = 0.5 * min(height, width)
-        return np.array([[width / 2 - side / 2, height / 2 - side / 2, width / 2 + side / 2, height / 2 + side / 2]], np.float32)
 
 
 def _tone(seconds: float, pitch: float = 180.0) -> np.ndarray:
