@@ -91,6 +91,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
+def uncompile_blocks(model: nn.Module) -> None:
+    """Undo ``TrainerConfig.compile`` (``nn.Module.compile`` on each block) once training is done:
+    a caller that renders with the trained model in the same process would otherwise recompile
+    the blocks for every new inference shape."""
+    for block in shardable_blocks(model) or [model]:
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            block._compiled_call_impl = None
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> int:
     """Recompute block activations in backward. Returns how many blocks were wrapped.
 
@@ -227,7 +236,11 @@ class Trainer:
         if no_decay_params:
             # Norm gains and biases are not decayed (standard practice for transformers).
             groups.append({"params": no_decay_params, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+        # The fused CUDA AdamW: one kernel for all parameters instead of a dozen per tensor group
+        # (8 ms of a 290 ms personality step on an H200). Plain tensors only: FSDP2's DTensor
+        # parameters keep the default implementation.
+        fused = self.context.device.type == "cuda" and self.parallel_mode != "fsdp"
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), **({"fused": True} if fused else {}))
         self.ema = ExponentialMovingAverage(trainable, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
         self.samples_seen = 0
