@@ -214,3 +214,65 @@ def test_one_flow_loss_for_every_prediction_and_loss_space():
     # velocity prediction scored as clean data: the velocity error times (1 - t)
     torch.testing.assert_close(flow_errors(v_config.replace(loss_space="x"), target - noise + off, target, noise, noisy, t),
                                torch.tensor([(0.001 * off) ** 2, (0.5 * off) ** 2]))
+
+
+def test_rope_and_rms_norm_match_their_plain_formulas():
+    from sparse_avatar.model.dit import RMSNorm, apply_rope, rope_angles, rope_rotation, token_positions
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2 * 5 * 7, 16, generator=generator, requires_grad=True)
+    angles = rope_angles(token_positions(2, 5, 7, "cpu"), 16, 10000.0)
+    # Plain RoPE: each channel pair is a complex number turned by its angle.
+    plain = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 70, 8, 2)) * torch.polar(torch.ones_like(angles), angles)).reshape(x.shape)
+    fast = apply_rope(x, rope_rotation(angles))
+    torch.testing.assert_close(fast, plain)
+    (gx_fast,) = torch.autograd.grad(fast.square().sum(), x)
+    (gx_plain,) = torch.autograd.grad(plain.square().sum(), x)
+    torch.testing.assert_close(gx_fast, gx_plain)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    y = x.detach().to(torch.bfloat16)
+    plain_norm = (y.float() * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight).to(torch.bfloat16)
+    torch.testing.assert_close(norm(y), plain_norm, atol=1e-2, rtol=1e-2)
+    assert norm(y).dtype == torch.bfloat16
+
+
+def test_compiled_finetune_trains_like_eager_and_renders_uncompiled(tmp_path):
+    """torch.compile stops at the sparse attention (a graph break, model/dit.py) and is undone
+    after training, so the same model renders without recompiling."""
+    rng = np.random.default_rng(2)
+    crops = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    speech = rng.standard_normal((30, 160)).astype(np.float32)
+    losses = {}
+    for compiled in (False, True):
+        model = new_model(X_CONFIG.replace(refiner_channels=0), seed=0)
+        model.set_attention_backend("dense")
+        record = []
+        finetune_personality(model, crops, speech, tmp_path / f"c{compiled}.safetensors", steps=2, lora_rank=0, batch_size=2, target_frames=4,
+                             reference_frames=8, log_every=1, compile=compiled, progress=lambda s, n, loss, record=record: record.append(loss))
+        losses[compiled] = record
+        assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.dit.blocks)
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
+
+
+def test_personalize_command_and_train_video_run_the_train_avatar_path(tmp_path, monkeypatch):
+    """`personalize --video` and `train --config personality --video` both learn from a video
+    file through training.personality.personalize_video and write a loadable personality model."""
+    from conftest import CentreFaceDetector
+
+    from sparse_avatar.cli import main
+    from sparse_avatar.media import SPEECH_SAMPLE_RATE, face_track, write_video
+    from sparse_avatar.model import load_checkpoint
+
+    monkeypatch.setattr(face_track, "HaarFaceDetector", CentreFaceDetector)  # synthetic frames have no real face
+    rng = np.random.default_rng(0)
+    frames = np.repeat(np.repeat(rng.integers(0, 255, (30, 16, 16, 3), dtype=np.uint8), 4, axis=1), 4, axis=2)
+    t = np.arange(int(30 / 25 * SPEECH_SAMPLE_RATE)) / SPEECH_SAMPLE_RATE
+    write_video(tmp_path / "me.mp4", frames, 25.0, audio=(0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32))
+    common = ["--video", str(tmp_path / "me.mp4"), "--minutes", "0", "--steps", "2", "--device", "cpu"]
+    assert main(["personalize", *common, "--config", "tiny", "--out", str(tmp_path / "me.safetensors")]) == 0
+    assert main(["train", "--config", "personality", "--model-config", "tiny", "--out", str(tmp_path / "run"), *common]) == 0
+    for path in (tmp_path / "me.safetensors", tmp_path / "run" / "model.safetensors"):
+        model = load_checkpoint(path)
+        assert model.config.name == "tiny" and model.training_stage == "personality"

@@ -1,5 +1,6 @@
-"""Training-area CLI commands: ``world`` (write an Avatar World dataset) and ``eval`` (score a
-model on a held-out Avatar World suite). Each command is a small ``add_*`` function plus a
+"""Training-area CLI commands: ``world`` (write an Avatar World dataset), ``eval`` (score a
+model on a held-out Avatar World suite), ``preprocess``, ``train`` and ``personalize`` (learn one
+person from a video of them, as Train Avatar does). Each command is a small ``add_*`` function plus a
 handler, so adding one means adding a pair and a line in ``register``."""
 from __future__ import annotations
 
@@ -95,8 +96,63 @@ def add_train_command(subparsers) -> None:
     parser.set_defaults(handler=_train)
 
 
+def _personalize(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+    import threading
+
+    import torch
+
+    from ..model.checkpoint import load_checkpoint, new_model
+    from .personality import personalize_video
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = load_checkpoint(args.init, device=device) if args.init else new_model(args.config, seed=args.seed, device=device)
+    model.float()
+    stop = threading.Event()  # Ctrl-C: stop after the current step and still write what was trained
+
+    def interrupted(*_):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print("\nstopping after this step (Ctrl-C again to abort without writing) ...", file=sys.stderr, flush=True)
+        stop.set()
+
+    def progress(step: int, total: int, loss) -> None:
+        shown = f" loss {loss:.4f}" if loss is not None else ""
+        print(f"\rstep {step}/{total}{shown}   ", end="", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        path = personalize_video(model, args.video, args.out, minutes=args.minutes, steps=args.steps, lr=args.lr, lora_rank=args.lora_rank,
+                                 seed=args.seed, max_frames=args.max_frames, progress=progress, should_cancel=stop.is_set)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"\nwrote {path}" + (" (stopped early)" if stop.is_set() else ""))
+    return 0
+
+
+def add_personalize_command(subparsers) -> None:
+    parser = subparsers.add_parser("personalize", help="learn one person from a video of them talking (what Train Avatar runs)",
+                                   description="Track and crop the face, take the clip's own speech, and train the model on them "
+                                               "for a time budget; writes a full model (or a LoRA with --lora-rank > 0 on a trained "
+                                               "--init). Ctrl-C stops after the current step and still writes the result.")
+    parser.add_argument("--video", required=True, help="video of the person talking, with its sound (15 s or more is best)")
+    parser.add_argument("--out", required=True, help="output .safetensors")
+    parser.add_argument("--init", help="start from this checkpoint (default: an untrained --config model)")
+    parser.add_argument("--config", default="small", help="model size when there is no --init (default small, 128²)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training time (default 10; 0 = only --steps)")
+    parser.add_argument("--steps", type=int, default=100_000, help="the most optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3: full training)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="0: train every weight (needed from an untrained base); >0: a LoRA")
+    parser.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of the video")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    parser.set_defaults(handler=_personalize)
+
+
 def register(subparsers) -> None:
     add_world_command(subparsers)
     add_eval_command(subparsers)
     add_preprocess_command(subparsers)
     add_train_command(subparsers)
+    add_personalize_command(subparsers)

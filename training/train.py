@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder (checkpoints, train_log.jsonl, final model)")
     parser.add_argument("--data", help="shard folder from `preprocess`, or 'synthetic' for built-in procedural clips (smoke runs; the default of tiny-smoke)")
     parser.add_argument("--pairs", help="dpo: preference pairs JSONL")
+    parser.add_argument("--video", help="personality: learn from this video of the person (with its sound) instead of --data shards; "
+                                        "the same call as `python -m sparse_avatar personalize` and the Train Avatar node (one GPU)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="personality --video: training time (default 10; 0 = only --steps)")
     parser.add_argument("--init", help="starting checkpoint (.safetensors); required from the personality stage on")
     parser.add_argument("--model-config", help="model size (tiny/small/base/xl); default: the stage's")
     parser.add_argument("--steps", type=int, help="total optimizer steps (sets the LR schedule length)")
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> dict:
         gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, tensorboard=args.tensorboard,
     )
     stage = with_window_caps(stage, target=args.target_frames, reference=args.reference_frames)
+    if getattr(args, "video", None):
+        return _personalize_from_video(args, stage)
     if stage.needs_init and not args.init:
         raise UserFacingError(f"the {stage.stage} stage starts from a trained model: pass --init CHECKPOINT.safetensors (the previous stage's RUN/model.safetensors).")
     context = init_distributed(args.device)
@@ -109,6 +114,31 @@ def run(args: argparse.Namespace) -> dict:
         return summary
     finally:
         shutdown_distributed(context)
+
+
+def _personalize_from_video(args: argparse.Namespace, stage) -> dict:
+    """--config personality --video: ``training.personality.personalize_video`` (Train Avatar's
+    path: the whole clip on one device, one shared reference per step, dub samples, a time
+    budget), writing RUN/model.safetensors (or RUN/lora.safetensors with --lora-rank > 0)."""
+    import os
+
+    from ..model.checkpoint import load_checkpoint, new_model
+    from .personality import personalize_video
+
+    if stage.stage != "personality":
+        raise UserFacingError(f"--video is for --config personality (learning one person); the {stage.stage} stage trains on --data shards.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserFacingError("personality training from a --video runs on one GPU; start it with python -m sparse_avatar.train, not torchrun.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    avatar = load_checkpoint(args.init, device=device) if args.init else new_model(args.model_config or stage.model_config, seed=args.seed or 0, device=device)
+    lora_rank = 0 if args.lora_rank is None else args.lora_rank
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = personalize_video(avatar.float(), args.video, out / ("lora.safetensors" if lora_rank > 0 else "model.safetensors"), minutes=args.minutes,
+                             steps=args.steps or 100_000, lr=args.lr or 1e-3, lora_rank=lora_rank, seed=args.seed or 0)
+    summary = {"written": str(path)}
+    print(json.dumps({"done": summary}), flush=True)
+    return summary
 
 
 def make_batch_source(stage, avatar, args, global_batch: int):
