@@ -276,3 +276,35 @@ def test_personalize_command_and_train_video_run_the_train_avatar_path(tmp_path,
     for path in (tmp_path / "me.safetensors", tmp_path / "run" / "model.safetensors"):
         model = load_checkpoint(path)
         assert model.config.name == "tiny" and model.training_stage == "personality"
+
+
+def test_a_failing_compile_falls_back_to_eager_training(tmp_path, monkeypatch, caplog):
+    from sparse_avatar.training import personality
+
+    class FakeCompileError(RuntimeError):
+        pass
+
+    FakeCompileError.__module__ = "torch._dynamo.exc"  # what torch.compile's failures look like
+    real_objective = personality.personality_objective
+    calls = []
+
+    def objective(**kwargs):
+        loss_fn = real_objective(**kwargs)
+
+        def failing_first(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise FakeCompileError("no C compiler")
+            return loss_fn(*args)
+
+        return failing_first
+
+    monkeypatch.setattr(personality, "personality_objective", objective)
+    rng = np.random.default_rng(3)
+    crops = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    speech = rng.standard_normal((30, 160)).astype(np.float32)
+    model = new_model(X_CONFIG.replace(refiner_channels=0), seed=0)
+    with caplog.at_level("WARNING"):
+        path = finetune_personality(model, crops, speech, tmp_path / "f.safetensors", steps=2, lora_rank=0, batch_size=2, target_frames=4,
+                                    reference_frames=8, compile=True)
+    assert path.is_file() and "training without it" in caplog.text and len(calls) == 3

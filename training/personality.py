@@ -24,6 +24,7 @@ interrupt flag); on cancel what was trained so far is still written.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import tempfile
 import time
@@ -40,6 +41,8 @@ from .distributed import DistributedContext
 from .lora import apply_lora, lora_layers, save_lora
 from .objectives import StepModule
 from .trainer import Trainer, TrainerConfig, uncompile_blocks
+
+logger = logging.getLogger(__name__)
 
 # A time-budgeted run fits its step count to the budget from the step rate measured after the
 # first BUDGET_WARMUP_STEPS (kernel compilation, allocator warm-up), and fits it again every
@@ -100,6 +103,12 @@ def personality_objective(*, dub_context_prob: float):
         return loss, metrics
 
     return loss_fn
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    """An exception raised by torch.compile's machinery (Dynamo, Inductor, their backends)."""
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor")) or type(error).__name__ in ("BackendCompilerFailed", "InductorError")
 
 
 def compiles_by_default(device) -> bool:
@@ -199,13 +208,27 @@ def finetune_personality(
         return bool(should_cancel and should_cancel())
 
     with tempfile.TemporaryDirectory(prefix="sparse-avatar-personality-") as workdir:
-        trainer = Trainer(
-            StepModule(model, personality_objective(dub_context_prob=dub_context_prob)), lambda m, b, g: m.objective(m, b, g), source, config,
-            Path(workdir) / "run", context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
-            on_step=on_step, should_stop=stop,
-        )
+        def new_trainer() -> Trainer:
+            return Trainer(
+                StepModule(model, personality_objective(dub_context_prob=dub_context_prob)), lambda m, b, g: m.objective(m, b, g), source, config,
+                Path(workdir) / "run", context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
+                on_step=on_step, should_stop=stop,
+            )
+
+        trainer = new_trainer()
         started = time.perf_counter()  # the budget is training time, from the first step
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as error:
+            # A machine whose compiler toolchain cannot build the compiled step (no C compiler, an
+            # old Triton) fails in the first step: train without compiling instead of failing.
+            if not compile or trainer.step > 0 or not _is_compile_error(error):
+                raise
+            logger.warning("torch.compile could not build the training step (%s: %s); training without it.", type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+            uncompile_blocks(trainer.model)
+            config.compile = compile = False
+            trainer = new_trainer()
+            result = trainer.fit()
     if compile:
         uncompile_blocks(trainer.model)  # the StepModule: its .blocks are the ones compiled
     model.forget_fingerprint()
