@@ -5,8 +5,12 @@ Three phases, because the GPU box has no PyAV/librosa/mediapipe/dlib and this CP
 
     python bench/person.py prepare --out .bench_data/person          # CPU: crops + speech features
     python bench/person.py run --data .bench_data/person --out OUT \\
-        --variant xpred --budget 420                                # GPU: Train Avatar + render
-    python bench/person.py score --runs OUT --data .bench_data/person --out bench/results   # CPU
+        --variant x128 --budget 470 --dub-steps 1                  # GPU: Train Avatar + render
+    python bench/person.py score --runs OUT --data .bench_data/person --out SCORED   # CPU
+    python bench/person.py report SCORED/person.json ... --out bench/results   # merge scored runs
+
+and ``profile`` (GPU): the personality step's s/step per variant, eager or compiled, with a
+torch.profiler table.
 
 prepare: every clip of ../shared/media at least --min-seconds long (v03, v07) through the pack's
   own reference path (``media.load_reference_video`` -> ``model.pipeline.reference_face_crops``
@@ -41,12 +45,35 @@ LONG_AUDIO = "a09_musetalk_eng_60s.wav"
 TRAIN_FRACTION = 10 / 11  # the ER-NeRF split
 
 # Generator variants compared on the benchmark (model config changes over `small`).
+_AT_256 = dict(frame_size=256, latent_codec="pixel-f8", latent_channels=192)  # 16x16 tokens of 768 values
 VARIANTS = {
-    "vpred": dict(prediction="v", loss_space="v"),  # as shipped: velocity prediction
-    "xpred": dict(prediction="x", loss_space="v"),  # JiT: clean-frame prediction, velocity loss
-    "xpred-refine": dict(prediction="x", loss_space="v", refiner_channels=32),
-    "xpred-xloss-refine": dict(prediction="x", loss_space="x", refiner_channels=32),
+    "vpred": dict(prediction="v", loss_space="v", absolute_positions=False, **_AT_256),  # as first shipped: velocity prediction
+    "xpred": dict(prediction="x", loss_space="v", absolute_positions=False, **_AT_256),  # JiT: clean-frame prediction, velocity loss
+    "xpred-refine": dict(prediction="x", loss_space="v", absolute_positions=False, refiner_channels=32, **_AT_256),
+    "xpred-xloss-refine": dict(prediction="x", loss_space="x", absolute_positions=False, refiner_channels=32, **_AT_256),
+    # `small` before the person benchmark moved it to 128²: x-prediction, clean-frame loss,
+    # absolute positions, at 256².
+    "x256": dict(_AT_256),
+    # `small` as it ships: the same at 128², 16x16 tokens of 192 values (pixel-f4, patch 2);
+    # renders are upsampled to the 256² crops for scoring (the 128² round trip alone keeps the
+    # dub region at 31.9 dB on v03, 34.9 dB on v07: above the 30 dB target).
+    "x128": {},
+    "x128-refine": dict(refiner_channels=32),
 }
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """Crops to the model's working size (area) or renders back to the 256² crops (cubic)."""
+    import cv2
+
+    if frames.shape[1] == size:
+        return frames
+    interpolation = cv2.INTER_AREA if size < frames.shape[1] else cv2.INTER_CUBIC
+    return np.stack([cv2.resize(frame, (size, size), interpolation=interpolation) for frame in frames])
 
 
 # ----------------------------------------------------------------------------------- prepare
@@ -114,19 +141,20 @@ def run(args) -> None:
 
     from sparse_avatar.model import extract_identity, new_model, render
     from sparse_avatar.model.configs import get_config
-    from sparse_avatar.training.personality import finetune_personality
+    from sparse_avatar.training.personality import compiles_by_default, finetune_personality
 
     data_dir, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     config = get_config(args.config).replace(dub_context_prob=0.0, **VARIANTS[args.variant])
+    label = args.name or args.variant  # the row's name (e.g. a variant at another learning rate)
     if args.smoke:  # the code path on CPU in seconds: a one-block model, a few frames
         config = config.replace(name="smoke", hidden=64, depth=1, heads=2, kv_heads=1, static_tokens=4, top_k=2)
     for path in sorted(data_dir.glob("v*.npz")):
         if args.clips and path.stem.split("_")[0] not in args.clips.split(","):
             continue
         arrays = np.load(path)
-        crops = _decode_jpegs(arrays["jpeg"], arrays["offsets"])
+        crops = _resize_frames(_decode_jpegs(arrays["jpeg"], arrays["offsets"]), config.frame_size)
         speech, fps = arrays["speech"], float(arrays["fps"])
         if args.smoke:
             crops, speech = crops[:44], speech[:44]
@@ -142,10 +170,10 @@ def run(args) -> None:
                 losses.append((step, loss))
 
         weights = finetune_personality(
-            model, crops[:split], speech[:split], out / f"{args.variant}_{path.stem}.safetensors", steps=100_000,
+            model, crops[:split], speech[:split], out / f"{label}_{path.stem}.safetensors", steps=100_000,
             time_budget_s=args.budget, lora_rank=0, lr=args.lr, batch_size=args.batch, target_frames=args.target_frames,
             reference_frames=args.reference_frames, dub_context_prob=args.dub_prob, fps=fps, seed=args.seed,
-            progress=progress,
+            progress=progress, compile=args.compile,
         )
         train_s = time.perf_counter() - started
         weights.unlink()  # 150 MB: not brought back
@@ -153,10 +181,12 @@ def run(args) -> None:
         with torch.no_grad():
             started = time.perf_counter()
             identity = extract_identity(model, crops[:split], speech[:split], fps=fps)
-            # Warm-up (kernel compilation for the render shapes) outside the timed renders.
-            render(model, identity, speech[split:split + 8], mode="dub", steps=1, fps=fps, dub_frames=crops[split:split + 8])
             identity_s = time.perf_counter() - started
             test_speech = speech[split:]
+            # Warm-up outside the timed renders: kernel compilation and autotuning for exactly the
+            # shapes timed below, in both modes (dub's forced reference blocks differ from generate).
+            for mode in ("dub", "generate"):
+                render(model, identity, test_speech, mode=mode, steps=1, fps=fps, dub_frames=crops[split:] if mode == "dub" else None)
             timings = {}
             results = {}
             for mode in ("dub", "generate"):
@@ -165,29 +195,112 @@ def run(args) -> None:
                 results[mode] = render(model, identity, test_speech, mode=mode, steps=args.steps, fps=fps, seed=args.seed,
                                        dub_frames=crops[split:] if mode == "dub" else None)
                 timings[mode] = time.perf_counter() - started
+            # The same dub render with other sampler step counts (scored as extra rows).
+            other_dubs = {steps: render(model, identity, test_speech, mode="dub", steps=steps, fps=fps, seed=args.seed, dub_frames=crops[split:])
+                          for steps in _int_list(args.dub_steps) if steps != args.steps}
             long_features = np.load(data_dir / f"long_speech_{int(fps)}fps.npy")[: 30 if args.smoke else None]
             started = time.perf_counter()
             long_frames = render(model, identity, long_features, mode="generate", steps=args.steps, fps=fps, seed=args.seed)
             timings["long_generate"] = time.perf_counter() - started
+        results = {mode: _resize_frames(frames, FRAME_SIZE) for mode, frames in results.items()}
+        other_dubs = {steps: _resize_frames(frames, FRAME_SIZE) for steps, frames in other_dubs.items()}
         # At most 16 MiB a file comes back: held-out renders as JPEG q95 (~45 dB, far above what is
         # measured), the 60 s render every 2nd frame at 128² q85 (identity, blinks, motion only).
         small_long = np.stack([cv2.resize(frame, (128, 128), interpolation=cv2.INTER_AREA) for frame in long_frames[::2]])
         encoded = {}
         for name, frames, options in (("dub", results["dub"], {}), ("generate", results["generate"], {}), ("long", small_long, {"quality": 85})):
             encoded[f"{name}_bytes"], encoded[f"{name}_offsets"] = _encode_jpegs(frames, **options)
-        np.savez(out / f"{args.variant}_{path.stem}.npz", split=np.int64(split), **encoded)
+        np.savez(out / f"{label}_{path.stem}.npz", split=np.int64(split), **encoded)
+        for steps, frames in other_dubs.items():
+            dub_bytes, dub_offsets = _encode_jpegs(frames)
+            np.savez(out / f"{label}@{steps}steps_{path.stem}.npz", split=np.int64(split), **(encoded | {"dub_bytes": dub_bytes, "dub_offsets": dub_offsets}))
         record = {
-            "variant": args.variant, "clip": path.stem, "config": json.loads(config.to_json()), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "variant": label, "clip": path.stem, "config": json.loads(config.to_json()), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "budget_s": args.budget, "train_s": train_s, "steps": last_step[0],
             "s_per_step": train_s / max(1, last_step[0]), "loss_curve": losses, "identity_s": identity_s,
             "render_s": timings, "render_fps": {mode: len(results[mode]) / timings[mode] for mode in results} | {"long_generate": len(long_frames) / timings["long_generate"]},
             "sampler_steps": args.steps, "batch": args.batch, "target_frames": args.target_frames, "reference_frames": args.reference_frames,
             "lr": args.lr, "dub_context_prob": args.dub_prob, "train_frames": split, "test_frames": len(crops) - split, "total_frames": len(crops), "fps": fps,
-            "concurrent_runs": args.concurrent,
+            "concurrent_runs": args.concurrent, "compile": compiles_by_default(device) if args.compile is None else args.compile,
         }
-        (out / f"{args.variant}_{path.stem}.json").write_text(json.dumps(record, indent=1))
-        print(f"{args.variant} {path.stem}: {record['steps']} steps in {train_s:.0f} s, loss {losses[-1][1] if losses else 'n/a'}, "
+        (out / f"{label}_{path.stem}.json").write_text(json.dumps(record, indent=1))
+        for steps in other_dubs:  # same training and generate renders; only the dub sampler differs
+            (out / f"{label}@{steps}steps_{path.stem}.json").write_text(json.dumps(record | {"variant": f"{label}@{steps}steps", "dub_sampler_steps": steps}, indent=1))
+        print(f"{label} {path.stem}: {record['steps']} steps in {train_s:.0f} s, loss {losses[-1][1] if losses else 'n/a'}, "
               f"render fps {record['render_fps']}", flush=True)
+
+
+def profile(args) -> None:
+    """GPU: the personality step as the node runs it (batch, windows, dub share, bf16): s/step
+    per variant (NAME or NAME:compile), peak memory, and a torch.profiler table of a few steps."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from sparse_avatar.model import new_model
+    from sparse_avatar.model.configs import get_config
+    from sparse_avatar.training.personality import finetune_personality
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = sorted(Path(args.data).glob(f"{args.clip}*.npz"))[0]
+    arrays = np.load(path)
+    decoded = _decode_jpegs(arrays["jpeg"], arrays["offsets"])
+    split = int(len(decoded) * TRAIN_FRACTION)
+    speech = arrays["speech"][:split]
+    rows = []
+    for entry in args.variants.split(","):
+        name, _, flag = entry.partition(":")
+        config = get_config(args.config).replace(dub_context_prob=0.0, **VARIANTS[name])
+        crops = _resize_frames(decoded[:split], config.frame_size)
+        cuda = args.device == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if args.smoke:
+            config = config.replace(name="smoke", hidden=64, depth=1, heads=2, kv_heads=1, static_tokens=4, top_k=2)
+        model = new_model(config, seed=0, device=args.device)
+        marks, state = {}, {}
+        profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        total = args.steps + args.profile_steps
+
+        def progress(step, _total, loss, marks=marks, state=state, profiler=profiler, total=total):
+            if loss is not None:  # synced steps: the GPU has caught up
+                marks[step] = time.perf_counter()
+            if step == args.steps and args.profile_steps:
+                profiler.start()
+                state["profiling"] = True
+            if step == total and state.get("profiling"):
+                if cuda:
+                    torch.cuda.synchronize()
+                profiler.stop()
+
+        try:
+            finetune_personality(model, crops, speech, out / "profile.safetensors", steps=total, lora_rank=0, lr=args.lr, batch_size=args.batch,
+                                 target_frames=args.target_frames, reference_frames=args.reference_frames, dub_context_prob=args.dub_prob,
+                                 log_every=10, progress=progress, compile={"compile": True, "eager": False}.get(flag))
+        except Exception as error:  # one failing variant (e.g. compile) must not lose the others' rows
+            rows.append({"variant": entry, "error": f"{type(error).__name__}: {error}"[:2000]})
+            print(rows[-1], flush=True)
+            continue
+        (out / "profile.safetensors").unlink()
+        first = min(step for step in marks if step >= 10)
+        seconds_per_step = (marks[args.steps] - marks[first]) / (args.steps - first)
+        row = {"variant": entry, "s_per_step": seconds_per_step, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+               "batch": args.batch, "target_frames": args.target_frames, "reference_frames": args.reference_frames,
+               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+        if state.get("profiling"):
+            events = profiler.key_averages()
+            row["operator_calls_per_step"] = sum(event.count for event in events if not event.key.startswith("ProfilerStep")) / args.profile_steps
+            table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+            cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+            (out / f"profile_{entry.replace(':', '-')}.txt").write_text(f"{row}\n\n{table}\n\nby host time:\n{cpu_table}\n")
+        rows.append(row)
+        print(row, flush=True)
+        (out / "profile.json").write_text(json.dumps(rows, indent=1))
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    (out / "profile.json").write_text(json.dumps(rows, indent=1))
 
 
 # ----------------------------------------------------------------------------------- score (CPU)
@@ -326,13 +439,21 @@ def write_report(rows, strips, out: Path) -> None:
              "to the real training frames' mean embedding (same-person cut-off 0.6), mouth-aperture correlation; 60 s render: "
              "identity first vs last 10 s, blinks and head sway vs the whole real clip. SyncNet, LPIPS and FID need models that "
              "cannot be had offline here: not reported.", "",
-             "| clip | method | dub PSNR dB | dub SSIM | LMD px | dub mouth r | gen identity | gen mouth r | gen PSNR dB | steps (s/step) | render fps dub/gen |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Training column: wall-time budget, learning rate, torch.compile or eager, how many runs shared the GPU "
+             "(the s/step of a shared run is slower than alone). `@1steps`: the same trained model, dub rendered with 1 "
+             "sampler step instead of the run's default (generate and 60 s columns repeat the run's).", "",
+             "| clip | method | training | dub PSNR dB | dub SSIM | LMD px | dub mouth r | gen identity | gen mouth r | gen PSNR dB | steps (s/step) | render fps dub/gen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted(rows, key=lambda row: (row["clip"], 0 if not row.get("run") else 1))
     for row in rows:
         d, g, run = row["dub"], row["generate"], row.get("run")
         steps = f"{run['steps']} ({_fmt(run['s_per_step'], 3)})" if run else ""
         fps = f"{_fmt(run['render_fps']['dub'], 1)} / {_fmt(run['render_fps']['generate'], 1)}" if run else ""
-        lines.append(f"| {row['clip']} | {row['method']} | {_fmt(d['psnr_region_db'])} | {_fmt(d['ssim_region'], 3)} | {_fmt(d['lmd_px'])} | "
+        training = ""
+        if run:
+            compiled = {True: "compile", False: "eager"}.get(run.get("compile"), "eager")
+            training = f"{run['budget_s']:.0f} s, lr {run['lr']:g}, {compiled}, {run['concurrent_runs']} sharing"
+        lines.append(f"| {row['clip']} | {row['method']} | {training} | {_fmt(d['psnr_region_db'])} | {_fmt(d['ssim_region'], 3)} | {_fmt(d['lmd_px'])} | "
                      f"{_fmt(d['mouth_corr'])} | {_fmt(g['identity_distance'], 3)} | {_fmt(g['mouth_corr'])} | {_fmt(g['psnr_db'])} | {steps} | {fps} |")
     long_rows = [row for row in rows if "long" in row]
     if long_rows:
@@ -346,15 +467,35 @@ def write_report(rows, strips, out: Path) -> None:
     runs = [row["run"] for row in rows if row.get("run")]
     if runs:
         run = runs[0]
-        lines += ["", f"Device: {run['device']}, torch {run['torch']}; training budget {run['budget_s']} s wall per clip "
-                  f"({run['concurrent_runs']} runs shared the GPU at once); batch {run['batch']} × {run['target_frames']} frames, "
-                  f"reference {run['reference_frames']} frames, lr {run['lr']}, dub samples {run['dub_context_prob']:.0%}; "
-                  f"{run['sampler_steps']} euler steps per render."]
+        lines += ["", f"Device: {', '.join(sorted({r['device'] for r in runs}))}, torch {', '.join(sorted({r['torch'] for r in runs}))}; "
+                  f"batch {run['batch']} × {run['target_frames']} frames, reference {run['reference_frames']} frames, "
+                  f"dub samples {run['dub_context_prob']:.0%}; {run['sampler_steps']} euler steps per render unless the method says otherwise."]
     write_text(out / "person.md", "\n".join(lines) + "\n")
     # Pictures hold frames of the licensed clips (evaluation only, never in the repository):
     # written beside the tables into person_media/, which git ignores.
     (out / "person_media").mkdir(parents=True, exist_ok=True)
     _write_strip(strips, out / "person_media" / "person_strip.png")
+
+
+def report(args) -> None:
+    """Merge the scored rows of several GPU runs (person.json files written by `score`) into one
+    table; baselines and ceilings are kept once per clip. Row names can be changed with
+    --rename OLD=NEW (runs of the same variant with other settings)."""
+    renames = dict(item.split("=", 1) for item in args.rename)
+    rows, seen = [], set()
+    for path in args.scored:
+        for row in json.loads(Path(path).read_text()):
+            if not row.get("run"):
+                key = (row["clip"], row["method"])
+                if key in seen:
+                    continue
+                seen.add(key)
+            else:
+                row["method"] = renames.get(f"{Path(path).parent.name}:{row['method']}", row["method"])
+            rows.append(row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(rows, [], out)
 
 
 def _write_strip(strips, path: Path) -> None:
@@ -433,22 +574,44 @@ def main(argv=None) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--variant", choices=sorted(VARIANTS), default="xpred-refine")
     r.add_argument("--config", default="small")
+    r.add_argument("--name", default="", help="row name (default: the variant's)")
     r.add_argument("--clips", default="", help="comma-separated clip ids (v03,v07); default all prepared")
     r.add_argument("--budget", type=float, default=600.0, help="training wall seconds per clip")
-    r.add_argument("--lr", type=float, default=3e-4)
+    r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--target-frames", type=int, default=16)
     r.add_argument("--reference-frames", type=int, default=48)
     r.add_argument("--dub-prob", type=float, default=0.5)
     r.add_argument("--steps", type=int, default=10, help="sampler steps per render")
+    r.add_argument("--dub-steps", default="", help="comma-separated extra sampler step counts for the dub render (extra rows)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the blocks for training (default: as Train Avatar, on CUDA with Triton)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cuda")
     r.add_argument("--smoke", action="store_true", help="a one-block model on 44 frames: checks the code path, numbers mean nothing")
     r.add_argument("--concurrent", type=int, default=1, help="how many runs share the GPU (recorded, not enforced)")
+    f = commands.add_parser("profile")
+    f.add_argument("--data", default=".bench_data/person")
+    f.add_argument("--out", required=True)
+    f.add_argument("--clip", default="v07")
+    f.add_argument("--config", default="small")
+    f.add_argument("--variants", default="x128:eager,x128:compile", help="NAME[:compile|:eager] (bare NAME: as Train Avatar decides)")
+    f.add_argument("--steps", type=int, default=40, help="timed steps (s/step from step 10 to this)")
+    f.add_argument("--profile-steps", type=int, default=3)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--target-frames", type=int, default=16)
+    f.add_argument("--reference-frames", type=int, default=48)
+    f.add_argument("--dub-prob", type=float, default=0.5)
+    f.add_argument("--device", default="cuda")
+    f.add_argument("--smoke", action="store_true", help="a one-block model on CPU: checks the code path")
     s = commands.add_parser("score")
     s.add_argument("--runs", required=True)
     s.add_argument("--data", default=".bench_data/person")
     s.add_argument("--out", default="bench/results")
+    m = commands.add_parser("report")
+    m.add_argument("scored", nargs="+", help="person.json files written by score")
+    m.add_argument("--rename", action="append", default=[], help="FOLDER:OLD=NEW (FOLDER: the person.json's folder name)")
+    m.add_argument("--out", default="bench/results")
     a = commands.add_parser("ablate-cpu")
     a.add_argument("--data", default=".bench_data/person")
     a.add_argument("--clip", default="v07_infinitetalk_ref_man_15s")
@@ -456,7 +619,7 @@ def main(argv=None) -> None:
     a.add_argument("--steps", type=int, default=300)
     a.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
-    {"prepare": prepare, "run": run, "score": score, "ablate-cpu": ablate_cpu}[args.command](args)
+    {"prepare": prepare, "run": run, "profile": profile, "score": score, "report": report, "ablate-cpu": ablate_cpu}[args.command](args)
 
 
 if __name__ == "__main__":

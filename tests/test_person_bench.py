@@ -26,18 +26,24 @@ def test_person_benchmark_prepares_runs_and_scores(shared_media_dir, tmp_path):
 
     bench("prepare", "--out", str(data), "--min-seconds", "15")
     assert sorted(p.name for p in data.glob("v*.npz")) == ["v03_mimictalk_german_anchor_20s.npz", "v07_infinitetalk_ref_man_15s.npz"]
-    bench("run", "--smoke", "--variant", "xpred", "--device", "cpu", "--clips", "v07", "--data", str(data), "--out", str(runs), "--budget", "1",
-          "--batch", "2", "--target-frames", "4", "--reference-frames", "8", "--steps", "1")
-    record = json.loads((runs / "xpred_v07_infinitetalk_ref_man_15s.json").read_text())
-    assert record["steps"] >= 1 and record["train_frames"] == 40 and record["test_frames"] == 4
+    bench("run", "--smoke", "--variant", "x128", "--device", "cpu", "--clips", "v07", "--data", str(data), "--out", str(runs), "--budget", "1",
+          "--batch", "2", "--target-frames", "4", "--reference-frames", "8", "--steps", "2", "--dub-steps", "1")
+    record = json.loads((runs / "x128_v07_infinitetalk_ref_man_15s.json").read_text())
+    assert record["steps"] >= 1 and record["train_frames"] == 40 and record["test_frames"] == 4 and record["compile"] is False
+    assert json.loads((runs / "x128@1steps_v07_infinitetalk_ref_man_15s.json").read_text())["dub_sampler_steps"] == 1
     bench("score", "--runs", str(runs), "--data", str(data), "--out", str(results))
     rows = json.loads((results / "person.json").read_text())
     methods = {row["method"] for row in rows}
-    assert methods == {"baseline: mean training frame", "baseline: speech-nearest training frame", "ceiling: the real clip", "xpred"}
-    model_row = next(row for row in rows if row["method"] == "xpred")
+    assert methods == {"baseline: mean training frame", "baseline: speech-nearest training frame", "ceiling: the real clip", "x128", "x128@1steps"}
+    model_row = next(row for row in rows if row["method"] == "x128")
     assert set(model_row["dub"]) >= {"psnr_region_db", "ssim_region", "lmd_px", "mouth_corr"}
     assert set(model_row["generate"]) >= {"identity_distance", "mouth_corr", "psnr_db"}
     assert set(model_row["long"]) >= {"identity_first_10s", "identity_last_10s", "drift_ratio", "blink_rate_per_min", "head_sway_px"}
-    assert (results / "person.md").read_text().count("| v07_infinitetalk_ref_man_15s |") == 5  # 4 rows in the main table, 1 in the 60 s one
+    assert (results / "person.md").read_text().count("| v07_infinitetalk_ref_man_15s |") == 7  # 5 rows in the main table, 2 in the 60 s one
     assert (results / "person_media" / "person_strip.png").stat().st_size > 0
-    assert (results / "person_media" / "v07_infinitetalk_ref_man_15s_xpred.mp4").stat().st_size > 0
+    assert (results / "person_media" / "v07_infinitetalk_ref_man_15s_x128.mp4").stat().st_size > 0
+    # report: two scored runs merged, baselines once, rows renamed per run folder
+    merged = tmp_path / "merged"
+    bench("report", str(results / "person.json"), str(results / "person.json"), "--rename", "results:x128=shipped", "--out", str(merged))
+    table = (merged / "person.md").read_text()
+    assert table.count("baseline: mean training frame |") == 1 and table.count("| shipped |") == 2 and "eager, 1 sharing" in table

@@ -73,7 +73,7 @@ def add_preprocess_command(subparsers) -> None:
                                                "shard per video; parallel and resumable. See training/preprocess.py.")
     parser.add_argument("--in", dest="input", required=True, help="folder of videos (Avatar World output or your own; one sub-folder per person)")
     parser.add_argument("--out", required=True, help="shard folder to write (index.json + clips/)")
-    parser.add_argument("--size", type=int, default=256, help="crop side in pixels = the model's frame size (default 256)")
+    parser.add_argument("--size", type=int, default=128, help="crop side in pixels = the model's frame size (default 128: small's; base and xl: 256)")
     parser.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: each video's own)")
     parser.add_argument("--crop", choices=("auto", "face", "full"), default="auto", help="face: track and crop the face; full: resize whole frames; auto: full for Avatar World clips, else face")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
