@@ -91,10 +91,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """``TrainerConfig.compile``: ``nn.Module.compile`` on each block (the whole model if it has
+    none), in place, so parameter names do not change."""
+    for block in shardable_blocks(model) or [model]:
+        block.compile()
+
+
 def uncompile_blocks(model: nn.Module) -> None:
-    """Undo ``TrainerConfig.compile`` (``nn.Module.compile`` on each block) once training is done:
-    a caller that renders with the trained model in the same process would otherwise recompile
-    the blocks for every new inference shape."""
+    """Undo ``compile_blocks`` once training is done: a caller that renders with the trained model
+    in the same process would otherwise recompile the blocks for every new inference shape."""
     for block in shardable_blocks(model) or [model]:
         if getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
@@ -223,9 +229,7 @@ class Trainer:
         self.parallel_mode = resolve_parallel_mode(config.parallel, self.context)
         self.train_module = wrap_model(model, self.parallel_mode, self.context)
         if config.compile:
-            blocks = shardable_blocks(model)
-            for block in blocks or [model]:
-                block.compile()
+            compile_blocks(model)
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise UserFacingError("nothing to train: every parameter of the model is frozen.")
