@@ -24,7 +24,7 @@ from ..media.comfy_types import comfy_audio_to_wave
 from ..media.video_io import ReferenceVideo
 from ..model.personal import check_own_audio, check_preference_pair, personality_data, reference_crops_video
 from ..training.lora import load_lora
-from ..training.personality import finetune_personality
+from ..training.personality import finetune_personality, minutes_budget
 from ..training.preferences import append_pair
 from . import _comfy, _models
 from .reference_video import prepared_reference
@@ -106,7 +106,7 @@ class TrainAvatar:
         full = int(lora_rank) == 0
         out_path = _comfy.numbered_path(_models.folder(_models.AVATAR_FOLDER if full else _models.LORA_FOLDER), filename_prefix, ".safetensors")
         steps = int(steps)
-        budget = float(minutes) * 60.0 if minutes and float(minutes) > 0 else None
+        budget = minutes_budget(minutes)
 
         progress = _comfy.progress_bar(steps)
         done = 0

@@ -103,12 +103,10 @@ def _personalize(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..model.checkpoint import load_checkpoint, new_model
-    from .personality import personalize_video
+    from .personality import personalize_video, starting_model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_checkpoint(args.init, device=device) if args.init else new_model(args.config, seed=args.seed, device=device)
-    model.float()
+    model = starting_model(args.init, args.config, device=device, seed=args.seed)
     stop = threading.Event()  # Ctrl-C: stop after the current step and still write what was trained
 
     def interrupted(*_):

@@ -111,6 +111,21 @@ def _is_compile_error(error: BaseException) -> bool:
     return module.startswith(("torch._dynamo", "torch._inductor")) or type(error).__name__ in ("BackendCompilerFailed", "InductorError")
 
 
+def minutes_budget(minutes: float | None) -> float | None:
+    """A training time in minutes (Train Avatar, ``personalize --minutes``) -> ``time_budget_s``;
+    0 or None = no time limit (only the step count)."""
+    return float(minutes) * 60.0 if minutes and float(minutes) > 0 else None
+
+
+def starting_model(init: str | None, config_name: str, *, device: str, seed: int = 0):
+    """The model a video personalisation trains, in fp32 on ``device``: the checkpoint ``init``,
+    else an untrained ``config_name`` model (the personalize command and train --video)."""
+    from ..model.checkpoint import load_checkpoint, new_model
+
+    model = load_checkpoint(init, device=device) if init else new_model(config_name, seed=seed, device=device)
+    return model.float()
+
+
 def compiles_by_default(device) -> bool:
     """Whether ``finetune_personality(compile=None)`` compiles: on CUDA with Triton installed."""
     return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -265,7 +280,7 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
     check_own_audio(video, advice="Use the video file with its sound; personality fine-tuning learns from the person's own speech.")
     log(f"{video_path}: {video.n_frames} frames at {video.fps:g} fps; tracking and cropping the face at {model.config.frame_size}px ...")
     crops, speech = personality_data(prepare_reference_video(model, video, max_frames=max_frames))
-    budget = float(minutes) * 60.0 if minutes and float(minutes) > 0 else None
+    budget = minutes_budget(minutes)
     log(f"training on {len(crops)} frames" + (f" for {float(minutes):g} min" if budget else f" for {steps} steps") + " ...")
     return finetune_personality(model, crops, speech, out_path, steps=steps, time_budget_s=budget, lora_rank=lora_rank, lr=lr,
                                 fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel)

@@ -122,19 +122,18 @@ def _personalize_from_video(args: argparse.Namespace, stage) -> dict:
     budget), writing RUN/model.safetensors (or RUN/lora.safetensors with --lora-rank > 0)."""
     import os
 
-    from ..model.checkpoint import load_checkpoint, new_model
-    from .personality import personalize_video
+    from .personality import personalize_video, starting_model
 
     if stage.stage != "personality":
         raise UserFacingError(f"--video is for --config personality (learning one person); the {stage.stage} stage trains on --data shards.")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserFacingError("personality training from a --video runs on one GPU; start it with python -m sparse_avatar.train, not torchrun.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    avatar = load_checkpoint(args.init, device=device) if args.init else new_model(args.model_config or stage.model_config, seed=args.seed or 0, device=device)
+    avatar = starting_model(args.init, args.model_config or stage.model_config, device=device, seed=args.seed or 0)
     lora_rank = 0 if args.lora_rank is None else args.lora_rank
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = personalize_video(avatar.float(), args.video, out / ("lora.safetensors" if lora_rank > 0 else "model.safetensors"), minutes=args.minutes,
+    path = personalize_video(avatar, args.video, out / ("lora.safetensors" if lora_rank > 0 else "model.safetensors"), minutes=args.minutes,
                              steps=args.steps or 100_000, lr=args.lr or 1e-3, lora_rank=lora_rank, seed=args.seed or 0)
     summary = {"written": str(path)}
     print(json.dumps({"done": summary}), flush=True)
