@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserFacingError
-from ..files import save_safetensors
+from ..files import open_safetensors, save_safetensors
 from .avatar_model import AvatarModel
 from .configs import ModelConfig, get_config
 
@@ -54,18 +54,16 @@ def save_checkpoint(model: AvatarModel, path, *, dtype="fp32", training_stage: s
     return save_safetensors(tensors, path, metadata)
 
 
+def _open(path):
+    return open_safetensors(path, what="checkpoint", if_missing="Pass a .safetensors file made by 'init-checkpoint' or training.",
+                            if_damaged="It is damaged, truncated or another format; download or save it again.")
+
+
 def read_checkpoint_metadata(path) -> dict:
     """The metadata of a checkpoint, validated (format, version, architecture); no weights read."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise UserFacingError(f"checkpoint not found: {path}. Pass a .safetensors file made by 'init-checkpoint' or training.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-    except Exception as error:  # safetensors' own error types for damaged/truncated headers
-        raise UserFacingError(f"{path.name} is not a readable .safetensors file ({error}); it is damaged, truncated or another format. Download or save it again.") from None
+    with _open(path) as reader:
+        metadata = dict(reader.metadata)
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise UserFacingError(
             f"{path.name} is not a sparse-avatar model checkpoint (format {metadata.get('format')!r}); "
@@ -82,8 +80,6 @@ def load_checkpoint(path, *, dtype="fp32", device="cpu", vae=None, expected_conf
     """Build the model from the file's config and load its weights (strictly: every key, every
     shape). vae: the user's VAE for checkpoints in a VAE latent space. expected_config: refuse a
     checkpoint whose config differs (name or ModelConfig)."""
-    from safetensors import safe_open
-
     from .codecs import codec_for_config
 
     path = Path(path)
@@ -98,28 +94,24 @@ def load_checkpoint(path, *, dtype="fp32", device="cpu", vae=None, expected_conf
     with torch.device("meta"):
         model = AvatarModel(config, codec, training_stage=metadata.get("training_stage", "unknown"))
     expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.dit.state_dict().items()}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            names = set(handle.keys())
-            missing = sorted(set(expected_shapes) - names)
-            unexpected = sorted(names - set(expected_shapes))
-            if missing or unexpected:
-                details = []
-                if missing:
-                    details.append(f"missing {len(missing)} weights (e.g. {', '.join(missing[:3])})")
-                if unexpected:
-                    details.append(f"{len(unexpected)} unexpected weights (e.g. {', '.join(unexpected[:3])})")
-                raise UserFacingError(f"{path.name} does not match its own config {config.name!r}: " + "; ".join(details) + ". The file is damaged or was edited.")
-            state = {}
-            for name in sorted(names):
-                tensor = handle.get_tensor(name)
-                if tuple(tensor.shape) != expected_shapes[name]:
-                    raise UserFacingError(f"{path.name}: weight {name} has shape {tuple(tensor.shape)}, but config {config.name!r} needs {expected_shapes[name]}; the config and weights are incompatible.")
-                state[name] = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
-    except UserFacingError:
-        raise
-    except Exception as error:  # truncated data section, unreadable tensors
-        raise UserFacingError(f"{path.name} could not be read ({error}); the file is damaged or truncated. Download or save it again.") from None
+    with _open(path) as reader:
+        names = set(reader.names())
+        missing = sorted(set(expected_shapes) - names)
+        unexpected = sorted(names - set(expected_shapes))
+        if missing or unexpected:
+            details = []
+            if missing:
+                details.append(f"missing {len(missing)} weights (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                details.append(f"{len(unexpected)} unexpected weights (e.g. {', '.join(unexpected[:3])})")
+            raise UserFacingError(f"{path.name} does not match its own config {config.name!r}: " + "; ".join(details) + ". The file is damaged or was edited.")
+        for name in sorted(names):  # every shape checked from the header, before any weight is read
+            if reader.shape(name) != expected_shapes[name]:
+                raise UserFacingError(f"{path.name}: weight {name} has shape {reader.shape(name)}, but config {config.name!r} needs {expected_shapes[name]}; the config and weights are incompatible.")
+        state = {}
+        for name in sorted(names):
+            tensor = reader.get(name)
+            state[name] = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
     model.to_empty(device=device)
     model.dit.load_state_dict(state, strict=True, assign=False)
     model.to(device=device, dtype=target_dtype)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserFacingError
-from ..files import save_safetensors
+from ..files import open_safetensors, save_safetensors
 from .dit import LayerCache
 
 IDENTITY_FORMAT = "sparse-avatar-identity"
@@ -133,17 +133,11 @@ def save_identity(identity: Identity, path) -> Path:
 
 
 def load_identity(path) -> Identity:
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise UserFacingError(f"identity file not found: {path}. Extract one with 'Extract Identity' / save_identity first.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for damaged headers
-        raise UserFacingError(f"{path.name} is not a readable .safetensors file ({error}); the file is damaged or not an identity.") from None
+    with open_safetensors(path, what="identity file", if_missing="Extract one with 'Extract Identity' / save_identity first.",
+                          if_damaged="The file is damaged or not an identity; extract it again.") as reader:
+        metadata = dict(reader.metadata)
+        tensors = reader.get_all()
     if metadata.get("format") != IDENTITY_FORMAT:
         raise UserFacingError(f"{path.name} is not a sparse-avatar identity (format {metadata.get('format')!r}); pass a file made by save_identity.")
     missing = [name for name in ("static_k", "static_v", "ref_k", "ref_v", "centroids", "ref_lengths") if name not in tensors]

@@ -18,11 +18,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import UserFacingError
-from ..files import save_safetensors
+from ..files import open_safetensors, save_safetensors
 
 LORA_FORMAT = "sparse-avatar-lora"
 LORA_VERSION = "1"
@@ -103,14 +102,10 @@ def load_lora(dit: nn.Module, path: str | os.PathLike, *, base_fingerprint: str,
     """Put a LoRA onto its base DiT. ``merge``: fold it into the base weights (no runtime cost);
     otherwise wrap the layers (it can then be trained further). Returns the affected layers."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except FileNotFoundError:
-        raise UserFacingError(f"LoRA file {path} does not exist.") from None
-    except Exception as error:  # safetensors' own error types for damaged files
-        raise UserFacingError(f"cannot read LoRA {path} ({error}); the file is damaged or not a .safetensors LoRA.") from None
+    with open_safetensors(path, what="LoRA file", if_missing="Pass a LoRA made by training with --lora-rank (or Train Avatar).",
+                          if_damaged="The file is damaged or not a sparse-avatar LoRA; train or download it again.") as reader:
+        metadata = reader.metadata
+        tensors = reader.get_all()
     if metadata.get("format") != LORA_FORMAT:
         raise UserFacingError(f"{path} is not a sparse-avatar LoRA (format {metadata.get('format')!r}).")
     if metadata.get("base_fingerprint") != base_fingerprint:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserFacingError
-from ..files import save_safetensors, write_text
+from ..files import open_safetensors, save_safetensors, write_text
 from .data import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -159,15 +159,16 @@ def _process_job(job: tuple) -> tuple[str, str | None]:
 
 def write_index(out_dir: Path) -> Path:
     """Rebuild index.json from the shard files' own metadata (atomic)."""
-    from safetensors import safe_open
-
     clips = []
     for path in sorted((out_dir / "clips").glob("*.safetensors")):
-        with safe_open(str(path), framework="np") as handle:
-            metadata = handle.metadata() or {}
-            n_frames = handle.get_slice("frames").get_shape()[0]
+        with open_safetensors(path, what="shard", if_missing="Re-run preprocess.", framework="np",
+                              if_damaged="Delete it and re-run preprocess to rebuild it.") as reader:
+            metadata = reader.metadata
         if metadata.get("format") != SHARD_FORMAT:
             continue
+        if "frames" not in reader.tensors or not reader.shape("frames"):
+            raise UserFacingError(f"shard {path} has no frames; delete it and re-run preprocess to rebuild it.")
+        n_frames = reader.shape("frames")[0]
         clips.append({
             "file": f"clips/{path.name}", "person": metadata["person"], "n_frames": int(n_frames),
             "fps": float(metadata["fps"]), "caption": metadata.get("caption", ""),

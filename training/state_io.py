@@ -24,12 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserFacingError
-from ..files import save_safetensors
+from ..files import open_safetensors, save_safetensors
 from .distributed import DistributedContext
 
 CHECKPOINT_PREFIX = "step-"
@@ -211,11 +209,8 @@ def load_training_checkpoint(
 
     checkpoint_dir = Path(checkpoint_dir)
     state = read_trainer_state(checkpoint_dir)
-    try:
-        model_state = load_file(str(checkpoint_dir / "model.safetensors"))
-        optimizer_tensors = load_file(str(checkpoint_dir / "optimizer.safetensors"))
-    except (OSError, Exception) as error:  # safetensors raises its own error types for truncated files
-        raise UserFacingError(f"cannot read checkpoint {checkpoint_dir} ({error}); delete it to resume from the previous one.") from None
+    model_state = _read_all(checkpoint_dir / "model.safetensors")
+    optimizer_tensors = _read_all(checkpoint_dir / "optimizer.safetensors")
     missing = set(gather_names(model)) - set(model_state)
     if missing:
         raise UserFacingError(
@@ -228,20 +223,30 @@ def load_training_checkpoint(
     if ema_state is not None:
         ema_path = checkpoint_dir / "ema.safetensors"
         if ema_path.is_file():
-            saved = load_file(str(ema_path))
+            saved = _read_all(ema_path)
             for name, shadow in ema_state.items():
                 _copy_full_into(shadow, saved[name])
     if state.get("world_size") == context.world_size:
-        with safe_open(str(checkpoint_dir / "rng.safetensors"), framework="pt") as handle:
-            keys = set(handle.keys())
-            if f"rank{context.rank}.cpu" in keys:
-                torch.set_rng_state(handle.get_tensor(f"rank{context.rank}.cpu"))
-            if f"rank{context.rank}.cuda" in keys and context.device.type == "cuda":
-                torch.cuda.set_rng_state(handle.get_tensor(f"rank{context.rank}.cuda"))
+        with _open(checkpoint_dir / "rng.safetensors") as reader:
+            if f"rank{context.rank}.cpu" in reader.tensors:
+                torch.set_rng_state(reader.get(f"rank{context.rank}.cpu"))
+            if f"rank{context.rank}.cuda" in reader.tensors and context.device.type == "cuda":
+                torch.cuda.set_rng_state(reader.get(f"rank{context.rank}.cuda"))
     # Different world size: per-rank RNG streams cannot map one to one. Training randomness
     # (noise, timesteps, condition dropout) is drawn from per-sample seeds, so only stochastic
     # layers such as dropout see a different stream; that is the documented trade-off.
     return state
+
+
+def _open(path: Path):
+    folder = path.parent
+    return open_safetensors(path, what="training checkpoint file", if_missing=f"{folder} is incomplete; delete it to resume from the previous one.",
+                            if_damaged=f"Delete {folder} to resume from the previous one.")
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    with _open(path) as reader:
+        return reader.get_all()
 
 
 def gather_names(model: nn.Module) -> list[str]:
