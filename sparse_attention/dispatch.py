@@ -14,11 +14,16 @@ slot). Backends trust these inputs and only assert cheap shape facts.
 Which backend runs, strongest first:
   1. the `backend=` argument of `sparse_reference_attention` (anything but "auto"),
   2. the environment variable SPARSE_AVATAR_ATTENTION,
-  3. `set_default_backend(name)` (for scripts; the ComfyUI nodes pass a backend per model instead,
-     see `backend_for_comfyui_flags`),
+  3. `set_default_backend(name)` (for scripts; nothing in the pack calls it),
   4. "auto": fused Triton (CUDA, supported dtype/head dim) -> FlexAttention (CUDA) ->
      xformers (CUDA) -> dense SDPA -> naive (CPU fallback when the dense mask gets large).
 A backend named explicitly (1-3) that cannot run these inputs is an error, never a silent swap.
+
+The ComfyUI node Load Avatar Model never calls `set_default_backend`: it stores its choice on the
+model (`AvatarModel.set_attention_backend`), which reaches here as the `backend=` argument (1). Its
+"auto" becomes `backend_for_comfyui_flags(comfy.cli_args.args)`, so under ComfyUI started with
+--use-pytorch-cross-attention the node's "auto" is "dense" and beats SPARSE_AVATAR_ATTENTION;
+without that flag it stays "auto" and the environment variable decides.
 
 "naive" (the plain-PyTorch definition) was called "reference" until "reference" came to mean
 the reference video only; "reference" is still accepted, with a one-time logged warning, so
@@ -80,10 +85,6 @@ def set_default_backend(name: str) -> None:
     """Backend used when neither the call nor SPARSE_AVATAR_ATTENTION names one ("auto" to reset)."""
     global _default_backend
     _default_backend = _check_name(name, "set_default_backend")
-
-
-def get_default_backend() -> str:
-    return _default_backend
 
 
 def backend_for_comfyui_flags(flags) -> str:
