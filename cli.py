@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "media.cli_commands",
     "model.cli_commands",
     "training.cli_commands",
+    "batch",  # batch rendering on a running ComfyUI (batch.py: library and its one command)
 )
 
 
