@@ -1,22 +1,38 @@
-"""Build the UI-format workflows in example_workflows/ from their API-format twins (*.api.json).
+"""Build example_workflows/ (UI format + a thumbnail each) from the API-format workflows in workflows_api/.
 
-    python scripts/build_example_workflows.py          # (re)write example_workflows/<name>.json
-    python scripts/build_example_workflows.py --check  # exit 1 if a UI file is missing or stale
+    python scripts/build_example_workflows.py          # (re)write example_workflows/<name>.json and <name>.jpg
+    python scripts/build_example_workflows.py --check  # exit 1 if a UI file or thumbnail is missing or stale
 
-The API format (what /prompt takes, what batch users script) is the source of truth; the UI format
-(what ComfyUI lists under Templates and opens on the canvas) is derived from it: our nodes' widget
-order comes from their INPUT_TYPES, the few core nodes used are described below. A test runs
---check so the two never drift apart.
+The API format (what /prompt takes, what `python -m sparse_avatar batch` sends) is the source of
+truth, in workflows_api/<name>.api.json; the UI format (what ComfyUI lists under Templates and
+opens on the canvas) is derived from it: our nodes' widget order comes from their INPUT_TYPES, the
+few core nodes used are described below. ComfyUI lists every *.json of example_workflows/ as a
+template (app/custom_node_manager.py) and its front end shows <name>.jpg beside each as the
+thumbnail, so that folder holds exactly the UI workflows and their thumbnails. A thumbnail this
+script drew carries a comment with the hash of its workflow and is redrawn when the workflow
+changes; a thumbnail put there by hand (a screenshot) has no such comment and is left alone.
+A test runs --check so none of it drifts.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+API_FOLDER = REPO / "workflows_api"
 FOLDER = REPO / "example_workflows"
+THUMBNAIL_SIZE = (640, 480)
+THUMBNAIL_MARK = "sparse-avatar build_example_workflows "  # + the hash of the UI workflow it shows
+# What each workflow is for, on its thumbnail.
+PURPOSE = {
+    "avatar_dub": ("Dub", "re-voice the reference video with new speech"),
+    "avatar_generate": ("Generate", "a new talking clip of the person"),
+    "avatar_personalize": ("Personalize", "Train Avatar on the person, then render"),
+}
+CORE_TITLES = {"LoadAudio": "Load Audio", "SaveVideo": "Save Video"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 # Core ComfyUI nodes used by the examples: (inputs as (name, type) in order, outputs as (name, type)).
@@ -105,22 +121,116 @@ def to_ui(api: dict) -> dict:
     }
 
 
+def node_title(class_type: str) -> str:
+    if class_type in CORE_TITLES:
+        return CORE_TITLES[class_type]
+    sys.path.insert(0, str(REPO.parent))
+    import importlib
+
+    return importlib.import_module("sparse_avatar").NODE_DISPLAY_NAME_MAPPINGS.get(class_type, class_type)
+
+
+def draw_thumbnail(name: str, ui: dict, mark: str):
+    """A card: the workflow's name and purpose over its graph (node boxes at their canvas places, links)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = THUMBNAIL_SIZE
+    image = Image.new("RGB", THUMBNAIL_SIZE, (24, 26, 33))
+    draw = ImageDraw.Draw(image)
+    title, purpose = PURPOSE.get(name, (name.replace("_", " "), ""))
+    draw.text((28, 22), "sparse-avatar", font=ImageFont.load_default(size=18), fill=(120, 200, 170))
+    draw.text((28, 44), title, font=ImageFont.load_default(size=44), fill=(240, 240, 240))
+    draw.text((30, 98), purpose, font=ImageFont.load_default(size=19), fill=(170, 175, 190))
+
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    left = min(node["pos"][0] for node in nodes.values())
+    top = min(node["pos"][1] for node in nodes.values())
+    right = max(node["pos"][0] + node["size"][0] for node in nodes.values())
+    bottom = max(node["pos"][1] + node["size"][1] for node in nodes.values())
+    area = (24, 140, width - 24, height - 20)
+    scale = min((area[2] - area[0]) / (right - left), (area[3] - area[1]) / (bottom - top))
+    offset_x = area[0] + ((area[2] - area[0]) - scale * (right - left)) / 2
+    offset_y = area[1] + ((area[3] - area[1]) - scale * (bottom - top)) / 2
+    box_height = 60 * scale / 0.55
+
+    def box(node):
+        x0 = offset_x + scale * (node["pos"][0] - left)
+        y0 = offset_y + scale * (node["pos"][1] - top)
+        return x0, y0, x0 + scale * node["size"][0], y0 + min(box_height, scale * node["size"][1])
+
+    for _, source, _, target, _, _ in ui["links"]:
+        (sx0, sy0, sx1, sy1), (tx0, ty0, tx1, ty1) = box(nodes[source]), box(nodes[target])
+        start, end = (sx1, (sy0 + sy1) / 2), (tx0, (ty0 + ty1) / 2)
+        middle = (start[0] + end[0]) / 2
+        draw.line([start, (middle, start[1]), (middle, end[1]), end], fill=(110, 130, 170), width=2)
+    font = ImageFont.load_default(size=max(10, int(15 * scale / 0.55)))
+    for node in nodes.values():
+        x0, y0, x1, y1 = box(node)
+        ours = node["type"].startswith("SparseAvatar")
+        draw.rounded_rectangle((x0, y0, x1, y1), radius=6, fill=(52, 58, 74) if ours else (58, 52, 52),
+                               outline=(120, 200, 170) if ours else (200, 160, 120), width=2)
+        words, lines = node_title(node["type"]).split(), [""]
+        for word in words:  # wrap onto two lines, then shorten what still does not fit
+            trial = f"{lines[-1]} {word}".strip()
+            if font.getlength(trial) > (x1 - x0) - 10 and lines[-1] and len(lines) < 2:
+                lines.append(word)
+            else:
+                lines[-1] = trial
+        for index, line in enumerate(lines):
+            while font.getlength(line) > (x1 - x0) - 10 and len(line) > 4:
+                line = line[:-2].rstrip() + "…"
+            y = (y0 + y1) / 2 + (index - (len(lines) - 1) / 2) * font.size * 1.15
+            draw.text(((x0 + x1) / 2, y), line, font=font, fill=(235, 235, 235), anchor="mm")
+    return image
+
+
+def thumbnail_mark(ui_text: str) -> str:
+    return THUMBNAIL_MARK + hashlib.sha256(ui_text.encode()).hexdigest()[:16]
+
+
+def thumbnail_state(path: Path, mark: str) -> str:
+    """'ok' (ours and current, or a hand-made one), 'stale' (ours, older workflow) or 'missing'."""
+    if not path.exists():
+        return "missing"
+    from PIL import Image
+
+    with Image.open(path) as image:
+        comment = image.info.get("comment", b"")
+    comment = comment.decode(errors="replace") if isinstance(comment, bytes) else str(comment)
+    return "stale" if comment.startswith(THUMBNAIL_MARK) and comment != mark else "ok"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     stale = []
-    for api_path in sorted(FOLDER.glob("*.api.json")):
-        ui_path = api_path.with_name(api_path.name.replace(".api.json", ".json"))
-        text = json.dumps(to_ui(json.loads(api_path.read_text())), indent=1) + "\n"
+    expected = set()
+    for api_path in sorted(API_FOLDER.glob("*.api.json")):
+        name = api_path.name[: -len(".api.json")]
+        ui_path, thumbnail_path = FOLDER / f"{name}.json", FOLDER / f"{name}.jpg"
+        expected |= {ui_path.name, thumbnail_path.name}
+        ui = to_ui(json.loads(api_path.read_text()))
+        text = json.dumps(ui, indent=1) + "\n"
+        mark = thumbnail_mark(text)
         if args.check:
             if not ui_path.exists() or ui_path.read_text() != text:
                 stale.append(ui_path.name)
-        else:
-            ui_path.write_text(text)
-            print(f"wrote {ui_path.relative_to(REPO)}")
+            if thumbnail_state(thumbnail_path, mark) != "ok":
+                stale.append(thumbnail_path.name)
+            continue
+        ui_path.write_text(text)
+        print(f"wrote {ui_path.relative_to(REPO)}")
+        if thumbnail_state(thumbnail_path, mark) != "ok":
+            draw_thumbnail(name, ui, mark).save(thumbnail_path, quality=90, comment=mark.encode())
+            print(f"wrote {thumbnail_path.relative_to(REPO)}")
+    extra = sorted(path.name for path in FOLDER.iterdir() if path.name not in expected)
+    if extra:
+        print("example_workflows/ must hold only the UI workflows built from workflows_api/ and their thumbnails; "
+              "not built here:", ", ".join(extra))
+        return 1
     if stale:
-        print("stale UI workflows (run scripts/build_example_workflows.py):", ", ".join(stale))
+        print("stale or missing (run scripts/build_example_workflows.py):", ", ".join(stale))
         return 1
     return 0
 

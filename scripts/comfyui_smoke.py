@@ -1,7 +1,7 @@
 """Run the pack inside a real ComfyUI and execute API-format workflows over its HTTP API.
 
     python scripts/comfyui_smoke.py --comfyui /path/to/ComfyUI --python /path/to/comfy/venv/bin/python \
-        [--workflow example_workflows/xyz.api.json ...] [--input FILE ...]
+        [--workflow workflows_api/xyz.api.json ...] [--input FILE ...]
 
 Links this checkout into ComfyUI/custom_nodes/sparse_avatar (unless already there), starts
 `main.py --cpu --listen 127.0.0.1` on a free loopback port, checks that every node of the pack is

@@ -1,5 +1,7 @@
 """Example workflows stay in step with the nodes: every node and widget they name exists, links
-connect matching types, and the UI-format files are exactly what the API-format files build."""
+connect matching types, the UI-format files and thumbnails in example_workflows/ are exactly what
+the API-format files in workflows_api/ build, and example_workflows/ (which ComfyUI lists as
+templates) holds nothing else."""
 import json
 import subprocess
 import sys
@@ -9,9 +11,10 @@ import pytest
 
 import sparse_avatar
 
-FOLDER = Path(sparse_avatar.__file__).parent / "example_workflows"
-SCRIPT = Path(sparse_avatar.__file__).parent / "scripts" / "build_example_workflows.py"
-API_WORKFLOWS = sorted(FOLDER.glob("*.api.json"))
+ROOT = Path(sparse_avatar.__file__).parent
+FOLDER = ROOT / "example_workflows"
+SCRIPT = ROOT / "scripts" / "build_example_workflows.py"
+API_WORKFLOWS = sorted((ROOT / "workflows_api").glob("*.api.json"))
 CORE = {"LoadAudio", "SaveVideo"}
 # Combos listing files of a ComfyUI folder: their choices depend on the machine, not the pack.
 FILE_PICKERS = {"video", "checkpoint", "identity_file"}
@@ -48,3 +51,14 @@ def test_api_workflow_names_real_nodes_inputs_and_types(path):
 def test_ui_workflows_are_built_from_the_api_workflows():
     result = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_template_folder_holds_ui_workflows_each_with_its_thumbnail():
+    # ComfyUI lists every example_workflows/*.json as a template; its front end loads <name>.jpg as the card.
+    workflows = sorted(FOLDER.glob("*.json"))
+    assert [path.stem for path in workflows] == [path.name[: -len(".api.json")] for path in API_WORKFLOWS]
+    for path in workflows:
+        ui = json.loads(path.read_text())
+        assert {"nodes", "links", "version"} <= set(ui), path.name
+        assert (FOLDER / f"{path.stem}.jpg").read_bytes()[:3] == b"\xff\xd8\xff", path.name
+    assert sorted(p.name for p in FOLDER.iterdir()) == sorted([p.name for p in workflows] + [f"{p.stem}.jpg" for p in workflows])
