@@ -161,10 +161,6 @@ def wrap_model(model: nn.Module, mode: str, context: DistributedContext, *, find
     raise UserFacingError(f"unknown parallel mode {mode!r}")
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
-
-
 def all_reduce_mean(value: float, context: DistributedContext) -> float:
     """Mean of a python float over ranks (for logging only)."""
     if not context.is_distributed:

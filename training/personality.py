@@ -38,7 +38,7 @@ from ..errors import UserFacingError
 from ..model.checkpoint import save_checkpoint
 from ..model.flow import training_step
 from .distributed import DistributedContext
-from .lora import apply_lora, lora_layers, save_lora
+from .lora import apply_lora, save_lora
 from .objectives import StepModule
 from .trainer import Trainer, TrainerConfig, uncompile_blocks
 
@@ -257,10 +257,6 @@ def finetune_personality(
         return save_lora(model.dit, out_path, base_fingerprint=base_fingerprint, extra_metadata=metadata)
     metadata["base_fingerprint"] = base_fingerprint
     return save_checkpoint(model, out_path, dtype="bf16" if device.type == "cuda" else "fp32", training_stage="personality", extra_metadata=metadata)
-
-
-def lora_parameter_count(model) -> int:
-    return sum(layer.down.numel() + layer.up.numel() for layer in lora_layers(model.dit).values())
 
 
 def personalize_video(model, video_path, out_path, *, minutes: float | None = 10.0, steps: int = 100_000, lr: float = 1e-3,

@@ -1,5 +1,4 @@
-"""Preference pairs for stage 5 (Diffusion-DPO): the JSONL format, the batch source, and
-automatic pairs ranked by a metric (so the stage runs without people).
+"""Preference pairs for stage 5 (Diffusion-DPO): the JSONL format and the batch source.
 
 One JSON object per line; paths are relative to the JSONL file's folder:
 
@@ -9,11 +8,10 @@ One JSON object per line; paths are relative to the JSONL file's folder:
      "winner": "a",                 # "a" or "b"
      "fps": 25}                     # optional; default: video_a's fps
 
-``append_pair`` adds one line (the Preference Pair node, once per human choice); ``write_pairs``
-writes a whole file. The two videos must be face crops at the model's frame size with the same
-frame count (which is what ``model.pipeline.render`` writes before paste-back). A training
-sample takes the same window of both videos, the matching window of speech features, and the
-whole reference.
+``append_pair`` adds one line (the Preference Pair node, once per human choice). The two videos
+must be face crops at the model's frame size with the same frame count (which is what
+``model.pipeline.render`` writes before paste-back). A training sample takes the same window of
+both videos, the matching window of speech features, and the whole reference.
 """
 from __future__ import annotations
 
@@ -22,13 +20,11 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import UserFacingError
-from ..files import write_text
 from .data import _mix
 
 
@@ -68,11 +64,6 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     if not pairs:
         raise UserFacingError(f"{path} holds no preference pairs.")
     return pairs
-
-
-def write_pairs(path: str | os.PathLike, rows: list[dict]) -> Path:
-    """Atomic JSONL write (rows with paths already relative to ``path``'s folder)."""
-    return write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def append_pair(path: str | os.PathLike, *, reference, audio, video_a, video_b, winner: str, fps: float | None = None) -> Path:
@@ -183,41 +174,3 @@ class PreferencePairs:
             "reference_lengths": torch.tensor([len(r[0]["reference"]) for r in rows], dtype=torch.long),
             "sample_seeds": torch.tensor([r[3] for r in rows], dtype=torch.long),
         }
-
-
-def rank_candidates(candidates: list[Path], score: Callable[[Path], float]) -> tuple[int, int, list[float]]:
-    """(best index, worst index, scores) of candidate videos under ``score`` (higher is better)."""
-    scores = [float(score(path)) for path in candidates]
-    if any(not np.isfinite(s) for s in scores):
-        raise UserFacingError(f"the metric returned a non-finite score for one of {[p.name for p in candidates]}.")
-    order = np.argsort(scores)
-    return int(order[-1]), int(order[0]), scores
-
-
-def automatic_pairs(cases: list[dict], render_candidates: Callable[[dict], list[Path]], score: Callable[[Path], float], out_path, *, min_margin: float = 0.0) -> Path:
-    """Build a preference JSONL without people: for each case (``reference``, ``audio`` paths),
-    ``render_candidates`` renders several videos (e.g. different seeds or step counts), ``score``
-    ranks them (e.g. an Avatar World lip-sync + identity metric), and the best and the worst
-    become one pair. Pairs whose scores differ by less than ``min_margin`` are skipped (a coin
-    flip teaches nothing). Returns the JSONL path."""
-    out_path = Path(out_path)
-    rows = []
-    for case in cases:
-        candidates = render_candidates(case)
-        if len(candidates) < 2:
-            raise UserFacingError("automatic pairs need at least two candidate renderings per case.")
-        best, worst, scores = rank_candidates(candidates, score)
-        if scores[best] - scores[worst] < min_margin:
-            continue
-
-        def relative(path) -> str:
-            return os.path.relpath(Path(path).resolve(), out_path.parent.resolve())
-
-        rows.append({
-            "reference": relative(case["reference"]), "audio": relative(case["audio"]),
-            "video_a": relative(candidates[best]), "video_b": relative(candidates[worst]), "winner": "a",
-            "scores": {"a": scores[best], "b": scores[worst]},
-        })
-    if not rows:
-        raise UserFacingError(f"no case had candidates that differ by at least {min_margin}; render more varied candidates.")
-    return write_pairs(out_path, rows)
