@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run `python -m sparse_avatar batch` against a real ComfyUI with this pack loaded (CPU, ~1 minute).
+# Run `python -m sparse_avatar batch` against a real ComfyUI with this pack loaded (CPU, ~6 minutes).
 #
 #   COMFYUI=/path/to/ComfyUI bash scripts/batch_against_comfyui.sh
 #
@@ -16,7 +16,8 @@
 # (espeak-ng), writes a jobs CSV for workflows_api/avatar_dub.api.json with three jobs (two
 # renders, one with the broken checkpoint), runs batch (expects exit 1: two done, one failed after
 # its retry), checks the manifest and the downloaded videos, then runs batch again (expects the two
-# finished jobs skipped and only the broken one queued again). Loopback only.
+# finished jobs skipped and only the broken one queued again); then runs each of the three shipped
+# workflows once (dub; personalize, then dub; generate with Mix Identity). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -33,6 +34,7 @@ mkdir -p "$COMFYUI/models/avatar"
 [ -f "$COMFYUI/models/avatar/batch-tiny.safetensors" ] || \
   "$py" -m sparse_avatar init-checkpoint --config tiny --out "$COMFYUI/models/avatar/batch-tiny.safetensors"
 head -c 4096 /dev/urandom > "$COMFYUI/models/avatar/batch-broken.safetensors"
+trap 'rm -f "$COMFYUI/models/avatar/batch-broken.safetensors"' EXIT
 
 started_pid=""
 if ! curl -sf "$server/system_stats" >/dev/null; then
@@ -41,7 +43,7 @@ if ! curl -sf "$server/system_stats" >/dev/null; then
   (cd "$COMFYUI" && exec "$comfy_python" main.py --cpu --listen 127.0.0.1 --port "$port" --disable-auto-launch) \
     >"$work/comfyui.log" 2>&1 &
   started_pid=$!
-  trap '[ -n "$started_pid" ] && kill "$started_pid" 2>/dev/null || true' EXIT
+  trap 'rm -f "$COMFYUI/models/avatar/batch-broken.safetensors"; kill "$started_pid" 2>/dev/null || true' EXIT
   for _ in $(seq 90); do curl -sf "$server/system_stats" >/dev/null && break; sleep 2; done
 fi
 # The server reads models/avatar when asked for /object_info; the new checkpoints are listed from now on.
@@ -89,4 +91,20 @@ cat "$work/second_run.txt"
 [ "$status" = 1 ] && grep -q "0 done, 2 already done, 1 failed" "$work/second_run.txt" \
   || { echo "[batch-check] FAIL: second run did not skip the finished jobs"; exit 1; }
 "$py" -m sparse_avatar probe --no-faces "$work/out/hello/"*.mp4 | head -5
-echo "[batch-check] OK: outputs in $work/out"
+
+# Every shipped workflow once, on the tiny checkpoint with few steps: dub, personalize (Train Avatar
+# for 3 steps) then dub, and generate with Mix Identity (B: a second clip).
+"$py" -m sparse_avatar demo --out "$work/demo_b" --seconds 2 >/dev/null
+cp "$work/demo_b/source.mp4" "$work/motion.mp4"
+printf '%s\n' "job,1.video,1.max_side,2.audio,4.checkpoint,6.steps" \
+  "dub,@reference.mp4,128,@hello.wav,batch-tiny.safetensors,2" >"$work/dub.csv"
+printf '%s\n' "job,1.video,1.max_side,2.audio,4.checkpoint,5.steps,5.minutes,5.filename_prefix,7.steps" \
+  "personalize,@reference.mp4,128,@hello.wav,batch-tiny.safetensors,3,1,batch_personalized,2" >"$work/personalize.csv"
+printf '%s\n' "job,1.video,1.max_side,9.video,9.max_side,2.audio,4.checkpoint,6.steps" \
+  "generate,@reference.mp4,128,@motion.mp4,128,@bye.wav,batch-tiny.safetensors,2" >"$work/generate.csv"
+for name in dub personalize generate; do
+  echo "[batch-check] workflows_api/avatar_$name.api.json"
+  "$py" -m sparse_avatar batch --workflow "workflows_api/avatar_$name.api.json" --jobs "$work/$name.csv" \
+    --server "$server" --out "$work/out_$name" --timeout 600 --no-progress
+done
+echo "[batch-check] OK: outputs in $work/out and $work/out_{dub,personalize,generate}"

@@ -29,8 +29,8 @@ THUMBNAIL_MARK = "sparse-avatar build_example_workflows "  # + the hash of the U
 # What each workflow is for, on its thumbnail.
 PURPOSE = {
     "avatar_dub": ("Dub", "re-voice the reference video with new speech"),
-    "avatar_generate": ("Generate", "a new talking clip of the person"),
-    "avatar_personalize": ("Personalize", "Train Avatar on the person, then render"),
+    "avatar_generate": ("Generate + Mix Identity", "A's looks, B's way of talking, new speech"),
+    "avatar_personalize": ("Personalize, then dub", "Train Avatar on the person, then re-voice the clip"),
 }
 CORE_TITLES = {"LoadAudio": "Load Audio", "SaveVideo": "Save Video"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
