@@ -80,6 +80,71 @@ def output_directory() -> str:
     return path
 
 
+def temp_directory() -> str:
+    """ComfyUI's temp folder (emptied when ComfyUI starts; for previews), created when missing;
+    ./temp outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        path = os.path.join(os.getcwd(), "temp")
+    else:
+        path = folder_paths.get_temp_directory()
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _prompt_server():
+    """ComfyUI's running ``PromptServer``, or None (outside ComfyUI, or another module named ``server``)."""
+    try:
+        import server
+    except ImportError:
+        return None
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send a custom websocket event to the browser that queued the running prompt (the web extension
+    listens with ``api.addEventListener(event)``); a no-op outside ComfyUI."""
+    instance = _prompt_server()
+    if instance is None:
+        return
+    instance.send_sync(event, data, getattr(instance, "client_id", None))
+
+
+def add_routes(register) -> bool:
+    """Call ``register(routes)`` with ComfyUI's aiohttp route table (``PromptServer.instance.routes``)
+    so a node module can add a small HTTP route; False (nothing registered) outside ComfyUI."""
+    instance = _prompt_server()
+    routes = getattr(instance, "routes", None)
+    if routes is None:
+        return False
+    register(routes)
+    return True
+
+
+def view_entry(path: str) -> dict | None:
+    """The ``/view`` query of a file inside ComfyUI's output or temp folder ({filename, subfolder,
+    type}), the shape ComfyUI's own UI outputs use; None when it lies outside both."""
+    try:
+        import folder_paths
+    except ImportError:
+        roots = (("temp", temp_directory()), ("output", os.path.join(os.getcwd(), "output")))
+    else:
+        roots = (("output", folder_paths.get_output_directory()), ("temp", folder_paths.get_temp_directory()))
+    real = os.path.realpath(path)
+    for kind, root in roots:
+        real_root = os.path.realpath(root)
+        try:
+            inside = os.path.commonpath([real_root, real]) == real_root
+        except ValueError:
+            inside = False
+        if inside and real != real_root:
+            subfolder = os.path.relpath(os.path.dirname(real), real_root)
+            return {"filename": os.path.basename(real), "subfolder": "" if subfolder == "." else subfolder.replace(os.sep, "/"),
+                    "type": kind}
+    return None
+
+
 def media_roots() -> list[str] | None:
     """Folders a node may read user media from (input, output, temp); None outside ComfyUI."""
     try:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UserFacingError
-from ..media import audio_to_comfy, frames_to_comfy_image
+from ..media import audio_to_comfy, frames_to_comfy_image, write_video
 from ..model.flow import SAMPLERS, MAX_STEPS, SamplingCancelled
 from ..model.identity import Identity
 from ..model.pipeline import MODES, PreparedReference, composite_frames, decode_frames, render
@@ -23,6 +23,7 @@ from .reference_video import prepared_reference
 
 CATEGORY = "sparse-avatar"
 _PREVIEW_SIDE = 256
+PREVIEW_PREFIX = "sparse_avatar_preview"
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class DecodeAvatarVideo:
                        "The driving audio, exactly as long as the frames.")
     FUNCTION = "decode"
     DESCRIPTION = ("Decodes the sampler's latents to frames; with a source connected to the sampler, pastes the face "
-                   "back into the source video's full frames (looped ping-pong), in generate and dub mode.")
+                   "back into the source video's full frames (looped ping-pong), in generate and dub mode. The node "
+                   "shows the result as a video with its sound (a preview in ComfyUI's temp folder; Save Video keeps it).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -174,8 +176,14 @@ class DecodeAvatarVideo:
         audio = info.get("audio")
         if audio is None:
             audio = np.zeros(int(round(len(frames) / info["fps"] * info["sample_rate"])), np.float32)
-        comfy_audio = audio_to_comfy(np.asarray(audio, np.float32), int(info["sample_rate"]))
-        return image, _comfy.make_video(image, info["fps"], comfy_audio), comfy_audio
+        audio = np.asarray(audio, np.float32)
+        comfy_audio = audio_to_comfy(audio, int(info["sample_rate"]))
+        # The web extension's inline player plays this mp4 (with the sound) from ComfyUI's temp folder.
+        preview = write_video(_comfy.numbered_path(_comfy.temp_directory(), PREVIEW_PREFIX, ".mp4"), frames, info["fps"],
+                              audio=audio, sample_rate=int(info["sample_rate"]))
+        entry = _comfy.view_entry(str(preview))
+        ui = {"sparse_avatar_video": [dict(entry, format="video/mp4", frame_rate=float(info["fps"]))]} if entry else {}
+        return {"ui": ui, "result": (image, _comfy.make_video(image, info["fps"], comfy_audio), comfy_audio)}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -10,14 +10,18 @@ JSONL format of ``training/preferences.py`` for the Diffusion-DPO stage.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserFacingError
+from ..files import write_text
 from ..media import comfy_image_to_frames, write_video
 from ..media.audio import SPEECH_SAMPLE_RATE, resample_audio, write_wav
 from ..media.comfy_types import comfy_audio_to_wave
@@ -32,6 +36,12 @@ from .reference_video import prepared_reference
 CATEGORY = "sparse-avatar/training"
 MODEL_CATEGORY = "sparse-avatar"
 PREFERENCES_FOLDER = os.path.join("sparse-avatar", "preferences")
+TRAIN_EVENT = "sparse_avatar.train"  # websocket event: Train Avatar's progress and loss, for the web extension
+PAIR_ROUTE = "/sparse_avatar/preference_pair"  # POST {pairs_name, pair, winner}: the A/B widget's click
+CHOOSE = "choose"
+WINNERS = (CHOOSE, "A", "B")
+PENDING_SUFFIX = ".pending.json"
+_PAIR = re.compile(r"^pair_\d{5,}$")
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +101,10 @@ class TrainAvatar:
             "minutes": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 24 * 60.0, "step": 0.5,
                                   "tooltip": "Training time; the learning-rate schedule is fitted to it. 0 = no limit (only "
                                              "'steps'). About 10 minutes on one H200-class GPU learn a person from 15-20 s of video."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def train(self, model, reference, steps=100_000, lora_rank=0, learning_rate=1e-3, seed=0, filename_prefix="avatar_lora", minutes=10.0):
+    def train(self, model, reference, steps=100_000, lora_rank=0, learning_rate=1e-3, seed=0, filename_prefix="avatar_lora", minutes=10.0,
+              unique_id=None):
         _check_model(model)
         if not isinstance(reference, ReferenceVideo):
             raise UserFacingError("'reference' must come from Load Reference Video.")
@@ -112,14 +123,25 @@ class TrainAvatar:
         done = 0
         planned = steps  # a time-budgeted run learns its step count after its first steps
         interrupt = None  # ComfyUI's interrupt, when its progress hook raised it
+        last_loss = None
+        started = time.monotonic()
+
+        def report(state: str, **extra) -> None:
+            # The web extension draws these on the node (progress, loss curve, what was saved).
+            _comfy.send_event(TRAIN_EVENT, {"node": None if unique_id is None else str(unique_id), "state": state,
+                                            "step": done, "total": planned, "loss": last_loss,
+                                            "elapsed_s": round(time.monotonic() - started, 2), **extra})
 
         def on_step(step: int, total: int, loss: float | None) -> None:
-            nonlocal done, interrupt, planned
+            nonlocal done, interrupt, planned, last_loss
             done, planned = step, total
+            if loss is not None:
+                last_loss = float(loss)
             if loss is not None and (step == total or step % max(10, total // 10) < 10):
                 logger.info("Train Avatar: step %d/%d, loss %.4f", step, total, loss)
             # About 100 updates per run: each one is a websocket message to the browser.
             if interrupt is None and (step == total or step % max(1, total // 100) == 0):
+                report("running")
                 try:
                     progress.update_absolute(step, total)
                 except Exception as error:
@@ -153,6 +175,7 @@ class TrainAvatar:
                 if not full:
                     del trainee
         if done < planned and (interrupt is not None or _comfy.interrupt_requested()):
+            report("cancelled", file=Path(path).name)
             logger.warning("Train Avatar cancelled after %d of %d steps; what was trained so far is saved as %s "
                            "(%s).", done, planned, path, "load it with Load Avatar Model" if full else "apply it with Load Avatar LoRA")
             # Re-raise ComfyUI's interrupt, as the sampler does on Cancel: the prompt ends as interrupted and
@@ -160,6 +183,7 @@ class TrainAvatar:
             if interrupt is not None:
                 raise interrupt
             _comfy.check_interrupted()
+        report("saved", file=Path(path).name)
         logger.info("Train Avatar: %s for base %s written to %s", "model" if full else "LoRA", base_fingerprint, path)
         tuned = _models.AvatarModelHandle(trained.to("cpu"), Path(path).name) if full else model_with_lora(model, path)
         return {"ui": {"text": [f"{Path(path).name} ({done} steps)"]}, "result": (tuned, str(path))}
@@ -225,17 +249,17 @@ class RecordPreferencePair:
             "video_b": ("VIDEO", {"tooltip": "Rendering B of the same reference and speech (e.g. another seed or "
                                   "step count): same length and size as A."}),
             "reference": ("REFERENCE_VIDEO", {"tooltip": "From Load Reference Video: the reference both were rendered from."}),
-            "winner": (("A", "B"), {"tooltip": "The better rendering."}),
+            "winner": (WINNERS, {"default": CHOOSE, "tooltip": "The better rendering; 'choose' plays both side by "
+                                 "side on the node and records the pair when you click the better one."}),
             "pairs_name": ("STRING", {"default": "pairs", "tooltip": "Name of the pairs file in "
                                       "output/sparse-avatar/preferences (.jsonl is added). Letters, digits, '-', '_', "
                                       "'.' and spaces only."}),
         }}
 
-    def record(self, video_a, video_b, reference, winner="A", pairs_name="pairs"):
-        name = pairs_name[: -len(".jsonl")] if isinstance(pairs_name, str) and pairs_name.endswith(".jsonl") else pairs_name
-        _comfy.check_file_name(name, "pairs name")
-        if winner not in ("A", "B"):
-            raise UserFacingError(f"winner must be A or B, got {winner!r}.")
+    def record(self, video_a, video_b, reference, winner=CHOOSE, pairs_name="pairs"):
+        name = _pairs_name(pairs_name)
+        if winner not in WINNERS:
+            raise UserFacingError(f"winner must be A, B or {CHOOSE!r}, got {winner!r}.")
         if not isinstance(reference, ReferenceVideo):
             raise UserFacingError("'reference' must come from Load Reference Video.")
         frames_a, fps_a, audio_a = _video_frames_and_audio(video_a, "A")
@@ -250,12 +274,88 @@ class RecordPreferencePair:
         path_a = write_video(f"{stem}_a.mp4", frames_a, fps_a, audio=audio_a)
         path_b = write_video(f"{stem}_b.mp4", frames_b, fps_a, audio=audio_a)
         audio_path = write_wav(f"{stem}_audio.wav", audio_a)
-        pairs_path = append_pair(os.path.join(root, f"{name}.jsonl"), reference=reference_path, audio=audio_path,
-                                 video_a=path_a, video_b=path_b, winner=winner.lower(), fps=fps_a)
-        with open(pairs_path, "rb") as stream:
-            count = sum(1 for line in stream if line.strip())
-        return {"ui": {"text": [f"{Path(stem).name}: {winner} preferred; {count} pairs in {pairs_path.name}"]},
+        pairs_path = Path(root) / f"{name}.jsonl"
+        files = {"reference": reference_path, "audio": audio_path, "video_a": path_a, "video_b": path_b}
+        pair = Path(stem).name
+        if winner == CHOOSE:
+            # Nothing is appended yet: the web extension plays both clips and posts the click to
+            # PAIR_ROUTE, which appends the pair from this note (record_pending_choice).
+            write_text(os.path.join(folder, f"{pair}{PENDING_SUFFIX}"),
+                       json.dumps({key: Path(file).name for key, file in files.items()} | {"fps": fps_a}))
+            clips = {side: _comfy.view_entry(str(path)) for side, path in (("a", path_a), ("b", path_b))}
+            return {"ui": {"text": [f"{pair}: play both and click the better one"],
+                           "sparse_avatar_pair": [{"pairs_name": name, "pair": pair, **clips}]},
+                    "result": (str(pairs_path),)}
+        append_pair(pairs_path, **files, winner=winner.lower(), fps=fps_a)
+        return {"ui": {"text": [f"{pair}: {winner} preferred; {_count_pairs(pairs_path)} pairs in {pairs_path.name}"]},
                 "result": (str(pairs_path),)}
+
+
+def _pairs_name(pairs_name) -> str:
+    name = pairs_name[: -len(".jsonl")] if isinstance(pairs_name, str) and pairs_name.endswith(".jsonl") else pairs_name
+    return _comfy.check_file_name(name, "pairs name")
+
+
+def _count_pairs(pairs_path) -> int:
+    with open(pairs_path, "rb") as stream:
+        return sum(1 for line in stream if line.strip())
+
+
+def record_pending_choice(pairs_name, pair, winner) -> dict:
+    """Append the pair a Preference Pair node left for a click (winner 'choose') with ``winner``.
+
+    Everything comes from the browser, so everything is checked: plain names only, the pair's note
+    and its files inside output/sparse-avatar/preferences/<pairs name>/. A pair is appended once:
+    the note is taken by an atomic rename, so a second click gets a clear error instead of a second line."""
+    name = _pairs_name(pairs_name)
+    if not isinstance(pair, str) or not _PAIR.match(pair):
+        raise UserFacingError(f"unknown pair {pair!r}; run the Preference Pair node again.")
+    if not isinstance(winner, str) or winner.upper() not in ("A", "B"):
+        raise UserFacingError(f"winner must be A or B, got {winner!r}.")
+    root = os.path.join(_comfy.output_directory(), PREFERENCES_FOLDER)
+    folder = os.path.join(root, name)
+    note = os.path.join(folder, f"{pair}{PENDING_SUFFIX}")
+    taken = f"{note}.taken"
+    try:
+        os.rename(note, taken)
+    except FileNotFoundError:
+        raise UserFacingError(f"{pair} of '{name}' was already recorded (or never made); run the Preference Pair "
+                              "node again for a new pair.") from None
+    try:
+        with open(taken, encoding="utf-8") as stream:
+            row = json.load(stream)
+        files = {}
+        for key in ("reference", "audio", "video_a", "video_b"):
+            file = row.get(key)
+            if not isinstance(file, str) or os.path.basename(file) != file or file.startswith("."):
+                raise UserFacingError(f"the note of {pair} is damaged ({key}); run the Preference Pair node again.")
+            files[key] = os.path.join(folder, file)
+        pairs_path = append_pair(os.path.join(root, f"{name}.jsonl"), **files, winner=winner.lower(), fps=row.get("fps"))
+    except BaseException:
+        os.replace(taken, note)  # not recorded: the pair can still be chosen
+        raise
+    os.remove(taken)
+    return {"pairs_file": pairs_path.name, "pair": pair, "winner": winner.upper(), "count": _count_pairs(pairs_path)}
+
+
+def _register_routes(routes) -> None:
+    from aiohttp import web
+
+    @routes.post(PAIR_ROUTE)
+    async def choose_pair(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "send a JSON object with pairs_name, pair and winner"}, status=400)
+        try:
+            return web.json_response(record_pending_choice(body.get("pairs_name"), body.get("pair"), body.get("winner")))
+        except UserFacingError as error:
+            return web.json_response({"error": str(error)}, status=400)
+
+
+_comfy.add_routes(_register_routes)
 
 
 NODE_CLASS_MAPPINGS = {

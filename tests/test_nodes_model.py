@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_avatar.errors import UserFacingError
-from sparse_avatar.media import SPEECH_SAMPLE_RATE, load_reference_video
+from sparse_avatar.media import SPEECH_SAMPLE_RATE, load_reference_video, probe_media
 from sparse_avatar.model.checkpoint import new_model, save_checkpoint
 from sparse_avatar.model.identity import extract_identity
 from sparse_avatar.nodes.avatar_model import LoadAvatarModel
@@ -46,8 +46,14 @@ def test_load_sample_decode_generate(models_cwd):
     speech, n_frames = _speech()
     (latent,) = SparseReferenceSampler().sample(handle, identity, speech, steps=2, seed=5, chunk_frames=8, overlap_frames=2)
     assert latent["samples"].shape[2] == n_frames
-    image, video, audio = DecodeAvatarVideo().decode(handle, latent)
+    decoded = DecodeAvatarVideo().decode(handle, latent)
+    image, video, audio = decoded["result"]
     size = avatar.config.frame_size
+    # The inline player's file: an mp4 with the frames and the sound, in ./temp (ComfyUI's temp folder there).
+    (preview,) = decoded["ui"]["sparse_avatar_video"]
+    assert preview["type"] == "temp" and preview["subfolder"] == "" and preview["format"] == "video/mp4"
+    info = probe_media(str(models_cwd / "temp" / preview["filename"]))
+    assert (info.n_frames, info.width, info.audio_streams) == (n_frames, size, 1)
     assert tuple(image.shape) == (n_frames, size, size, 3)
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert audio["waveform"].shape[-1] == round(n_frames / 25.0 * SPEECH_SAMPLE_RATE)
@@ -94,6 +100,6 @@ def test_extract_identity_and_dub_on_a_real_clip(models_cwd, shared_media_dir):
     assert tuple(crops.shape) == (reference.n_frames, size, size, 3)
     speech, n_frames = _speech(0.8)
     (latent,) = SparseReferenceSampler().sample(handle, identity, speech, mode="dub", steps=1, source=reference)
-    image, _, _ = DecodeAvatarVideo().decode(handle, latent)
+    image, _, _ = DecodeAvatarVideo().decode(handle, latent)["result"]
     assert tuple(image.shape[1:3]) == reference.frames.shape[1:3]
     assert image.shape[0] == n_frames

@@ -89,7 +89,7 @@ def _node_frames(reference_path, audio_path, mode, paste_backs=(True, False)):
     speech, _, _ = EncodeSpeech().encode(audio_to_comfy(load_audio(str(audio_path)), SPEECH_SAMPLE_RATE), fps=fps)
     (latent,) = SparseReferenceSampler().sample(handle, identity, speech, mode=mode, source=reference,
                                                  **SETTINGS)
-    return {paste: comfy_image_to_frames(DecodeAvatarVideo().decode(handle, latent, paste_back=paste)[0])
+    return {paste: comfy_image_to_frames(DecodeAvatarVideo().decode(handle, latent, paste_back=paste)["result"][0])
             for paste in paste_backs}, reference
 
 
