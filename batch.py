@@ -863,6 +863,11 @@ def run_batch(workflow_path, jobs_path, server: str = "http://127.0.0.1:8188", o
         bars.write(f"stopped: {len(result.done) + len(result.skipped)} of {len(jobs)} job(s) done; run the same "
                    "command again to continue.")
         raise
+    except (urllib.error.URLError, OSError) as error:  # the server went away mid-batch, or the disk is full
+        reason = getattr(error, "reason", error)
+        raise UserFacingError(f"batch stopped after {len(result.done) + len(result.skipped)} of {len(jobs)} job(s): "
+                              f"{reason} (server {client.base}, outputs in {out}); run the same command again to "
+                              "continue.") from None
     finally:
         bars.close()
         if batch.ws is not None:

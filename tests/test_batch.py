@@ -271,7 +271,7 @@ def test_cli(tmp_path, make_stub, capsys):
 def test_the_shipped_api_workflows_take_the_documented_columns(tmp_path):
     folder = Path(sparse_avatar.__file__).parent / "workflows_api"
     jobs = tmp_path / "jobs.csv"
-    jobs.write_text("job,LoadAudio.audio,SparseAvatarSampler.seed,SparseAvatarLoadReferenceVideo.end_seconds\n"
+    jobs.write_text("job,LoadAudio.audio,SparseAvatarSampler.seed,1.end_seconds\n"  # node 1: the reference in each
                     "hello,@speech.wav,7,12.5\n")
     (tmp_path / "speech.wav").write_bytes(b"RIFF")
     for path in sorted(folder.glob("*.api.json")):
@@ -279,5 +279,34 @@ def test_the_shipped_api_workflows_take_the_documented_columns(tmp_path):
         settings, (job,) = batch.load_jobs(jobs, workflow)
         prompt = batch.build_prompt(workflow, settings, {**job.values, "LoadAudio.audio": "speech.wav"})
         sampler = next(node for node in prompt.values() if node["class_type"] == "SparseAvatarSampler")
-        assert sampler["inputs"]["seed"] == 7
+        assert sampler["inputs"]["seed"] == 7 and prompt["1"]["inputs"]["end_seconds"] == 12.5
+        assert prompt["1"]["class_type"] == "SparseAvatarLoadReferenceVideo"
         assert job.uploads == {"LoadAudio.audio": tmp_path / "speech.wav"}
+
+
+def test_a_type_two_nodes_have_must_be_named_by_id(tmp_path):
+    # generate with Mix Identity loads two reference videos (A: looks, B: motion).
+    workflow = batch.load_workflow(Path(sparse_avatar.__file__).parent / "workflows_api" / "avatar_generate.api.json")
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("job,SparseAvatarLoadReferenceVideo.video\na,x.mp4\n")
+    with pytest.raises(UserFacingError, match=r"2 nodes have the type 'SparseAvatarLoadReferenceVideo' \(ids 1, 9\)"):
+        batch.load_jobs(jobs, workflow)
+
+
+def test_a_server_lost_mid_batch_is_one_clear_error_and_the_done_jobs_stay_done(tmp_path, make_stub, monkeypatch):
+    import urllib.error
+
+    stub = make_stub()
+    workflow, jobs = write_inputs(tmp_path, JOBS)
+    queue_prompt = batch.ComfyClient.queue_prompt
+
+    def server_gone_at_c(self, prompt):
+        if prompt["2"]["inputs"]["seed"] == 3:
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        return queue_prompt(self, prompt)
+
+    monkeypatch.setattr(batch.ComfyClient, "queue_prompt", server_gone_at_c)
+    with pytest.raises(UserFacingError, match=r"batch stopped after 2 of 3 job\(s\): .*Connection refused.*run the same"):
+        batch.run_batch(workflow, jobs, server=stub.url, progress=False)
+    manifest = json.loads((tmp_path / "jobs_output" / "manifest.json").read_text())
+    assert [manifest["jobs"][name]["status"] for name in "ab"] == ["done", "done"]
