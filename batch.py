@@ -134,7 +134,7 @@ def resolve_node(workflow: dict, reference: str, column: str) -> str:
         if len(matches) > 1:
             raise UserFacingError(f"jobs column {column!r}: {len(matches)} nodes have the {label} {reference!r} "
                                   f"(ids {', '.join(sorted(matches))}); name one by its id, e.g. "
-                                  f"'{sorted(matches)[0]}.{column.rsplit('.', 1)[1]}'.")
+                                  f"'{min(matches)}.{column.rsplit('.', 1)[1]}'.")
     described = ", ".join(f"{key} ({_node_title(node) or node['class_type']})" for key, node in workflow.items())
     raise UserFacingError(f"jobs column {column!r}: the workflow has no node {reference!r} (by id, title or type). "
                           f"Its nodes: {described}.")
@@ -369,10 +369,10 @@ class ComfyClient:
 
     def download(self, item: dict, destination: Path) -> None:
         query = urllib.parse.urlencode({key: item.get(key, "") for key in ("filename", "subfolder", "type")})
-        with self._request("GET", f"/view?{query}") as response, atomic_output(destination) as temporary:
-            with open(temporary, "wb") as handle:
-                while chunk := response.read(1 << 20):
-                    handle.write(chunk)
+        with self._request("GET", f"/view?{query}") as response, atomic_output(destination) as temporary, \
+                open(temporary, "wb") as handle:
+            while chunk := response.read(1 << 20):
+                handle.write(chunk)
 
     def cancel(self, prompt_id: str) -> None:
         """Take our prompt off the server: out of the queue if pending, interrupted if running."""
@@ -382,7 +382,7 @@ class ComfyClient:
             except (urllib.error.URLError, OSError, ValueError):
                 pass
 
-    def websocket(self) -> "WebSocket":
+    def websocket(self) -> WebSocket:
         parsed = urllib.parse.urlsplit(self.base)
         path = (parsed.path or "") + "/ws?clientId=" + urllib.parse.quote(self.client_id)
         return WebSocket.connect(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), path,
@@ -416,7 +416,7 @@ class WebSocket:
         self.closed = False
 
     @classmethod
-    def connect(cls, host: str, port: int, path: str, secure: bool = False, timeout: float = 30.0) -> "WebSocket":
+    def connect(cls, host: str, port: int, path: str, secure: bool = False, timeout: float = 30.0) -> WebSocket:
         sock = socket.create_connection((host, port), timeout=timeout)
         if secure:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
@@ -476,7 +476,7 @@ class WebSocket:
         while True:
             try:
                 first, second = self._read_exactly(2)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 if message_opcode is None:
                     return None
                 self.sock.settimeout(None)  # inside a fragmented message: wait for the rest

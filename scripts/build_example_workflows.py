@@ -159,7 +159,7 @@ def draw_thumbnail(name: str, ui: dict, mark: str):
         return x0, y0, x0 + scale * node["size"][0], y0 + min(box_height, scale * node["size"][1])
 
     for _, source, _, target, _, _ in ui["links"]:
-        (sx0, sy0, sx1, sy1), (tx0, ty0, tx1, ty1) = box(nodes[source]), box(nodes[target])
+        (_, sy0, sx1, sy1), (tx0, ty0, _, ty1) = box(nodes[source]), box(nodes[target])
         start, end = (sx1, (sy0 + sy1) / 2), (tx0, (ty0 + ty1) / 2)
         middle = (start[0] + end[0]) / 2
         draw.line([start, (middle, start[1]), (middle, end[1]), end], fill=(110, 130, 170), width=2)

@@ -8,13 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
-
 import sparse_avatar
+from comfy_stub import ComfyStub
 from sparse_avatar import batch
 from sparse_avatar.cli import main
 from sparse_avatar.errors import UserFacingError
-
-from comfy_stub import ComfyStub
 
 WORKFLOW = {
     "1": {"class_type": "LoadAudio", "inputs": {"audio": "speech.wav"}, "_meta": {"title": "Speech"}},

@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 import sparse_avatar
+from PIL import Image
 
 tomllib = pytest.importorskip("tomllib")
 ROOT = Path(sparse_avatar.__file__).parent
