@@ -43,34 +43,37 @@ def assert_weights_close(a: dict, b: dict, atol: float = 2e-5) -> None:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
 
 
-def test_tiny_smoke_torchrun_two_processes_matches_one_process(tmp_path):
-    one = tmp_path / "one"
-    run_training(one, "--steps", "3")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """One process, 4 steps: the run every multi-process and resumed run must reproduce, with a
+    sample video after the last step (made once for the module; each launch costs a Python +
+    torch start-up). Sampling uses a copy of the weights, and here comes after the last update."""
+    out = tmp_path_factory.mktemp("straight")
+    run_training(out, "--steps", "4", "--sample-every", "4")
+    return out
+
+
+def test_tiny_smoke_torchrun_two_processes_matches_one_process(straight, tmp_path):
     two = tmp_path / "two"
-    result = run_training(two, "--steps", "3", processes=2)
+    result = run_training(two, "--steps", "4", processes=2)
     assert '"world_size": 2' in result.stdout and '"parallel": "ddp"' in result.stdout
-    assert_weights_close(final_weights(one), final_weights(two))
+    assert_weights_close(final_weights(straight), final_weights(two))
     # the logged loss is the mean over the same global batch
-    log_one = (one / "train_log.jsonl").read_text().splitlines()
+    log_one = (straight / "train_log.jsonl").read_text().splitlines()
     log_two = (two / "train_log.jsonl").read_text().splitlines()
-    assert len(log_one) == len(log_two) == 3
+    assert len(log_one) == len(log_two) == 4
 
 
 @pytest.mark.skipif(not fsdp_available(), reason="FSDP2 (fully_shard) needs torch >= 2.4")
-def test_fsdp2_matches_one_process_and_resumes_on_another_world_size(tmp_path):
-    straight = tmp_path / "straight"
-    run_training(straight, "--steps", "4")
-
-    sharded = tmp_path / "sharded"
-    run_training(sharded, "--steps", "4", "--parallel", "fsdp", processes=2)
-    assert_weights_close(final_weights(straight), final_weights(sharded))
-
-    # 2 FSDP2 ranks train 2 of 4 steps and checkpoint; 1 process resumes and finishes.
+def test_fsdp2_matches_one_process_and_resumes_on_another_world_size(straight, tmp_path):
+    # 2 FSDP2 ranks train 4 steps, checkpointing every 2: the result equals one process (so
+    # sharding and writing checkpoints change nothing) ...
     resumed = tmp_path / "resumed"
     run_training(resumed, "--steps", "4", "--parallel", "fsdp", "--checkpoint-every", "2", processes=2)
+    assert_weights_close(final_weights(straight), final_weights(resumed))
     first = state_io.list_checkpoints(resumed)
     assert [p.name for p in first] == ["step-00000002", "step-00000004"]
-    # Drop the step-4 checkpoint so the single process resumes from step 2 written by 2 ranks.
+    # ... and 1 process resumes from the step-2 checkpoint written by 2 ranks and finishes.
     import shutil
 
     shutil.rmtree(first[-1])
@@ -80,13 +83,11 @@ def test_fsdp2_matches_one_process_and_resumes_on_another_world_size(tmp_path):
     assert_weights_close(final_weights(straight), final_weights(resumed))
 
 
-def test_train_cli_writes_periodic_sample_videos(tmp_path):
+def test_train_cli_writes_periodic_sample_videos(straight):
     from sparse_avatar.media import probe_media
 
-    out = tmp_path / "run"
-    run_training(out, "--steps", "2", "--sample-every", "2")
-    sample = out / "samples" / "step-00000002.mp4"
-    assert sample.is_file()
+    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["step-00000004.mp4"]
+    sample = straight / "samples" / "step-00000004.mp4"
     info = probe_media(sample)
     assert info.width == 2 * info.height  # target | model sample, side by side
 
@@ -94,9 +95,10 @@ def test_train_cli_writes_periodic_sample_videos(tmp_path):
 def test_train_cli_distillation_writes_the_teacher_vs_student_report(tmp_path):
     # Plumbing of the CLI path (a fresh checkpoint predicts zero velocity, so the numbers are 0);
     # test_training_stages checks that distillation learns and the report ranks a trained teacher.
-    teacher = tmp_path / "teacher.safetensors"
-    subprocess.run([sys.executable, "-m", "sparse_avatar", "init-checkpoint", "--config", "tiny", "--out", str(teacher)],
-                   check=True, capture_output=True, env=_env())
+    # (what 'init-checkpoint' writes, made in-process: test_model_units tests that command)
+    from sparse_avatar.model.checkpoint import new_model, save_checkpoint
+
+    teacher = save_checkpoint(new_model("tiny", seed=0), tmp_path / "teacher.safetensors")
     out = tmp_path / "distill"
     command = [sys.executable, "-m", "sparse_avatar.train", "--config", "distill", "--model-config", "tiny", "--data", "synthetic",
                "--init", str(teacher), "--steps", "2", "--batch-size", "2", "--target-frames", "4", "--reference-frames", "8",
