@@ -348,3 +348,32 @@ def test_is_supported_follows_device_dtype_head_dim_and_block(fused):
     assert not fused.is_supported(q.double(), 16)
     assert not fused.is_supported(torch.zeros(1, 1, 4, 24), 16)
     assert not fused.is_supported(q, 48)
+
+
+@needs_interpreter
+def test_triton_backend_through_the_front_door(fused):
+    """The front door's normalised inputs (None branches, filled lengths, routed ids) suit the
+    fused kernels: sparse_reference_attention with backend="triton" equals backend="naive",
+    outputs, lse and every gradient (moved here from test_sparse_attention.py, which started its
+    own interpreter process for it)."""
+    from sparse_avatar.sparse_attention import sparse_reference_attention
+
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    q, k, v = randn(2, 4, 21, 16), randn(2, 4, 21, 16), randn(2, 4, 21, 16)
+    static_k, static_v, ref_k, ref_v = randn(2, 2, 3, 16), randn(2, 2, 3, 16), randn(2, 2, 45, 16), randn(2, 2, 45, 16)
+    lengths = torch.tensor([45, 20])
+    cases = [(static_k, static_v, ref_k, ref_v, lengths), (None, None, ref_k, ref_v, lengths), (static_k, static_v, None, None, None),
+             (static_k, static_v, ref_k[:, :, :0], ref_v[:, :, :0], None)]
+    for case_static_k, case_static_v, case_ref_k, case_ref_v, ref_lengths in cases:
+        results = {}
+        for backend in ("naive", "triton"):
+            leaves = [None if t is None else t.clone().requires_grad_(True) for t in (q, k, v, case_static_k, case_static_v, case_ref_k, case_ref_v)]
+            out, lse = sparse_reference_attention(*leaves, ref_lengths, block_size=16, top_k=2, backend=backend, return_lse=True)
+            (out.square().sum() + lse.sum()).backward()
+            results[backend] = [out, lse] + [t.grad for t in leaves if t is not None and t.numel()]
+        worst = max((a - b).abs().max().item() for a, b in zip(results["naive"], results["triton"]))
+        assert worst < 1e-4, worst
