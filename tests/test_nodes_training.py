@@ -119,15 +119,15 @@ def test_train_avatar_writes_a_lora_that_load_avatar_lora_applies(models_cwd):
     with torch.inference_mode():  # as ComfyUI runs nodes
         base = _load()
         before = {name: tensor.clone() for name, tensor in base.model.state_dict().items()}
-        result = TrainAvatar().train(base, reference, steps=3, lora_rank=4, learning_rate=1e-2, seed=7,
+        result = TrainAvatar().train(base, reference, steps=2, lora_rank=4, learning_rate=1e-2, seed=7,
                                      filename_prefix="person")
         trained, lora_path = result["result"]
         # the loaded model (in ComfyUI's cache) is untouched
         assert all(torch.equal(before[name], tensor) for name, tensor in base.model.state_dict().items())
         assert trained is not base and trained.model is not base.model
     lora_file = models_cwd / "models" / "avatar_loras" / "person_00001.safetensors"
-    assert lora_path == str(lora_file) and lora_file.is_file() and _lora_steps(lora_file) == 3
-    assert result["ui"]["text"] == ["person_00001.safetensors (3 steps)"]
+    assert lora_path == str(lora_file) and lora_file.is_file() and _lora_steps(lora_file) == 2
+    assert result["ui"]["text"] == ["person_00001.safetensors (2 steps)"]
 
     assert "person_00001.safetensors" in LoadAvatarLoRA.INPUT_TYPES()["required"]["lora"][0]
     (loaded,) = LoadAvatarLoRA().load(base, "person_00001.safetensors")
@@ -139,7 +139,7 @@ def test_train_avatar_writes_a_lora_that_load_avatar_lora_applies(models_cwd):
 
     # a second run never overwrites the first file
     again = TrainAvatar().train(base, reference, steps=1, lora_rank=2, filename_prefix="person")
-    assert again["result"][1].endswith("person_00002.safetensors") and _lora_steps(lora_file) == 3
+    assert again["result"][1].endswith("person_00002.safetensors") and _lora_steps(lora_file) == 2
 
 
 def test_load_avatar_lora_refuses_another_base_and_missing_files(models_cwd):
