@@ -192,3 +192,35 @@ def test_gradient_checkpointing_covers_the_dit_reference_pass_with_the_same_grad
         reference_grads += "reference_kv" in name
         torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-4, atol=1e-6)
     assert reference_grads > 0  # the reference pass really received gradients through the checkpoint
+
+
+def test_prefetched_batches_give_the_same_run_as_reading_each_step(tmp_path):
+    plain = make_trainer(tmp_path / "plain", total_steps=6).fit()
+    ahead = make_trainer(tmp_path / "ahead", total_steps=6, prefetch_batches=True).fit()
+    assert ahead.losses == plain.losses
+
+
+def test_time_budget_fits_the_schedule_to_the_step_rate_and_stops(monkeypatch):
+    from sparse_avatar.training import budget as budget_module
+
+    clock = [100.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    config = TrainerConfig(total_steps=10_000, lr=1e-3, warmup_steps=100)
+    budget = budget_module.TimeBudget(60.0, 10_000, config)
+    budget.start()
+    for step in range(1, budget_module.REFIT_STEPS + 1):
+        clock[0] += 0.5  # 0.5 s a step: 120 steps fit in 60 s
+        budget.on_step(step)
+        assert not budget.spent(step)
+    assert config.total_steps == 120
+    assert config.warmup_steps == 12  # a tenth of the fitted run
+    clock[0] += 48.0
+    assert budget.spent(budget_module.REFIT_STEPS + 1)
+    # A resumed run counts its own steps and keeps its warm-up.
+    budget.start(first_step=500)
+    for step in range(501, 501 + budget_module.REFIT_STEPS):
+        clock[0] += 1.0
+        budget.on_step(step)
+    assert config.total_steps == 500 + budget_module.REFIT_STEPS + 60 - budget_module.REFIT_STEPS
+    assert config.warmup_steps == 12
+    assert not budget_module.TimeBudget(None, 5, config).spent(3)

@@ -12,7 +12,8 @@ runs once per step for the whole batch (``model.flow.training_step`` broadcasts 
 reference), and nothing in the step waits for the GPU: no host-side indices, no copies.
 
 Dub is trained: ``dub_context_prob`` of the samples get the target with the lower face hidden as
-context (``model.masks``), exactly what dub mode renders.
+context (``model.masks``), exactly what dub mode renders. The flow loss counts the lower face's
+cells ``mouth_loss_weight`` times (4 by default, whatever the base's config says).
 
 ``lora_rank > 0`` trains a LoRA on a trained base (small file, tied to the base); ``lora_rank =
 0`` fine-tunes every weight (the only sensible choice from an untrained base: a low-rank delta of
@@ -38,17 +39,17 @@ from ..errors import UserFacingError
 from ..model.checkpoint import save_checkpoint
 from ..model.flow import training_step
 from .distributed import DistributedContext
+from .budget import TimeBudget
 from .lora import apply_lora, save_lora
 from .objectives import StepModule
 from .trainer import Trainer, TrainerConfig, uncompile_blocks
 
 logger = logging.getLogger(__name__)
 
-# A time-budgeted run fits its step count to the budget from the step rate measured after the
-# first BUDGET_WARMUP_STEPS (kernel compilation, allocator warm-up), and fits it again every
-# BUDGET_REFIT_STEPS steps: the rate changes when the GPU is shared or the clocks settle.
-BUDGET_WARMUP_STEPS = 10
-BUDGET_REFIT_STEPS = 25
+# The person benchmark, v07, same run (H200, 3 runs sharing, 390 s): weight 4 against 1 gave dub
+# PSNR 22.37 vs 22.09 dB, LMD 1.03 vs 1.18 px, dub mouth r 0.34 vs 0.12, generate mouth r 0.37 vs
+# 0.19 and identity 0.201 vs 0.215 (bench/results/person.md).
+MOUTH_LOSS_WEIGHT = 4.0
 
 
 class PersonClipSource:
@@ -90,12 +91,12 @@ class PersonClipSource:
         }
 
 
-def personality_objective(*, dub_context_prob: float):
+def personality_objective(*, dub_context_prob: float, mouth_loss_weight: float = 1.0):
     """loss_fn(step_module, batch, generator) for the trainer: ``model.flow.training_step`` with
     the trainer's per-step device generator (so resume is exact and no number crosses to the host)."""
 
     def loss_fn(step_module: StepModule, batch: dict, generator: torch.Generator):
-        loss, metrics = training_step(step_module.avatar, batch, generator=generator, dub_context_prob=dub_context_prob)
+        loss, metrics = training_step(step_module.avatar, batch, generator=generator, dub_context_prob=dub_context_prob, mouth_loss_weight=mouth_loss_weight)
         dit = step_module.avatar.dit
         target = batch["target_frames"]
         grid = dit.token_grid(step_module.avatar.codec.latent_shape(target.shape[1], target.shape[2], target.shape[3]))
@@ -154,6 +155,7 @@ def finetune_personality(
     target_frames=16,
     reference_frames=48,
     dub_context_prob: float = 0.5,
+    mouth_loss_weight: float = MOUTH_LOSS_WEIGHT,
     fps: float = 25.0,
     seed: int = 0,
     log_every: int = 10,
@@ -199,39 +201,27 @@ def finetune_personality(
         total_steps=steps, lr=lr, warmup_steps=min(100, max(1, steps // 10)), weight_decay=0.0, ema_decay=0.0, seed=seed,
         parallel="none", log_every=log_every, compile=compile, final_checkpoint=False,  # the result is written below, in its own format
     )
-    rate_clock: dict = {}
-    # The hooks read `config` (the trainer's own, so a new total_steps reaches its schedule),
-    # `trainer` and `started`, which are set below before the first step runs.
+    budget = TimeBudget(time_budget_s, steps, config)  # fits config.total_steps to the time
+    # The hooks read `trainer`, which is set below before the first step runs.
 
     def on_step(record: dict) -> None:
-        step = record["step"]
-        if time_budget_s is not None and step == BUDGET_WARMUP_STEPS:
-            rate_clock.update(step=step, time=time.perf_counter())
-        elif time_budget_s is not None and rate_clock and step % BUDGET_REFIT_STEPS == 0:
-            now = time.perf_counter()
-            seconds_per_step = (now - rate_clock["time"]) / (step - rate_clock["step"])
-            remaining = max(0.0, time_budget_s - (now - started))
-            config.total_steps = max(step + 1, min(steps, step + int(remaining / seconds_per_step)))
-            if step == BUDGET_REFIT_STEPS:  # warm-up stays a tenth of the run, decided once
-                config.warmup_steps = min(config.warmup_steps, max(1, config.total_steps // 10))
+        budget.on_step(record["step"])
         if progress is not None:
             progress(record["step"], config.total_steps, record.get("loss") if record.get("synced", True) else None)
 
     def stop() -> bool:
-        if time_budget_s is not None and trainer.step > 0 and time.perf_counter() - started > time_budget_s:
-            return True
-        return bool(should_cancel and should_cancel())
+        return budget.spent(trainer.step) or bool(should_cancel and should_cancel())
 
     with tempfile.TemporaryDirectory(prefix="sparse-avatar-personality-") as workdir:
         def new_trainer() -> Trainer:
             return Trainer(
-                StepModule(model, personality_objective(dub_context_prob=dub_context_prob)), lambda m, b, g: m.objective(m, b, g), source, config,
+                StepModule(model, personality_objective(dub_context_prob=dub_context_prob, mouth_loss_weight=mouth_loss_weight)), lambda m, b, g: m.objective(m, b, g), source, config,
                 Path(workdir) / "run", context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
                 on_step=on_step, should_stop=stop,
             )
 
         trainer = new_trainer()
-        started = time.perf_counter()  # the budget is training time, from the first step
+        budget.start()  # the budget is training time, from the first step
         try:
             result = trainer.fit()
         except Exception as error:
@@ -250,9 +240,9 @@ def finetune_personality(
     model.training_stage = "personality"
     if result.step == 0:
         raise UserFacingError("personality fine-tuning was cancelled before the first step; nothing was written.")
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - budget.started
     metadata = {"steps": str(result.step), "lora_rank": str(lora_rank), "train_seconds": f"{wall:.1f}", "fps": repr(float(fps)),
-                "dub_context_prob": repr(float(dub_context_prob)), "final_loss": "" if not math.isfinite(result.last_loss) else f"{result.last_loss:.5f}"}
+                "dub_context_prob": repr(float(dub_context_prob)), "mouth_loss_weight": repr(float(mouth_loss_weight)), "final_loss": "" if not math.isfinite(result.last_loss) else f"{result.last_loss:.5f}"}
     if lora_rank > 0:
         return save_lora(model.dit, out_path, base_fingerprint=base_fingerprint, extra_metadata=metadata)
     metadata["base_fingerprint"] = base_fingerprint

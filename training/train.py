@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", help="dpo: preference pairs JSONL")
     parser.add_argument("--video", help="personality: learn from this video of the person (with its sound) instead of --data shards; "
                                         "the same call as `python -m sparse_avatar personalize` and the Train Avatar node (one GPU)")
-    parser.add_argument("--minutes", type=float, default=10.0, help="personality --video: training time (default 10; 0 = only --steps)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training time budget: the step count (and so the LR schedule) is fitted to it, then the final model is written; "
+                             "personality --video: default 10 (0 = only --steps); on --data: default none (train --steps)")
     parser.add_argument("--init", help="starting checkpoint (.safetensors); required from the personality stage on")
     parser.add_argument("--model-config", help="model size (tiny/small/base/xl); default: the stage's")
     parser.add_argument("--steps", type=int, help="total optimizer steps (sets the LR schedule length)")
@@ -58,7 +60,9 @@ def run(args: argparse.Namespace) -> dict:
     from ..model.checkpoint import load_checkpoint, new_model, save_checkpoint
     from .distributed import init_distributed, shutdown_distributed
     from .stages import build_objective, get_training_config, with_overrides, with_window_caps
+    from .budget import TimeBudget
     from .objectives import StepModule
+    from .personality import minutes_budget
     from .trainer import Trainer
 
     stage = get_training_config(args.config)
@@ -98,12 +102,15 @@ def run(args: argparse.Namespace) -> dict:
             companion.to(context.device)
         step_module = StepModule(avatar, objective, text_conditioner=text_conditioner)
         metadata = {"model_config": avatar.config.to_json(), "stage": stage.stage, "training_config": stage.name}
+        budget = TimeBudget(minutes_budget(args.minutes), stage.trainer.total_steps, stage.trainer)
         trainer = Trainer(
             step_module, lambda module, batch, generator: module(batch), source, stage.trainer, args.out,
             context=context, model_metadata=metadata, sample_fn=make_sample_fn(source, stage) if stage.stage != "dpo" else None,
+            on_step=lambda record: budget.on_step(record["step"]), should_stop=lambda: budget.spent(trainer.step),
         )
         if not args.no_resume:
             trainer.resume()
+        budget.start(first_step=trainer.step)
         result = trainer.fit()
         summary = {"step": result.step, "last_loss": result.last_loss, "world_size": context.world_size, "parallel": trainer.parallel_mode}
         export_final(trainer, step_module, stage, avatar, base_fingerprint, Path(args.out), context, save_checkpoint, lora_rank)
@@ -133,7 +140,8 @@ def _personalize_from_video(args: argparse.Namespace, stage) -> dict:
     lora_rank = 0 if args.lora_rank is None else args.lora_rank
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = personalize_video(avatar, args.video, out / ("lora.safetensors" if lora_rank > 0 else "model.safetensors"), minutes=args.minutes,
+    minutes = 10.0 if args.minutes is None else args.minutes
+    path = personalize_video(avatar, args.video, out / ("lora.safetensors" if lora_rank > 0 else "model.safetensors"), minutes=minutes,
                              steps=args.steps or 100_000, lr=args.lr or 1e-3, lora_rank=lora_rank, seed=args.seed or 0)
     summary = {"written": str(path)}
     print(json.dumps({"done": summary}), flush=True)
