@@ -14,6 +14,7 @@ the network predicts the velocity v = x1 - x0. Noise level sigma = 1 - t.
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import UserFacingError
 from .dit import LayerCache
-from .masks import jittered_dub_masks, known_cells
+from .masks import dub_mask, jittered_dub_masks, known_cells
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
 MAX_STEPS = 50
@@ -208,7 +209,27 @@ def dub_context(model, target: torch.Tensor, generator=None) -> torch.Tensor:
     return known[:, None, None].expand(batch, 1, time, rows, cols).to(target.dtype)
 
 
-def flow_errors(config, predicted: torch.Tensor, target: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def mouth_cell_weights(model, device=None, weight: float | None = None) -> torch.Tensor | None:
+    """Loss weights [1, 1, 1, h, w] of the latent cells: ``weight`` (default
+    config.mouth_loss_weight) on the cells the dub mask touches, 1 elsewhere; None when the
+    weight is 1 (a plain mean)."""
+    weight = float(model.config.mouth_loss_weight if weight is None else weight)
+    if weight <= 0:
+        raise UserFacingError(f"the mouth loss weight must be positive; got {weight}.")
+    if weight == 1.0:
+        return None
+    return _mouth_cell_weights(model.config.frame_size, model.codec.spatial_factor, weight, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=8)
+def _mouth_cell_weights(size: int, factor: int, weight: float, device: str) -> torch.Tensor:
+    # Cached: built on the host once, not copied to the GPU every training step.
+    region = 1.0 - known_cells(torch.from_numpy(dub_mask(size)), factor)
+    return (1.0 + (weight - 1.0) * region).to(device)[None, None, None]
+
+
+def flow_errors(config, predicted: torch.Tensor, target: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
+                cell_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample training error [B] in config.loss_space. ``predicted`` is what the network
     predicts (config.prediction; ``model_output(config)`` names the forward's output for it):
     the velocity for "v", the clean latents for "x". x-prediction with loss "v": velocity MSE
@@ -222,12 +243,15 @@ def flow_errors(config, predicted: torch.Tensor, target: torch.Tensor, noise: to
         difference = predicted - target
     else:
         difference = (predicted - target) / sigma.clamp_min(0.05)
-    return difference.pow(2).flatten(1).mean(1)
+    if cell_weights is None:
+        return difference.pow(2).flatten(1).mean(1)
+    cell_weights = cell_weights.float().expand_as(difference)
+    return (difference.pow(2) * cell_weights).flatten(1).mean(1) / cell_weights.flatten(1).mean(1)
 
 
-def flow_loss(config, predicted, target, noise, noisy, t) -> torch.Tensor:
+def flow_loss(config, predicted, target, noise, noisy, t, cell_weights=None) -> torch.Tensor:
     """``flow_errors`` averaged over the batch."""
-    return flow_errors(config, predicted, target, noise, noisy, t).mean()
+    return flow_errors(config, predicted, target, noise, noisy, t, cell_weights).mean()
 
 
 def model_output(config) -> str:
@@ -235,7 +259,8 @@ def model_output(config) -> str:
     return "data" if config.prediction == "x" else "velocity"
 
 
-def training_step(model, batch: dict, *, generator: torch.Generator | None = None, dub_context_prob: float | None = None):
+def training_step(model, batch: dict, *, generator: torch.Generator | None = None, dub_context_prob: float | None = None,
+                  mouth_loss_weight: float | None = None):
     """One flow-matching loss on a batch; the trainer calls this for every stage.
 
     batch keys (tensors, batch size B, T target frames, Tr reference frames):
@@ -252,7 +277,8 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
     per batch), dub samples (config.dub_context_prob per sample: the target with the lower face
     hidden as context) and motion-frame conditioning (config.motion_frames_prob: the first
     1..max frames are given as known context, as the long-video pipeline does) happen here.
-    dub_context_prob overrides the config's (personality fine-tuning trains dub on any base).
+    dub_context_prob and mouth_loss_weight override the config's (personality fine-tuning trains
+    dub, and weights the mouth, on any base).
     Randomness comes from ``generator`` on ITS device: a CPU generator reproduces across
     devices; a CUDA generator (the personality path) keeps the step free of host syncs.
     Returns (loss, metrics): metrics are 0-dim tensors (no host sync here; the trainer reads
@@ -332,7 +358,7 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
         caches = _expand_caches(caches, size)
 
     predicted = dit(noisy, t, audio, caches, context_latents=context, context_mask=mask, audio_keep=audio_keep, output=model_output(config))
-    main_loss = flow_loss(config, predicted, target, noise, noisy, t)
+    main_loss = flow_loss(config, predicted, target, noise, noisy, t, mouth_cell_weights(model, device, mouth_loss_weight))
     loss = main_loss + config.static_consistency_weight * consistency
     metrics = {"loss": loss.detach(), "flow_loss": main_loss.detach(), "static_consistency": consistency.detach(), "t_mean": t.mean()}
     return loss, metrics

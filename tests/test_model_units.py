@@ -64,9 +64,11 @@ def test_configs_are_data_and_sizes_are_as_documented():
     assert counts["tiny"] < 2_000_000
     assert counts["tiny"] < counts["small"] < counts["base"] < counts["xl"]
     assert 1_000_000_000 <= counts["xl"] <= 2_000_000_000
+    # The shipped default must fit the 40 MB a Manager-cloned repository can carry (bf16).
+    assert counts["compact"] * 2 <= 40_000_000 and counts["compact"] < counts["small"]
     for config in CONFIGS.values():
         assert type(config).from_json(config.to_json()) == config
-        if config.name != "tiny":
+        if config.name not in ("tiny", "compact"):
             assert config.group_size == 4
     with pytest.raises(UserFacingError, match="unknown model config"):
         get_config("huge")
@@ -409,3 +411,30 @@ def test_dub_forces_the_reference_blocks_of_the_source_frames(monkeypatch):
     monkeypatch.setattr(dit_module, "sparse_reference_attention", spy)
     render(model, identity, features, mode="dub", dub_frames=source, dub_reference_frames=np.array([4, 5, 4, 3, 2]), steps=1, chunk_frames=5, overlap_frames=0)
     assert seen and all(blocks is not None and blocks[0, 0, :, 0].tolist() == [4, 5, 4, 3, 2] for blocks in seen)
+
+
+def test_mouth_weighted_flow_loss_is_the_weighted_mean_and_one_is_the_plain_mean():
+    from sparse_avatar.model.flow import flow_errors, mouth_cell_weights
+    from sparse_avatar.model.masks import dub_mask, known_cells
+
+    model = new_model("tiny", seed=0)
+    config = model.config.replace(prediction="x", loss_space="x")
+    assert mouth_cell_weights(model) is None  # weight 1: the plain mean, nothing built
+    weights = mouth_cell_weights(model, weight=4.0)
+    region = 1.0 - known_cells(torch.from_numpy(dub_mask(config.frame_size)), model.codec.spatial_factor)
+    assert weights.shape == (1, 1, 1, *region.shape) and 0 < region.mean() < 0.5
+    torch.testing.assert_close(weights[0, 0, 0], 1 + 3 * region)
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, model.config.latent_channels, 3, *region.shape)
+    predicted, target = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    noise, t = torch.randn(shape, generator=generator), torch.rand(2, generator=generator)
+    plain = flow_errors(config, predicted, target, noise, target, t)
+    torch.testing.assert_close(plain, (predicted - target).pow(2).flatten(1).mean(1))
+    torch.testing.assert_close(flow_errors(config, predicted, target, noise, target, t, torch.ones_like(weights)), plain)
+    squared = (predicted - target).pow(2)
+    inside = (squared * region).sum(dim=(1, 2, 3, 4)) / (region.sum() * shape[1] * shape[2])
+    outside = (squared * (1 - region)).sum(dim=(1, 2, 3, 4)) / ((1 - region).sum() * shape[1] * shape[2])
+    share = 4 * region.mean() / (4 * region.mean() + (1 - region.mean()))  # the mouth's share of the weight
+    torch.testing.assert_close(flow_errors(config, predicted, target, noise, target, t, weights), share * inside + (1 - share) * outside)
+    with pytest.raises(UserFacingError, match="must be positive"):
+        mouth_cell_weights(model, weight=0.0)

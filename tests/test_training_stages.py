@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -231,3 +234,35 @@ def test_finetune_personality_writes_a_lora_with_progress_and_cancel(pretrained,
     assert names and path.stat().st_size < 200_000
     with pytest.raises(UserFacingError, match="face crops"):
         finetune_personality(base, crops[:, :8], speech, tmp_path / "x.safetensors", steps=1)
+
+
+def test_batched_objective_gives_the_per_sample_loss_when_references_are_equal(tiny):
+    """The "world" stage's one batched call is the per-sample loop's mean when every reference has
+    the same length (its only approximation is cutting references to the batch's shortest)."""
+    from sparse_avatar.model.flow import training_step
+
+    avatar = copy.deepcopy(tiny)
+    batch = synthetic_batch(avatar, size=2)
+    assert int(batch["reference_lengths"].min()) == int(batch["reference_lengths"].max())
+    assert get_training_config("world").batched_objective and not get_training_config("audio").batched_objective
+    step_module = objectives.StepModule(avatar, objectives.model_flow_objective(per_sample=False))
+    loss, metrics = step_module(batch)
+    assert all(isinstance(value, torch.Tensor) for key, value in metrics.items() if key != "tokens")  # no host sync per step
+    assert torch.isfinite(loss)
+    generator = torch.Generator().manual_seed(int(batch["sample_seeds"][0]))
+    inputs = {"target_frames": batch["target_frames"].float() / 255, "target_audio": batch["target_speech"],
+              "reference_frames": batch["reference_frames"].float() / 255, "reference_audio": batch["reference_speech"]}
+    expected, _ = training_step(avatar, inputs, generator=generator)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_train_minutes_on_shards_stops_at_the_budget_and_writes_the_model(tmp_path):
+    """--minutes on a --data stage: a tiny budget stops after the first step and still writes the
+    final model (the path the shipped model's recipe takes on a GPU)."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "sparse_avatar.train", "--config", "tiny-smoke", "--out", str(out), "--device", "cpu",
+                             "--steps", "500", "--minutes", "0.0001"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    done = json.loads(result.stdout.strip().splitlines()[-1])["done"]
+    assert 1 <= done["step"] < 500
+    assert (out / "model.safetensors").is_file()

@@ -145,8 +145,8 @@ def model_flow_objective(*, per_sample: bool = True):
             loss = torch.stack(losses).mean()
         else:
             generator = torch.Generator().manual_seed(int(batch["sample_seeds"][0]))
+            # metrics stay 0-dim tensors: the trainer reads them (a host sync) only on logged steps.
             loss, metrics = training_step(avatar, sample_inputs(batch, slice(None), int(batch["reference_lengths"].min())), generator=generator)
-            metrics = {key: float(value) for key, value in metrics.items()}
         frames, height, width = batch["target_frames"].shape[1:4]
         grid = avatar.dit.token_grid(avatar.codec.latent_shape(frames, height, width))
         metrics["tokens"] = float(size * grid[0] * grid[1] * grid[2])
