@@ -100,3 +100,31 @@ def test_world_cli_rejects_bad_size(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sparse_avatar", "world", "--n", "1", "--size", "20", "--out", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--size must be between 64 and 256" in result.stderr
+
+
+def test_world_shards_from_speech_made_elsewhere_equal_the_one_pass_shards(espeak, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    from sparse_avatar.training.data import ShardedClipDataset
+    from sparse_avatar.training.world import generate as world_generate
+
+    one_pass = world_generate.generate_world_shards(2, 1.0, 64, tmp_path / "one", workers=1, progress=False)
+    assert world_generate.generate_world_shards(2, 1.0, 64, tmp_path / "two", workers=1, speech_only=True, progress=False) is None
+    assert sorted(p.name for p in (tmp_path / "two" / "speech").iterdir()) == ["clip_000000.npz", "clip_000001.npz"]
+    assert not list((tmp_path / "two" / "clips").iterdir())
+    # The frames half needs no espeak-ng: the speech files made above are all it reads.
+    monkeypatch.setattr(world_generate, "synthesize_speech", lambda *args, **kwargs: pytest.fail("speech was synthesised again"))
+    monkeypatch.setattr(world_generate, "espeak_binary", lambda: pytest.fail("espeak-ng was looked for"))
+    two_pass = world_generate.generate_world_shards(2, 1.0, 64, tmp_path / "two", workers=1, progress=False)
+    for name in ("clip_000000.safetensors", "clip_000001.safetensors"):
+        a, b = load_file(tmp_path / "one" / "clips" / name), load_file(tmp_path / "two" / "clips" / name)
+        assert a.keys() == b.keys() == {"frames", "speech"}
+        assert all(np.array_equal(a[key], b[key]) for key in a)
+    index = json.loads(two_pass.read_text())
+    assert index == json.loads(one_pass.read_text())
+    assert [clip["person"] for clip in index["clips"]] == ["world-0", "world-0"] and index["clips"][0]["n_frames"] == 25
+    frames = load_file(tmp_path / "one" / "clips" / "clip_000000.safetensors")["frames"]
+    assert frames.shape == (25, 64, 64, 3) and frames.std() > 5  # a rendered head, not an empty frame
+    dataset = ShardedClipDataset(tmp_path / "one", global_batch_size=2, target_frames=(4, 4), reference_frames=(4, 4))
+    batch = dataset.batch(0, 0, 1)
+    assert tuple(batch["target_frames"].shape) == (2, 4, 64, 64, 3)

@@ -8,8 +8,13 @@ import argparse
 
 
 def _world(args: argparse.Namespace) -> int:
-    from .world.generate import generate_world
+    from .world.generate import generate_world, generate_world_shards
 
+    if args.shards or args.speech_only:
+        index = generate_world_shards(args.n, args.seconds, args.size, args.out, seed=args.seed, clips_per_identity=args.clips_per_identity,
+                                      workers=args.workers, speech_only=args.speech_only)
+        print(f"{args.n} clips' speech in {args.out}/speech" if index is None else f"{args.n} training shards, index {index}")
+        return 0
     paths = generate_world(args.n, args.seconds, args.size, args.out, seed=args.seed,
                            clips_per_identity=args.clips_per_identity, workers=args.workers)
     print(f"{len(paths)} clips in {args.out}")
@@ -27,6 +32,11 @@ def add_world_command(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed: different seeds give different people")
     parser.add_argument("--clips-per-identity", type=int, default=2, help="clips sharing one person (default 2)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    parser.add_argument("--shards", action="store_true",
+                        help="write training shards (OUT/clips + OUT/index.json, what `train --data OUT` reads) instead of mp4 clips")
+    parser.add_argument("--speech-only", action="store_true",
+                        help="with --shards: only the speech half (OUT/speech/*.npz, needs espeak-ng); the same command without it "
+                             "renders the frames from those files on a machine without espeak-ng")
     parser.set_defaults(handler=_world)
 
 

@@ -49,6 +49,15 @@ class ClipEntry:
     caption: str
 
 
+def shard_metadata(*, person: str, caption: str, fps: float, frame_size: int, crop: str, source: str) -> dict:
+    """The string metadata every shard carries (``preprocess`` and Avatar World write the same)."""
+    from ..model.configs import SPEECH_FEATURE_ID  # the media stack's, mirrored (GPU boxes lack PyAV)
+
+    return {"format": SHARD_FORMAT, "version": str(SHARD_VERSION), "person": person, "caption": caption,
+            "fps": repr(float(fps)), "frame_size": str(frame_size), "crop": crop, "source": source,
+            "speech_features": SPEECH_FEATURE_ID}
+
+
 def read_index(shards_dir: str | Path) -> list[ClipEntry]:
     shards_dir = Path(shards_dir)
     path = shards_dir / INDEX_NAME
