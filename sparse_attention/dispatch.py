@@ -16,7 +16,9 @@ Which backend runs, strongest first:
   2. the environment variable SPARSE_AVATAR_ATTENTION,
   3. `set_default_backend(name)` (for scripts; nothing in the pack calls it),
   4. "auto": fused Triton (CUDA, supported dtype/head dim) -> FlexAttention (CUDA) ->
-     xformers (CUDA) -> dense SDPA -> naive (CPU fallback when the dense mask gets large).
+     xformers (CUDA) -> dense SDPA; on a CPU without gradients (rendering) "cpu" (`cpu.py`:
+     PyTorch's fused flash kernel for the clip and static branches), with gradients dense SDPA,
+     or naive when the dense mask gets large.
 A backend named explicitly (1-3) that cannot run these inputs is an error, never a silent swap.
 
 The ComfyUI node Load Avatar Model never calls `set_default_backend`: it stores its choice on the
@@ -43,7 +45,7 @@ from ..errors import UserFacingError
 from .inputs import AttentionShapes
 
 ENV_VAR = "SPARSE_AVATAR_ATTENTION"
-BACKEND_NAMES = ("triton", "flex", "xformers", "dense", "naive")
+BACKEND_NAMES = ("triton", "flex", "xformers", "dense", "cpu", "naive")
 AUTO = "auto"
 # Old name -> backend name. Accepted everywhere a name is (argument, env var, default), with a
 # logged warning once per old name per process.
@@ -150,6 +152,19 @@ def _dense(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, 
     return dense_sparse_attention, ""
 
 
+def _cpu(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
+    from . import cpu
+
+    if q.device.type != "cpu":
+        return None, f"the cpu backend runs CPU tensors; these are on {q.device}"
+    if not cpu.fused_kernel_available():
+        return None, "this torch has no fused CPU flash-attention kernel (aten._scaled_dot_product_flash_attention_for_cpu)"
+    if torch.is_grad_enabled():
+        # The fused kernel's lse has no gradient, and the exact branch merge needs one.
+        return None, "the cpu backend is for inference (its fused kernel gives no gradient through the lse); run under torch.no_grad()"
+    return cpu.cpu_attention, ""
+
+
 def _naive(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, str]:
     # The one door from production code to the definition (the CPU fallback of "auto").
     from .naive import naive_attention
@@ -157,7 +172,7 @@ def _naive(q: torch.Tensor, shapes: AttentionShapes) -> tuple[Attention | None, 
     return naive_attention, ""
 
 
-_FINDERS = {"triton": _triton, "flex": _flex, "xformers": _xformers, "dense": _dense, "naive": _naive}
+_FINDERS = {"triton": _triton, "flex": _flex, "xformers": _xformers, "dense": _dense, "cpu": _cpu, "naive": _naive}
 
 
 def available_backends(q: torch.Tensor, shapes: AttentionShapes) -> dict[str, str]:
@@ -182,6 +197,10 @@ def _auto(q: torch.Tensor, shapes: AttentionShapes) -> tuple[str, Attention]:
             attention, _ = _FINDERS[name](q, shapes)
             if attention is not None:
                 return name, attention
+    else:
+        attention, _ = _cpu(q, shapes)
+        if attention is not None:
+            return "cpu", attention
     dense_elements = shapes.batch * shapes.heads * shapes.query_len * (shapes.query_len + shapes.static_len + shapes.ref_len)
     name = "dense" if q.is_cuda or dense_elements <= DENSE_AUTO_LIMIT else "naive"
     return name, _FINDERS[name](q, shapes)[0]

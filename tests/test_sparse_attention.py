@@ -703,3 +703,35 @@ def test_layout_naive_only_through_dispatch_and_no_user_errors_in_backends():
         if path.name in ("naive.py", "merge.py", "blocks.py", "dense.py", "flex.py", "xformers_backend.py", "triton_fused.py"):
             assert "UserFacingError" not in path.read_text(), path.name
     assert importers == {"dispatch.py": ["_naive"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", BACKEND_CASES + [(2, 4, 2, 300, 5, 700, 64, 3, [700, 450])])
+def test_cpu_backend_matches_naive_when_rendering(case, dtype):
+    """The CPU render path (fused flash kernel for the clip and static branches) against the
+    definition, odd sizes included; it serves inference only (see the next test)."""
+    batch, heads, kv_heads, query_len, static_len, ref_len, block, top_k, lengths = case
+    inputs = make_inputs(batch, heads, kv_heads, query_len, static_len, ref_len, dtype=dtype, seed=13)
+    ref_lengths = None if lengths is None else torch.tensor(lengths)
+    with torch.no_grad():
+        expected = run_backend("naive", inputs, ref_lengths, block, top_k, with_grad=False)
+        got = run_backend("cpu", inputs, ref_lengths, block, top_k, with_grad=False)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], **tolerance)
+    torch.testing.assert_close(got[1], expected[1], **tolerance)
+
+
+def test_auto_renders_with_the_cpu_backend_and_trains_without_it(clean_dispatch):
+    from sparse_avatar.sparse_attention import cpu
+
+    if not cpu.fused_kernel_available():
+        pytest.skip("this torch has no fused CPU flash-attention kernel")
+    inputs = make_inputs(dtype=torch.float32)
+    shapes = shapes_of(inputs)
+    with torch.no_grad():
+        assert dispatch.choose_backend("auto", inputs["q"], shapes)[0] == "cpu"
+    # Training needs gradients through every branch's lse, which the fused kernel does not give.
+    assert dispatch.choose_backend("auto", inputs["q"], shapes)[0] in ("dense", "naive")
+    with pytest.raises(UserFacingError, match="for inference"):
+        dispatch.choose_backend("cpu", inputs["q"], shapes)
