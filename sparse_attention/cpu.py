@@ -1,5 +1,5 @@
-"""The CPU backend: the clip and static branches through PyTorch's fused flash-attention CPU
-kernel, the selected reference blocks gathered and attended plainly, merged by their lse.
+"""The CPU backend: every branch (clip, static, the gathered reference blocks) through PyTorch's
+fused flash-attention CPU kernel with its log-sum-exp, merged exactly by the lse.
 
 On a CPU the plain definition (`naive.py`) spends ~80 % of a render in the clip branch's
 materialised [Lq, Lq] score matrix (bmm, exp, sub, mul over 4096 x 4096 per head for a 16-frame
@@ -14,17 +14,26 @@ import torch.nn.functional as F
 
 from .blocks import gather_reference_blocks
 from .inputs import accumulation_dtype, ceil_div
-from .merge import attend_with_lse, merge_by_lse
+from .merge import merge_by_lse
 
 
 def fused_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _flash_with_lse(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ scale) v and its natural-log lse [.., M] (fp32) through the fused kernel."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, values, 0.0, False, scale=scale)
-    return out, lse.float()
+def _flash_with_lse(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                    key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ scale) v and its natural-log lse [B, H, M] (fp32) through the fused kernel;
+    key_mask [B, H, 1, N] (True = attend). A row with no allowed key gets out 0 and lse -inf,
+    as in merge.attend_with_lse (the kernel itself reports lse 0 there)."""
+    additive = None
+    if key_mask is not None:
+        additive = torch.zeros(key_mask.shape, dtype=queries.dtype).masked_fill(~key_mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, values, 0.0, False, attn_mask=additive, scale=scale)[:2]
+    lse = lse.float()
+    if key_mask is not None:
+        lse = torch.where(key_mask.any(-1), lse, torch.full_like(lse, float("-inf")))
+    return out, lse
 
 
 def cpu_attention(
@@ -64,7 +73,11 @@ def cpu_attention(
         blocked = F.pad(query, (0, 0, 0, padded_len - query_len)).view(batch, kv_heads, group_size, query_blocks, block_size, head_dim)
         blocked = blocked.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, query_blocks, group_size * block_size, head_dim)
         keys, values, valid = gather_reference_blocks(ref_k.to(work), ref_v.to(work), ref_lengths, block_indices, block_size)
-        ref_out, ref_lse = attend_with_lse(blocked, keys, values, valid[..., None, :], scale)
+        # The kernel takes 4-D inputs: the query blocks become its "heads".
+        flat = batch * kv_heads
+        ref_out, ref_lse = _flash_with_lse(blocked.reshape(flat, query_blocks, group_size * block_size, head_dim),
+                                           keys.reshape(flat, query_blocks, -1, head_dim), values.reshape(flat, query_blocks, -1, head_dim),
+                                           scale, valid.reshape(flat, query_blocks, 1, -1))
         ref_out = ref_out.view(batch, kv_heads, query_blocks, group_size, block_size, head_dim).permute(0, 1, 3, 2, 4, 5)
         ref_lse = ref_lse.view(batch, kv_heads, query_blocks, group_size, block_size).permute(0, 1, 3, 2, 4)
         branches.append((ref_out.reshape(batch, heads, padded_len, head_dim)[:, :, :query_len],
