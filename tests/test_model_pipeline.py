@@ -140,10 +140,12 @@ def test_thirty_seconds_render_in_chunks_without_seams(overfit):
     env = envelope(total)
     features = speech_features(env, model.config.speech_feature_dim)
     events = []
-    frames = render(model, identity, features, steps=4, seed=0, chunk_frames=16, overlap_frames=4, progress=events.append)
+    # 2 sampler steps (62 chunks x 2 evaluations): the seams and the drift are about chunking;
+    # measured with the 375-step fixture: seam ratios 1.03 / 0.91 (bar 1.25), as with 4 steps.
+    frames = render(model, identity, features, steps=2, seed=0, chunk_frames=16, overlap_frames=4, progress=events.append)
     assert frames.shape == (total, 32, 32, 3)  # exactly one frame per audio frame
     chunks = events[-1].chunks
-    assert chunks == math.ceil((total - 16) / 12) + 1 and len(events) == chunks * 4
+    assert chunks == math.ceil((total - 16) / 12) + 1 and len(events) == chunks * 2
     assert events[-1].fraction == pytest.approx(1.0)
     borders = {16 + 12 * i for i in range(chunks - 1)}  # first frame each later chunk makes
     differences = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # differences[i]: frame i -> i+1
