@@ -1,14 +1,8 @@
-"""Media commands: ``probe`` (what the pack sees in a file), ``features`` (speech features to a file)
-and ``demo`` (the whole media pipeline on a generated sample; the main job until a model ships).
-"""
+"""Media commands: ``probe`` (what the pack sees in a file) and ``features`` (speech features to a
+file). The main job, ``demo``, renders with the shipped model and lives in ``demo.py``."""
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +29,6 @@ def register(subparsers) -> None:
     features.add_argument("--frames", type=int, default=None, help="number of frames (default: round(duration * fps))")
     features.add_argument("--out", required=True, help="output file: .npy or .safetensors")
     features.set_defaults(handler=run_features)
-
-    demo = subparsers.add_parser("demo", help="run the media pipeline on a generated talking-face sample")
-    demo.add_argument("--out", default="demo_output", help="folder for the outputs (default demo_output)")
-    demo.add_argument("--seconds", type=float, default=4.0, help="length of the sample (default 4)")
-    demo.add_argument("--fps", type=float, default=25.0, help="frame rate (default 25)")
-    demo.set_defaults(handler=run_demo)
 
 
 # ----------------------------------------------------------------------------------------- probe
@@ -146,116 +134,4 @@ def run_features(args) -> int:
     })
     print(f"wrote {out}: {features.shape[0]} frames x {features.shape[1]} features ({SPEECH_FEATURE_ID}) "
           f"for {wave.shape[0] / SPEECH_SAMPLE_RATE:.2f} s of audio at {args.fps:g} fps")
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ demo
-
-_DEMO_TEXT = "Hello. This is a sparse avatar demo. The mouth follows the sound of this voice."
-
-
-def synthesize_speech(seconds: float, sample_rate: int = 16000) -> tuple[np.ndarray, str]:
-    """espeak-ng speech when installed, else a voiced, syllable-modulated tone; (wave, what)."""
-    from .audio import fit_to_length, load_audio
-
-    espeak = shutil.which("espeak-ng")
-    if espeak:
-        with tempfile.TemporaryDirectory() as folder:
-            wav = Path(folder) / "speech.wav"
-            try:
-                subprocess.run([espeak, "-s", "165", "-w", str(wav), _DEMO_TEXT], check=True,
-                               capture_output=True, timeout=60)
-                return fit_to_length(load_audio(wav, sample_rate=sample_rate), int(round(seconds * sample_rate))), "espeak-ng speech"
-            except (subprocess.SubprocessError, OSError, UserFacingError):
-                pass  # fall back to the tone: the demo must run without espeak-ng
-    t = np.arange(int(round(seconds * sample_rate))) / sample_rate
-    syllables = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 2  # ~3 syllables per second
-    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 6))
-    return (0.25 * syllables * voice).astype(np.float32), "a synthetic voiced tone (espeak-ng not installed)"
-
-
-def draw_face(size: int, mouth_open: float, time_s: float) -> np.ndarray:
-    """A drawn frontal face (OpenCV's Haar detector finds it) with a mouth opening 0..1."""
-    import cv2
-
-    image = np.empty((size, size, 3), np.uint8)
-    image[:] = (70, 90, 120)
-    scale = size / 320
-    cx = size // 2 + int(round(8 * scale * math.sin(time_s * 1.3)))  # gentle head sway
-    cy = size // 2 + 10 + int(round(4 * scale * math.sin(time_s * 0.7)))
-
-    def p(dx: float, dy: float) -> tuple[int, int]:
-        return cx + int(round(dx * scale)), cy + int(round(dy * scale))
-
-    def r(value: float) -> int:
-        return max(1, int(round(value * scale)))
-
-    cv2.ellipse(image, p(0, 0), (r(78), r(100)), 0, 0, 360, (205, 160, 130), -1, cv2.LINE_AA)
-    cv2.ellipse(image, p(0, -95), (r(82), r(40)), 0, 180, 360, (50, 35, 25), -1, cv2.LINE_AA)
-    for dx in (-30, 30):
-        cv2.ellipse(image, p(dx, -22), (r(14), r(7)), 0, 0, 360, (245, 245, 245), -1, cv2.LINE_AA)
-        cv2.circle(image, p(dx, -22), r(6), (40, 30, 20), -1, cv2.LINE_AA)
-        cv2.line(image, p(dx - 16, -40), p(dx + 16, -42), (60, 40, 30), r(5), cv2.LINE_AA)
-    cv2.line(image, p(0, -15), p(-6, 18), (170, 120, 100), r(3), cv2.LINE_AA)
-    cv2.ellipse(image, p(0, 48), (r(26), r(2 + 18 * mouth_open)), 0, 0, 360, (120, 40, 50), -1, cv2.LINE_AA)
-    return image
-
-
-def _mouth_openings(wave: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
-    """Per-frame loudness envelope mapped to 0..1 (the drawn face 'says' the audio)."""
-    edges = np.round(np.arange(n_frames + 1) / fps * sample_rate).astype(int)
-    rms = np.array([np.sqrt(np.mean(wave[a:b] ** 2)) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])])
-    return np.clip(rms / (np.percentile(rms, 95) + 1e-8), 0, 1)
-
-
-def run_demo(args) -> int:
-    from . import crop_faces, iter_video_frames, paste_back, track_face, write_video
-    from .audio import SPEECH_SAMPLE_RATE, load_audio
-    from .features import speech_features
-
-    if not (0.5 <= args.seconds <= 60):
-        raise UserFacingError(f"--seconds must be between 0.5 and 60, got {args.seconds}")
-    started = time.perf_counter()
-    out_dir = Path(args.out).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fps, size = float(args.fps), 320
-    n_frames = int(round(args.seconds * fps))
-
-    def step(message: str) -> None:
-        print(f"[demo {time.perf_counter() - started:5.1f} s] {message}", flush=True)
-
-    wave, speech_kind = synthesize_speech(args.seconds)
-    openings = _mouth_openings(wave, SPEECH_SAMPLE_RATE, fps, n_frames)
-    source = write_video(out_dir / "source.mp4", (draw_face(size, openings[i], i / fps) for i in range(n_frames)),
-                         fps, audio=wave)
-    step(f"generated {source.name}: {n_frames} frames {size}x{size} at {fps:g} fps with {speech_kind}")
-
-    decoded = np.stack([image for _, _, image in iter_video_frames(source)])
-    own_audio = load_audio(source)
-    step(f"decoded {len(decoded)} frames and {own_audio.shape[0] / SPEECH_SAMPLE_RATE:.2f} s of its audio")
-
-    track = track_face(decoded, fps=fps)
-    step(f"face tracked: found on {track.coverage:.0%} of examined frames, {track.n_faces_seen} face(s)")
-
-    crops, transforms = crop_faces(decoded, track, size=256)
-    features = speech_features(own_audio, SPEECH_SAMPLE_RATE, fps, n_frames=len(decoded))
-    step(f"cropped {crops.shape[0]} faces to {crops.shape[1]}x{crops.shape[2]}; speech features {features.shape}")
-
-    # Stand-in for the generator until a model ships: a speech-level bar drawn into each crop, so
-    # the output shows crop, per-frame features and paste-back lining up frame by frame.
-    edited = crops.copy()
-    loudness = features.mean(axis=1)
-    level = (loudness - loudness.min()) / (np.ptp(loudness) + 1e-8)
-    for index in range(len(edited)):
-        height = int(round(level[index] * 120))
-        edited[index, 240 - height: 240, 40:56] = (40, 220, 90)
-    pasted = paste_back(decoded, edited, transforms)
-    untouched = paste_back(decoded, crops, transforms)
-    mse = float(np.mean((untouched.astype(np.float64) - decoded.astype(np.float64)) ** 2))
-    psnr = 10 * math.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
-    result = write_video(out_dir / "demo.mp4", pasted, fps, audio=wave)
-    save_array_atomically(out_dir / "speech_features.npy", features, {})
-    step(f"pasted back (untouched crops round-trip at {psnr:.1f} dB PSNR); wrote {result.name} with audio")
-    print(f"outputs in {out_dir}: source.mp4 (generated input), demo.mp4 (pipeline output), speech_features.npy")
-    print("note: no trained avatar model ships yet; the green bar in demo.mp4 is the per-frame speech level.")
     return 0

@@ -129,6 +129,21 @@ def new_model(config_name: str | ModelConfig, *, seed: int = 0, dtype="fp32", de
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+\.safetensors)?$")
 
 
+# The default model that ships inside the pack (models/avatar/SHIPPED_MODEL_NAME, its card beside
+# it): `compact` trained on Avatar World only. Load Avatar Model lists it first, the CLI renders
+# with it when no --model is given, and personalize starts from it.
+SHIPPED_MODEL_NAME = "sparse-avatar-world.safetensors"
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "avatar" / SHIPPED_MODEL_NAME
+
+
+def shipped_model_path() -> Path:
+    """The shipped default checkpoint; a clear error when the pack was installed without it."""
+    if not SHIPPED_MODEL.is_file():
+        raise UserFacingError(f"the shipped model {SHIPPED_MODEL} is missing; reinstall the pack (git clone brings it), "
+                              "or pass a checkpoint with --model.")
+    return SHIPPED_MODEL
+
+
 def resolve_checkpoint(name_or_repo: str, models_dir=None, *, allow_download: bool = False) -> Path:
     """Find a checkpoint: an existing path; a file name inside models_dir; or, with
     allow_download, a Hugging Face Hub repo id "owner/repo" or "owner/repo/file.safetensors"
@@ -136,6 +151,8 @@ def resolve_checkpoint(name_or_repo: str, models_dir=None, *, allow_download: bo
     candidate = Path(name_or_repo).expanduser()
     if candidate.is_file():
         return candidate
+    if name_or_repo in (SHIPPED_MODEL_NAME, SHIPPED_MODEL.stem):
+        return shipped_model_path()
     if models_dir is not None:
         for name in (name_or_repo, f"{name_or_repo}.safetensors"):
             if (Path(models_dir) / name).is_file():

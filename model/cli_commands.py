@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     init.set_defaults(handler=_init_checkpoint)
 
     render = subparsers.add_parser("render", help="render a lip-synced video from a reference video and speech")
-    render.add_argument("--model", required=True, help="model checkpoint (.safetensors)")
+    render.add_argument("--model", default=None, help="model checkpoint (.safetensors; default: the shipped model, "
+                                                       "trained on Avatar World only: personalize it for a real person)")
     render.add_argument("--reference", required=True, help="reference video of the person (a few seconds to minutes)")
     render.add_argument("--audio", required=True, help="driving speech (wav/mp3/flac/m4a/ogg)")
     render.add_argument("--out", required=True, help="output .mp4")
@@ -48,11 +49,11 @@ def _init_checkpoint(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, shipped_model_path
     from .pipeline import render_files
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_checkpoint(args.model, dtype=args.dtype, device=device)
+    model = load_checkpoint(args.model or shipped_model_path(), dtype=args.dtype, device=device)
 
     def progress(event) -> None:
         print(f"\rchunk {event.chunk + 1}/{event.chunks} step {event.step}/{event.steps}", end="", file=sys.stderr, flush=True)

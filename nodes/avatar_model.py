@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UserFacingError
-from ..model.checkpoint import DTYPES, load_checkpoint, resolve_checkpoint
+from ..model.checkpoint import DTYPES, SHIPPED_MODEL, SHIPPED_MODEL_NAME, load_checkpoint, resolve_checkpoint, shipped_model_path
 from ..sparse_attention import dispatch
 from . import _comfy, _models
 
@@ -36,8 +36,10 @@ class LoadAvatarModel:
         _models.register_folders()
         return {
             "required": {
-                "checkpoint": (_models.list_files(_models.AVATAR_FOLDER) or ["(put a .safetensors in models/avatar)"], {
-                    "tooltip": "Checkpoint file in ComfyUI/models/avatar."}),
+                "checkpoint": (_checkpoint_choices(), {
+                    "tooltip": f"Checkpoint file in ComfyUI/models/avatar. {SHIPPED_MODEL_NAME} (first) is the model that ships "
+                               "with the pack: trained on Avatar World only, a starting point for Train Avatar; on a real "
+                               "person it needs Train Avatar first."}),
                 "dtype": (("auto",) + tuple(DTYPES), {"default": "auto",
                           "tooltip": "Weight precision. auto = bf16 on GPUs that support it, fp32 on CPU."}),
                 "attention": (ATTENTION_CHOICES, {"default": "auto",
@@ -59,6 +61,8 @@ class LoadAvatarModel:
             path = resolve_checkpoint(hub_repo.strip(), models_dir, allow_download=bool(allow_download))
         else:
             path = _models.full_path(_models.AVATAR_FOLDER, checkpoint)
+            if path is None and checkpoint == SHIPPED_MODEL_NAME:
+                path = shipped_model_path()
             if path is None:
                 raise UserFacingError(f"checkpoint {checkpoint!r} not found in {models_dir}; put a sparse-avatar "
                                       ".safetensors there, or fill in hub_repo.")
@@ -69,6 +73,13 @@ class LoadAvatarModel:
         model.eval()
         model.set_attention_backend(_comfyui_attention_default() if attention == "auto" else attention)
         return (_models.AvatarModelHandle(model, str(path)),)
+
+
+def _checkpoint_choices() -> list[str]:
+    """The shipped model first, then the files in models/avatar (a file of the same name there
+    is the user's copy and wins when loading)."""
+    files = [name for name in _models.list_files(_models.AVATAR_FOLDER) if name != SHIPPED_MODEL_NAME]
+    return ([SHIPPED_MODEL_NAME] if SHIPPED_MODEL.is_file() else []) + files or ["(put a .safetensors in models/avatar)"]
 
 
 NODE_CLASS_MAPPINGS = {"SparseAvatarLoadModel": LoadAvatarModel}

@@ -48,8 +48,8 @@ if ! curl -sf "$server/system_stats" >/dev/null; then
 fi
 # The server reads models/avatar when asked for /object_info; the new checkpoints are listed from now on.
 
-"$py" -m sparse_avatar demo --out "$work/demo" --seconds 3 >/dev/null
-cp "$work/demo/source.mp4" "$work/reference.mp4"
+"$py" -m sparse_avatar demo --out "$work/demo" --seconds 0.6 --reference-seconds 3 >/dev/null  # its reference.mp4: an Avatar World person
+cp "$work/demo/reference.mp4" "$work/reference.mp4"
 espeak-ng -w "$work/hello.wav" "Hello there, this is the first batch job."
 espeak-ng -w "$work/bye.wav" "And this is the second one. Goodbye."
 cat >"$work/jobs.csv" <<'CSV'
@@ -94,8 +94,8 @@ cat "$work/second_run.txt"
 
 # Every shipped workflow once, on the tiny checkpoint with few steps: dub, personalize (Train Avatar
 # for 3 steps) then dub, and generate with Mix Identity (B: a second clip).
-"$py" -m sparse_avatar demo --out "$work/demo_b" --seconds 2 >/dev/null
-cp "$work/demo_b/source.mp4" "$work/motion.mp4"
+"$py" -m sparse_avatar demo --out "$work/demo_b" --seconds 0.6 --reference-seconds 2 --seed 1 >/dev/null
+cp "$work/demo_b/reference.mp4" "$work/motion.mp4"
 printf '%s\n' "job,1.video,1.max_side,2.audio,4.checkpoint,6.steps" \
   "dub,@reference.mp4,128,@hello.wav,batch-tiny.safetensors,2" >"$work/dub.csv"
 printf '%s\n' "job,1.video,1.max_side,2.audio,4.checkpoint,5.steps,5.minutes,5.filename_prefix,7.steps" \

@@ -103,3 +103,18 @@ def test_extract_identity_and_dub_on_a_real_clip(models_cwd, shared_media_dir):
     image, _, _ = DecodeAvatarVideo().decode(handle, latent)["result"]
     assert tuple(image.shape[1:3]) == reference.frames.shape[1:3]
     assert image.shape[0] == n_frames
+
+
+def test_load_avatar_model_lists_the_shipped_model_first_and_loads_it(monkeypatch, tmp_path):
+    from sparse_avatar.model.checkpoint import SHIPPED_MODEL_NAME, read_checkpoint_metadata, resolve_checkpoint, shipped_model_path
+    from sparse_avatar.nodes import _models
+
+    monkeypatch.setattr(_models, "list_files", lambda name: ["mine.safetensors", SHIPPED_MODEL_NAME])
+    monkeypatch.setattr(_models, "full_path", lambda name, filename: None)
+    monkeypatch.setattr(_models, "folder", lambda name: str(tmp_path))
+    choices = LoadAvatarModel.INPUT_TYPES()["required"]["checkpoint"][0]
+    assert choices == [SHIPPED_MODEL_NAME, "mine.safetensors"]  # shipped first, listed once
+    assert read_checkpoint_metadata(shipped_model_path())["steps"] == "1593"  # the file the model card describes
+    assert resolve_checkpoint("sparse-avatar-world") == shipped_model_path()
+    (handle,) = LoadAvatarModel().load(SHIPPED_MODEL_NAME, dtype="fp32")
+    assert handle.model.config.name == "compact"

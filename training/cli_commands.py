@@ -146,8 +146,12 @@ def add_personalize_command(subparsers) -> None:
                                                "--init). Ctrl-C stops after the current step and still writes the result.")
     parser.add_argument("--video", required=True, help="video of the person talking, with its sound (15 s or more is best)")
     parser.add_argument("--out", required=True, help="output .safetensors")
-    parser.add_argument("--init", help="start from this checkpoint (default: an untrained --config model)")
-    parser.add_argument("--config", default="small", help="model size when there is no --init (default small, 128²)")
+    parser.add_argument("--init", help="start from this checkpoint (default: an untrained --config model). The shipped "
+                                       "models/avatar/sparse-avatar-world.safetensors (compact) gave +1.4 dB dub PSNR over an "
+                                       "untrained compact in the same time, with slightly worse mouth landmarks (LMD 1.30 vs 1.17 px) and equal "
+                                       "identity (models/avatar/sparse-avatar-world.md)")
+    parser.add_argument("--config", default="small", help="model size when there is no --init (default small, 128²: the best "
+                                                          "identity scores measured so far)")
     parser.add_argument("--minutes", type=float, default=10.0, help="training time (default 10; 0 = only --steps)")
     parser.add_argument("--steps", type=int, default=100_000, help="the most optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3: full training)")
