@@ -59,7 +59,12 @@ VARIANTS = {
     # dub region at 31.9 dB on v03, 34.9 dB on v07: above the 30 dB target).
     "x128": {},
     "x128-refine": dict(refiner_channels=32),
+    # The flow loss weighted towards the lower face (model.masks.dub_mask cells count N times).
+    "x128-mouth2": dict(mouth_loss_weight=2.0),
+    "x128-mouth4": dict(mouth_loss_weight=4.0),
 }
+# Variant fields that change only how a model trains, so they apply to a --init checkpoint too.
+TRAINING_ONLY_FIELDS = {"mouth_loss_weight", "dub_context_prob"}
 
 
 def _int_list(text: str) -> list[int]:
@@ -144,6 +149,8 @@ def run(args) -> None:
     from sparse_avatar.training.personality import compiles_by_default, finetune_personality
 
     data_dir, out = Path(args.data), Path(args.out)
+    if args.budget <= 0 and not args.init:
+        raise SystemExit("--budget 0 renders a trained model as it is: give it with --init")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     config = get_config(args.config).replace(dub_context_prob=0.0, **VARIANTS[args.variant])
@@ -160,7 +167,17 @@ def run(args) -> None:
             crops, speech = crops[:44], speech[:44]
         split = int(len(crops) * TRAIN_FRACTION)
         torch.manual_seed(args.seed)
-        model = new_model(config, seed=args.seed, device=str(device))
+        if args.init:  # personal fine-tuning from a trained model (e.g. the shipped one), as Train Avatar does
+            from sparse_avatar.training.personality import starting_model
+
+            changes = VARIANTS[args.variant]
+            if set(changes) - TRAINING_ONLY_FIELDS:
+                raise SystemExit(f"--init takes only variants that change training ({sorted(TRAINING_ONLY_FIELDS)}); {args.variant} changes {sorted(changes)}")
+            model = starting_model(args.init, args.config, device=str(device), seed=args.seed)
+            model.config = model.config.replace(dub_context_prob=0.0, **changes)
+            config = model.config
+        else:
+            model = new_model(config, seed=args.seed, device=str(device))
         losses, last_step = [], [0]
         started = time.perf_counter()
 
@@ -173,10 +190,11 @@ def run(args) -> None:
             model, crops[:split], speech[:split], out / f"{label}_{path.stem}.safetensors", steps=100_000,
             time_budget_s=args.budget, lora_rank=0, lr=args.lr, batch_size=args.batch, target_frames=args.target_frames,
             reference_frames=args.reference_frames, dub_context_prob=args.dub_prob, fps=fps, seed=args.seed,
-            progress=progress, compile=args.compile,
-        )
+            progress=progress, compile=args.compile, mouth_loss_weight=config.mouth_loss_weight,
+        ) if args.budget > 0 else None
         train_s = time.perf_counter() - started
-        weights.unlink()  # 150 MB: not brought back
+        if weights is not None:
+            weights.unlink()  # 150 MB: not brought back
         model = model.to(torch.bfloat16).eval()
         with torch.no_grad():
             started = time.perf_counter()
@@ -221,7 +239,7 @@ def run(args) -> None:
             "render_s": timings, "render_fps": {mode: len(results[mode]) / timings[mode] for mode in results} | {"long_generate": len(long_frames) / timings["long_generate"]},
             "sampler_steps": args.steps, "batch": args.batch, "target_frames": args.target_frames, "reference_frames": args.reference_frames,
             "lr": args.lr, "dub_context_prob": args.dub_prob, "train_frames": split, "test_frames": len(crops) - split, "total_frames": len(crops), "fps": fps,
-            "concurrent_runs": args.concurrent, "compile": compiles_by_default(device) if args.compile is None else args.compile,
+            "concurrent_runs": args.concurrent, "init": Path(args.init).name if args.init else "", "compile": compiles_by_default(device) if args.compile is None else args.compile,
         }
         (out / f"{label}_{path.stem}.json").write_text(json.dumps(record, indent=1))
         for steps in other_dubs:  # same training and generate renders; only the dub sampler differs
@@ -575,8 +593,9 @@ def main(argv=None) -> None:
     r.add_argument("--variant", choices=sorted(VARIANTS), default="xpred-refine")
     r.add_argument("--config", default="small")
     r.add_argument("--name", default="", help="row name (default: the variant's)")
+    r.add_argument("--init", default="", help="start from this checkpoint (.safetensors) instead of an untrained --config model")
     r.add_argument("--clips", default="", help="comma-separated clip ids (v03,v07); default all prepared")
-    r.add_argument("--budget", type=float, default=600.0, help="training wall seconds per clip")
+    r.add_argument("--budget", type=float, default=600.0, help="training wall seconds per clip (0 with --init: render the checkpoint as it is, zero-shot)")
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--target-frames", type=int, default=16)
