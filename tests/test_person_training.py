@@ -256,7 +256,7 @@ def test_compiled_finetune_trains_like_eager_and_renders_uncompiled(tmp_path):
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
 
 
-def test_personalize_command_and_train_video_run_the_train_avatar_path(tmp_path, monkeypatch):
+def test_personalize_command_and_train_video_run_the_train_avatar_path(tmp_path, monkeypatch, capsys):
     """`personalize --video` and `train --config personality --video` both learn from a video
     file through training.personality.personalize_video and write a loadable personality model."""
     from conftest import CentreFaceDetector
@@ -273,6 +273,10 @@ def test_personalize_command_and_train_video_run_the_train_avatar_path(tmp_path,
     # One step each (a step here is Train Avatar's batch: 8 x 16 frames + 48 reference frames):
     # the test is that both commands take this path and write a loadable personality model.
     common = ["--video", str(tmp_path / "me.mp4"), "--minutes", "0", "--steps", "1", "--device", "cpu"]
+    # On a CPU both refuse unless asked, before any work, saying what it needs.
+    assert main(["personalize", *common, "--config", "tiny", "--out", str(tmp_path / "refused.safetensors")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "refused.safetensors").exists()
+    common.append("--allow-cpu")
     assert main(["personalize", *common, "--config", "tiny", "--out", str(tmp_path / "me.safetensors")]) == 0
     assert main(["train", "--config", "personality", "--model-config", "tiny", "--out", str(tmp_path / "run"), *common]) == 0
     for path in (tmp_path / "me.safetensors", tmp_path / "run" / "model.safetensors"):

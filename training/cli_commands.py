@@ -113,9 +113,10 @@ def _personalize(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .personality import personalize_video, starting_model
+    from .personality import personalize_video, refuse_cpu_training, starting_model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    refuse_cpu_training(device, args.allow_cpu)
     model = starting_model(args.init, args.config, device=device, seed=args.seed)
     stop = threading.Event()  # Ctrl-C: stop after the current step and still write what was trained
 
@@ -159,6 +160,7 @@ def add_personalize_command(subparsers) -> None:
     parser.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of the video")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    parser.add_argument("--allow-cpu", action="store_true", help="train on a CPU anyway (refused otherwise: it needs a GPU)")
     parser.set_defaults(handler=_personalize)
 
 

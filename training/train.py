@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", help="dpo: preference pairs JSONL")
     parser.add_argument("--video", help="personality: learn from this video of the person (with its sound) instead of --data shards; "
                                         "the same call as `python -m sparse_avatar personalize` and the Train Avatar node (one GPU)")
+    parser.add_argument("--allow-cpu", action="store_true", help="personality --video: train on a CPU anyway (refused otherwise)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training time budget: the step count (and so the LR schedule) is fitted to it, then the final model is written; "
                              "personality --video: default 10 (0 = only --steps); on --data: default none (train --steps)")
@@ -129,13 +130,14 @@ def _personalize_from_video(args: argparse.Namespace, stage) -> dict:
     budget), writing RUN/model.safetensors (or RUN/lora.safetensors with --lora-rank > 0)."""
     import os
 
-    from .personality import personalize_video, starting_model
+    from .personality import personalize_video, refuse_cpu_training, starting_model
 
     if stage.stage != "personality":
         raise UserFacingError(f"--video is for --config personality (learning one person); the {stage.stage} stage trains on --data shards.")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserFacingError("personality training from a --video runs on one GPU; start it with python -m sparse_avatar.train, not torchrun.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    refuse_cpu_training(device, args.allow_cpu)
     avatar = starting_model(args.init, args.model_config or stage.model_config, device=device, seed=args.seed or 0)
     lora_rank = 0 if args.lora_rank is None else args.lora_rank
     out = Path(args.out)
