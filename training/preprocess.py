@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import UserFacingError
 from ..files import open_safetensors, save_safetensors, write_text
-from .data import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION
+from .data import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION, shard_metadata
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -118,7 +118,7 @@ def _resize(frame: np.ndarray, size: int) -> np.ndarray:
 def process_video(video: Path, in_dir: Path, out_file: Path, *, size: int, fps: float | None, crop: str) -> Path:
     """One video -> one shard (atomic). Raises UserFacingError for unusable videos."""
     from ..media import crop_transforms, iter_video_frames, load_audio, probe_media, track_face
-    from ..media.features import SPEECH_FEATURE_ID, speech_features
+    from ..media.features import speech_features
 
     if crop == "auto":
         crop = "full" if _is_avatar_world_clip(video) else "face"
@@ -140,11 +140,7 @@ def process_video(video: Path, in_dir: Path, out_file: Path, *, size: int, fps: 
     wave = load_audio(str(video), duration_s=len(frames) / fps)
     speech = np.ascontiguousarray(speech_features(wave, 16000, fps, n_frames=len(frames)), dtype=np.float32)
     person, caption = describe_video(video, in_dir)
-    metadata = {
-        "format": SHARD_FORMAT, "version": str(SHARD_VERSION), "person": person, "caption": caption,
-        "fps": repr(fps), "frame_size": str(size), "crop": crop, "source": str(video.relative_to(in_dir)),
-        "speech_features": SPEECH_FEATURE_ID,
-    }
+    metadata = shard_metadata(person=person, caption=caption, fps=fps, frame_size=size, crop=crop, source=str(video.relative_to(in_dir)))
     return save_safetensors({"frames": frame_array, "speech": speech}, out_file, metadata)
 
 
