@@ -70,25 +70,22 @@ def input_directory() -> str | None:
 
 def output_directory() -> str:
     """ComfyUI's output folder (created when missing); ./output outside ComfyUI."""
-    try:
-        import folder_paths
-    except ImportError:
-        path = os.path.join(os.getcwd(), "output")
-    else:
-        path = folder_paths.get_output_directory()
-    os.makedirs(path, exist_ok=True)
-    return path
+    return _comfy_folder("get_output_directory", "output")
 
 
 def temp_directory() -> str:
     """ComfyUI's temp folder (emptied when ComfyUI starts; for previews), created when missing;
     ./temp outside ComfyUI."""
+    return _comfy_folder("get_temp_directory", "temp")
+
+
+def _comfy_folder(getter: str, fallback: str) -> str:
     try:
         import folder_paths
     except ImportError:
-        path = os.path.join(os.getcwd(), "temp")
+        path = os.path.join(os.getcwd(), fallback)
     else:
-        path = folder_paths.get_temp_directory()
+        path = getattr(folder_paths, getter)()
     os.makedirs(path, exist_ok=True)
     return path
 
