@@ -79,7 +79,7 @@ class WorldClip:
     def metadata(self) -> dict:
         scene = sample_scene_traits(self.spec.scene_seed)
         return {"format": FORMAT, "version": VERSION, "spec": dataclasses.asdict(self.spec),
-                "person": f"world-{self.spec.identity_seed}", "identity": self.identity.to_dict(),
+                "person": person_id(self.spec), "identity": self.identity.to_dict(),
                 "scene": dataclasses.asdict(scene), "voice": self.voice, "n_frames": self.spec.n_frames,
                 "sample_rate": SAMPLE_RATE}
 
@@ -96,9 +96,19 @@ def make_clip(spec: ClipSpec, *, identity: Identity | None = None, audio: np.nda
     if audio is None:
         audio, voice = synthesize_speech(spec.voice_seed, spec.text_seed, spec.n_frames / spec.fps)
     mouth = audio_mouth_track(audio, spec.fps, spec.n_frames)
-    state = motion_track(identity.dynamic, mouth, spec.fps, spec.clip_seed)
-    renderer = HeadRenderer(identity.static, sample_scene_traits(spec.scene_seed), spec.size)
+    state, renderer = animate(spec, identity, mouth)
     return WorldClip(spec, identity, np.asarray(audio, np.float32), voice, mouth, state, renderer)
+
+
+def animate(spec: ClipSpec, identity: Identity, mouth: MouthTrack) -> tuple[FaceState, HeadRenderer]:
+    """The per-frame face state (the person's habits over the mouth track) and the renderer of
+    the clip's person and scene: everything ``make_clip`` and the shard writer render from."""
+    state = motion_track(identity.dynamic, mouth, spec.fps, spec.clip_seed)
+    return state, HeadRenderer(identity.static, sample_scene_traits(spec.scene_seed), spec.size)
+
+
+def person_id(spec: ClipSpec) -> str:
+    return f"world-{spec.identity_seed}"
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -193,12 +203,11 @@ def write_clip_shard(spec: ClipSpec, speech_path: Path, out_file: Path) -> Path:
 
     features, mouth = _read_speech_file(speech_path)
     identity = Identity.from_seed(spec.identity_seed)
-    scene = sample_scene_traits(spec.scene_seed)
-    state = motion_track(identity.dynamic, mouth, spec.fps, spec.clip_seed)
-    frames = np.stack(list(HeadRenderer(identity.static, scene, spec.size).render_clip(state)))
-    person = f"world-{spec.identity_seed}"
-    caption = caption_from_world_metadata({"identity": identity.to_dict(), "scene": dataclasses.asdict(scene)})
-    metadata = shard_metadata(person=person, caption=caption, fps=spec.fps, frame_size=spec.size, crop="full",
+    state, renderer = animate(spec, identity, mouth)
+    frames = np.stack(list(renderer.render_clip(state)))
+    scene = dataclasses.asdict(sample_scene_traits(spec.scene_seed))
+    caption = caption_from_world_metadata({"identity": identity.to_dict(), "scene": scene})
+    metadata = shard_metadata(person=person_id(spec), caption=caption, fps=spec.fps, frame_size=spec.size, crop="full",
                               source=json.dumps(dataclasses.asdict(spec)))
     return save_safetensors({"frames": np.ascontiguousarray(frames), "speech": np.ascontiguousarray(features)}, out_file, metadata)
 
