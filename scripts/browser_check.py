@@ -7,8 +7,10 @@ Needs: a ComfyUI checkout with its venv (the pack's requirements installed there
 Chromium (`apt-get install -y chromium`, used as /usr/bin/chromium: no browser download) and
 Python's `playwright` package in a venv of its own (`python3 -m venv /tmp/pw && /tmp/pw/bin/pip
 install playwright`; never a requirement of the pack). The pack's own venv (--pack-python,
-default ./.venv/bin/python) makes the inputs. Not part of CI (CI has no Chromium); the
-screenshots it writes are committed under bench/results/browser_check/.
+default ./.venv/bin/python) makes the inputs. Not part of CI (CI has no Chromium). Its
+checks.txt is committed under bench/results/browser_check/; the screenshots it writes there are
+git-ignored: they show frames of a clip from ../shared/media, whose licence allows tests and
+evaluation only, never copies in the project.
 
 What it does, all on loopback:
 1. A fresh ComfyUI base folder (--base-directory, so the ComfyUI tree itself is not touched):
