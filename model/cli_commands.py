@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -17,7 +18,10 @@ def register(subparsers) -> None:
     render = subparsers.add_parser("render", help="render a lip-synced video from a reference video and speech")
     render.add_argument("--model", default=None, help="model checkpoint (.safetensors; default: the shipped model, "
                                                        "trained on Avatar World only: personalize it for a real person)")
-    render.add_argument("--reference", required=True, help="reference video of the person (a few seconds to minutes)")
+    render.add_argument("--avatar", default=None, help="an avatar folder made by personalize --out FOLDER: its model and "
+                                                        "identity, and its video as the reference (instead of --model/--reference)")
+    render.add_argument("--reference", default=None, help="reference video of the person (a few seconds to minutes); with "
+                                                          "--avatar, another video of the same person to dub or to take the framing from")
     render.add_argument("--audio", required=True, help="driving speech (wav/mp3/flac/m4a/ogg)")
     render.add_argument("--out", required=True, help="output .mp4")
     render.add_argument("--mode", default="generate", choices=("generate", "dub"), help="generate: new performance; dub: keep the source motion, re-render the mouth")
@@ -49,19 +53,43 @@ def _init_checkpoint(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import torch
 
+    from ..errors import UserFacingError
+    from .avatar_folder import read_avatar_folder
     from .checkpoint import load_checkpoint, shipped_model_path
+    from .identity import load_identity
     from .pipeline import render_files
 
+    logger = logging.getLogger("sparse_avatar")
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_checkpoint(args.model or shipped_model_path(), dtype=args.dtype, device=device)
+    identity = None
+    reference = args.reference
+    if args.avatar:
+        if args.model:
+            raise UserFacingError("--avatar brings its own model; pass --avatar or --model, not both.")
+        avatar = read_avatar_folder(args.avatar)
+        if not avatar.finished:
+            logger.warning("%s; run the same personalize command again to finish it.", avatar.summary())
+        model = load_checkpoint(avatar.model_path, dtype=args.dtype, device=device)
+        identity = load_identity(avatar.identity_path)
+        if reference is None:
+            reference = avatar.video_path
+            if not reference.is_file():
+                raise UserFacingError(f"the avatar's video {reference} is gone (moved or deleted); pass it, or another video of "
+                                      "the same person, with --reference.")
+    else:
+        if reference is None:
+            raise UserFacingError("render needs --reference VIDEO (the person to animate), or --avatar FOLDER made by personalize.")
+        model = load_checkpoint(args.model or shipped_model_path(), dtype=args.dtype, device=device)
 
     def progress(event) -> None:
         print(f"\rchunk {event.chunk + 1}/{event.chunks} step {event.step}/{event.steps}", end="", file=sys.stderr, flush=True)
 
     path = render_files(
-        model, args.reference, args.audio, args.out, mode=args.mode, steps=args.steps, sampler=args.sampler, seed=args.seed,
+        model, reference, args.audio, args.out, mode=args.mode, steps=args.steps, sampler=args.sampler, seed=args.seed,
         audio_guidance=args.audio_guidance, reference_guidance=args.reference_guidance,
         chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames, full_frame=not args.crop_only, progress=progress,
+        identity=identity,
     )
     print(f"\nwrote {path}")
     return 0

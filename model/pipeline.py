@@ -392,6 +392,8 @@ def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames:
     frames = reference_video.frames if not max_frames else reference_video.frames[:max_frames]
     fps = float(reference_video.fps)
     track = media.track_face(frames, fps=fps)
+    for warning in track.warnings:  # two faces, a sideways clip, gaps: the CLI and ComfyUI's log show them
+        logger.warning(warning)
     crops, transforms = media.crop_faces(frames, track, size=int(size))
     audio = None
     if reference_video.has_audio and reference_video.audio is not None:
@@ -442,6 +444,8 @@ def composite_frames(prepared: PreparedReference, frames: np.ndarray, *, mode: s
         frames = keep_source_outside_mask(frames, prepared.crops[order], mask)
     if full_frame:
         frames = media.paste_back(prepared.frames[order], frames, [prepared.transforms[i] for i in order], color_match=color_match)
+        if getattr(prepared.track, "rotation", 0):  # a sideways clip comes out upright, as its crops are
+            frames = prepared.track.upright(frames)
     return frames
 
 
@@ -451,17 +455,19 @@ def composite_frames(prepared: PreparedReference, frames: np.ndarray, *, mode: s
 
 def render_files(model, reference_path, audio_path, out_path, *, mode: str = "generate", steps: int = 20, sampler: str = "euler",
                  seed: int = 0, audio_guidance: float = 1.0, reference_guidance: float = 1.0, chunk_frames=None, overlap_frames=None,
-                 full_frame: bool = True, progress=None, should_cancel=None) -> Path:
+                 full_frame: bool = True, progress=None, should_cancel=None, identity: Identity | None = None) -> Path:
     """Reference video + driving audio files -> mp4 exactly as long as the audio, audio muxed.
 
     The nodes' path step for step (prepare, extract, sample latents, decode, composite).
     full_frame (default): the face placed back into the reference's framing at its resolution,
-    the background looped ping-pong (dub: only the lower face re-rendered); False: the face crops."""
+    the background looped ping-pong (dub: only the lower face re-rendered); False: the face crops.
+    identity: one extracted before (an avatar folder's), instead of a reference pass over the video."""
     if mode not in MODES:
         raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
     reference_video = media.load_reference_video(str(reference_path))
     prepared = prepare_reference_video(model, reference_video)
-    identity = extract_reference_identity(model, prepared)
+    if identity is None:
+        identity = extract_reference_identity(model, prepared)
     wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)
     features = media.speech_features(wave, SPEECH_SAMPLE_RATE, prepared.fps)
     latents = render(

@@ -4,7 +4,8 @@ Train Avatar runs ``training.personality.finetune_personality`` on a copy of the
 (ComfyUI caches the loaded model; it is never changed) for a time budget, writes the result (a
 full model to models/avatar with lora_rank 0, the default while no trained base ships, else a
 LoRA to models/avatar_loras) and returns the trained model, so a graph renders with it right away. Load Avatar LoRA
-applies a saved one. Preference Pair records a human A/B choice between two renderings in the
+applies a saved one. A killed or cancelled Train Avatar run continues when the same inputs are queued
+again (``finetune_personality``'s resume_root, under ComfyUI's output folder). Preference Pair records a human A/B choice between two renderings in the
 JSONL format of ``training/preferences.py`` for the Diffusion-DPO stage.
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ from .reference_video import prepared_reference
 CATEGORY = "sparse-avatar/training"
 MODEL_CATEGORY = "sparse-avatar"
 PREFERENCES_FOLDER = os.path.join("sparse-avatar", "preferences")
+# Under ComfyUI's output folder: Train Avatar's resumable training state, one folder per job,
+# removed when the job finishes (not under models/: ComfyUI would list its .safetensors as models).
+TRAINING_STATE_FOLDER = "sparse_avatar_training"
 TRAIN_EVENT = "sparse_avatar.train"  # websocket event: Train Avatar's progress and loss, for the web extension
 PAIR_ROUTE = "/sparse_avatar/preference_pair"  # POST {pairs_name, pair, winner}: the A/B widget's click
 CHOOSE = "choose"
@@ -74,7 +78,9 @@ class TrainAvatar:
     FUNCTION = "train"
     DESCRIPTION = ("Personality fine-tuning: learns a small LoRA of how this person looks, moves and talks from the "
                    "reference video and its own audio, saves it in models/avatar_loras and returns the model with "
-                   "it applied. Cancel stops after the current step and still saves the LoRA trained so far.")
+                   "it applied. Cancel stops after the current step and still saves the LoRA trained so far. The "
+                   "training state is kept in output/sparse_avatar_training while it runs (a checkpoint a minute), so "
+                   "after a crash, a restart or a Cancel the same inputs queued again continue where it stopped.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -163,7 +169,8 @@ class TrainAvatar:
             try:
                 path = finetune_personality(
                     trainee, crops, speech, out_path, steps=steps, time_budget_s=budget, lora_rank=int(lora_rank), lr=float(learning_rate),
-                    fps=float(reference.fps), seed=int(seed), progress=on_step, should_cancel=should_cancel)
+                    fps=float(reference.fps), seed=int(seed), progress=on_step, should_cancel=should_cancel,
+                    resume_root=Path(_comfy.output_directory()) / TRAINING_STATE_FOLDER)
                 if full:
                     trained = trainee.to(avatar.dtype).eval().requires_grad_(False)
                     trained.training_stage = "personality"

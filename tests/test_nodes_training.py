@@ -55,6 +55,7 @@ def models_cwd(tmp_path, monkeypatch):
     """Outside ComfyUI the nodes use ./models/<folder> and ./output; a fresh folder with two tiny checkpoints."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(face_track, "HaarFaceDetector", CentreFaceDetector)
+    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector, raising=False)
     (tmp_path / "models" / "avatar").mkdir(parents=True)
     save_checkpoint(_as_if_pretrained(3), tmp_path / "models" / "avatar" / "tiny.safetensors")
     save_checkpoint(_as_if_pretrained(4), tmp_path / "models" / "avatar" / "other.safetensors")
@@ -158,7 +159,7 @@ def test_load_avatar_lora_refuses_another_base_and_missing_files(models_cwd):
 def test_train_avatar_cancel_after_one_step_still_writes_the_lora(models_cwd, monkeypatch, progress_hook_raises):
     """Cancel pressed during step 1. In ComfyUI the progress bar's hook raises the interrupt (and
     clears the flag) when it is next updated; otherwise the trainer sees the flag between steps."""
-    state = types.SimpleNamespace(interrupted=False, progress=[])
+    state = types.SimpleNamespace(interrupted=False, progress=[], cancel_at=1)
 
     def throw_if_interrupted():
         if state.interrupted:
@@ -171,8 +172,8 @@ def test_train_avatar_cancel_after_one_step_still_writes_the_lora(models_cwd, mo
 
         def update_absolute(self, value, total=None, preview=None):
             state.progress.append(value)
-            if value == 1:
-                state.interrupted = True  # the user pressed Cancel during the first step
+            if value == state.cancel_at:
+                state.interrupted = True  # the user pressed Cancel during this step
             if progress_hook_raises:
                 throw_if_interrupted()  # what ComfyUI's progress hook does
 
@@ -198,6 +199,22 @@ def test_train_avatar_cancel_after_one_step_still_writes_the_lora(models_cwd, mo
     assert not state.interrupted, "the interrupt was raised once, as ComfyUI expects"
     (loaded,) = LoadAvatarLoRA().load(base, lora_file.name)
     assert loaded.model is not base.model
+
+    # The training state stayed (one checkpoint, whole): the same inputs queued again continue
+    # from step 1 instead of starting over, and a finished job leaves no state behind.
+    (job,) = (models_cwd / "output" / "sparse_avatar_training").glob("job-*")
+    assert [p.name for p in job.glob("step-*")] == ["step-00000001"]
+    if not progress_hook_raises:
+        return  # (the rest is the same for both ways of cancelling)
+    state.cancel_at, state.progress = 2, []
+    with torch.inference_mode(), pytest.raises(Interrupted):
+        TrainAvatar().train(base, reference, steps=50, lora_rank=2, filename_prefix="cancelled")
+    assert state.progress == [2] and _lora_steps(models_cwd / "models" / "avatar_loras" / "cancelled_00002.safetensors") == 2
+    state.cancel_at = None
+    with torch.inference_mode():
+        TrainAvatar().train(base, reference, steps=1, lora_rank=2, filename_prefix="done")
+    assert _lora_steps(models_cwd / "models" / "avatar_loras" / "done_00001.safetensors") == 1
+    assert [p.name for p in (models_cwd / "output" / "sparse_avatar_training").iterdir()] == [job.name]
 
 
 def test_train_avatar_needs_the_references_own_audio(models_cwd):

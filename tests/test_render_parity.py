@@ -51,6 +51,7 @@ def inputs(tmp_path, monkeypatch):
     matters), a reference mp4 with its own audio and a driving wav, in a fresh working folder."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(face_track, "HaarFaceDetector", CentreFaceDetector)
+    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector, raising=False)
     model = new_model("tiny", seed=3)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -113,6 +113,7 @@ def _personalize(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..model.avatar_folder import is_avatar_folder_path, read_avatar_folder
     from .personality import personalize_video, refuse_cpu_training, starting_model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -123,7 +124,8 @@ def _personalize(args: argparse.Namespace) -> int:
     def interrupted(*_):
         if stop.is_set():
             raise KeyboardInterrupt
-        print("\nstopping after this step (Ctrl-C again to abort without writing) ...", file=sys.stderr, flush=True)
+        print("\nstopping after this step and saving what was trained (Ctrl-C again to abort without writing) ...",
+              file=sys.stderr, flush=True)
         stop.set()
 
     def progress(step: int, total: int, loss) -> None:
@@ -133,20 +135,27 @@ def _personalize(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
         path = personalize_video(model, args.video, args.out, minutes=args.minutes, steps=args.steps, lr=args.lr, lora_rank=args.lora_rank,
-                                 seed=args.seed, max_frames=args.max_frames, progress=progress, should_cancel=stop.is_set)
+                                 seed=args.seed, max_frames=args.max_frames, progress=progress, should_cancel=stop.is_set,
+                                 checkpoint_interval_s=args.checkpoint_every_s, batch_size=args.batch_size)
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(f"\nwrote {path}" + (" (stopped early)" if stop.is_set() else ""))
+    if not is_avatar_folder_path(path):
+        print(f"\nwrote {path}" + (" (stopped early)" if stop.is_set() else ""))
+        return 0
+    print(f"\n{read_avatar_folder(path).summary()}" + ("; run the same command again to continue the training" if stop.is_set() else ""))
+    print(f"render it: python -m sparse_avatar render --avatar {path} --audio SPEECH.wav --mode dub --out out.mp4")
     return 0
 
 
 def add_personalize_command(subparsers) -> None:
     parser = subparsers.add_parser("personalize", help="learn one person from a video of them talking (what Train Avatar runs)",
                                    description="Track and crop the face, take the clip's own speech, and train the model on them "
-                                               "for a time budget; writes a full model (or a LoRA with --lora-rank > 0 on a trained "
-                                               "--init). Ctrl-C stops after the current step and still writes the result.")
+                                               "for a time budget; writes an avatar folder for render --avatar (or one model / LoRA file). Ctrl-C "
+                                               "stops after the current step and still writes the result.")
     parser.add_argument("--video", required=True, help="video of the person talking, with its sound (15 s or more is best)")
-    parser.add_argument("--out", required=True, help="output .safetensors")
+    parser.add_argument("--out", required=True, help="an avatar folder (created): the model, the identity and avatar.json, "
+                                                     "resumable after a kill (run the same command again) and continued after "
+                                                     "Ctrl-C; or NAME.safetensors for the model (or --lora-rank LoRA) file alone")
     parser.add_argument("--init", help="start from this checkpoint (default: an untrained --config model). The shipped "
                                        "models/avatar/sparse-avatar-world.safetensors (compact) gave +1.4 dB dub PSNR over an "
                                        "untrained compact in the same time, with slightly worse mouth landmarks (LMD 1.30 vs 1.17 px) and equal "
@@ -161,6 +170,9 @@ def add_personalize_command(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     parser.add_argument("--allow-cpu", action="store_true", help="train on a CPU anyway (refused otherwise: it needs a GPU)")
+    parser.add_argument("--batch-size", type=int, default=8, help="target windows per step (default 8; fewer for a GPU with less memory)")
+    parser.add_argument("--checkpoint-every-s", type=float, default=60.0,
+                        help="avatar folder: seconds of training between resumable checkpoints (default 60: a kill loses at most that)")
     parser.set_defaults(handler=_personalize)
 
 

@@ -24,25 +24,50 @@ interrupt flag); on cancel what was trained so far is still written.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import math
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from .. import media
 from ..errors import UserFacingError
-from ..model.checkpoint import save_checkpoint
+from ..files import write_text
+from ..media.video_io import file_sha256
+from ..model.avatar_folder import (
+    FINISHED,
+    IDENTITY_FILE,
+    MODEL_FILE,
+    STOPPED,
+    TRAINING_DIR,
+    AvatarFolder,
+    is_avatar_folder_path,
+    read_avatar_manifest,
+    write_avatar_manifest,
+)
+from ..model.checkpoint import (
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
 from ..model.flow import training_step
-from .distributed import DistributedContext
+from ..model.identity import save_identity
+from ..model.personal import check_own_audio, personality_data
+from ..model.pipeline import extract_reference_identity, prepare_reference_video
+from . import state_io
 from .budget import TimeBudget
+from .distributed import DistributedContext
 from .lora import apply_lora, save_lora
 from .objectives import StepModule
-from .trainer import Trainer, TrainerConfig, uncompile_blocks
+from .trainer import Trainer, TrainerConfig, TrainResult, uncompile_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +75,74 @@ logger = logging.getLogger(__name__)
 # PSNR 22.37 vs 22.09 dB, LMD 1.03 vs 1.18 px, dub mouth r 0.34 vs 0.12, generate mouth r 0.37 vs
 # 0.19 and identity 0.201 vs 0.215 (bench/results/person.md).
 MOUTH_LOSS_WEIGHT = 4.0
+
+
+# A killed run loses at most this much training (a checkpoint of a small model takes ~1 s to write).
+CHECKPOINT_INTERVAL_S = 60.0
+JOB_FILE = "job.json"
+KEPT_JOBS = 3  # resume_root: unfinished jobs kept (a cancelled Train Avatar run continues when queued again)
+
+
+class ResumableJob:
+    """The training folder of one personality job, so a killed run resumes where it was.
+
+    ``job.json`` names the job: a hash of the data (crops and speech), the base model's
+    fingerprint and the settings. A folder holding another job is refused (naming what differs)
+    rather than resumed with the wrong data; the folder's step checkpoints are the trainer's own
+    (atomic: a kill mid-save leaves only a ``.tmp-`` folder that is never read).
+    """
+
+    def __init__(self, folder, crops: np.ndarray, speech: np.ndarray, base_fingerprint: str, settings: dict):
+        self.folder = Path(folder)
+        self._describe(crops, speech, base_fingerprint, settings)
+        self._claim()
+
+    @classmethod
+    def in_root(cls, root, crops: np.ndarray, speech: np.ndarray, base_fingerprint: str, settings: dict) -> ResumableJob:
+        """The job's own folder under ``root`` (named by its hash); other jobs' folders beyond the
+        newest ``KEPT_JOBS`` are removed (each holds ~3x the model)."""
+        job = cls.__new__(cls)
+        job._describe(crops, speech, base_fingerprint, settings)
+        name = hashlib.sha256(json.dumps(job.description, sort_keys=True).encode()).hexdigest()[:16]
+        job.folder = Path(root) / f"job-{name}"
+        others = sorted((p for p in Path(root).glob("job-*") if p.is_dir() and p != job.folder), key=lambda p: p.stat().st_mtime)
+        for old in others[: max(0, len(others) - (KEPT_JOBS - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        job._claim()
+        return job
+
+    def _describe(self, crops: np.ndarray, speech: np.ndarray, base_fingerprint: str, settings: dict) -> None:
+        digest = hashlib.sha256()
+        for array in (crops, speech):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array).data)
+        description = {"data_sha256": digest.hexdigest(), "frames": int(crops.shape[0]), "base_fingerprint": base_fingerprint, **settings}
+        self.description = json.loads(json.dumps(description))  # what job.json reads back (tuples -> lists)
+
+    def _claim(self) -> None:
+        path = self.folder / JOB_FILE
+        if path.is_file():
+            try:
+                existing = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                existing = None  # written atomically, so only a failing disk damages it: start over
+            if isinstance(existing, dict) and existing != self.description:
+                differences = ", ".join(f"{key} {existing.get(key)!r} -> {value!r}" for key, value in self.description.items()
+                                        if existing.get(key) != value)
+                raise UserFacingError(
+                    f"{self.folder} holds an unfinished training of another job ({differences}); run with the same video and "
+                    f"settings to resume it, or delete {self.folder} to start over.")
+            if existing == self.description:
+                return
+            for stale in state_io.list_checkpoints(self.folder):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(self.description, indent=1, sort_keys=True))
+
+    def latest_state(self) -> dict | None:
+        """The trainer state of the newest complete checkpoint, or None (nothing to resume)."""
+        newest = state_io.latest_checkpoint(self.folder)
+        return state_io.read_trainer_state(newest) if newest is not None else None
 
 
 class PersonClipSource:
@@ -172,6 +265,9 @@ def finetune_personality(
     compile: bool | None = None,
     progress: Callable[[int, int, float | None], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    work_dir=None,
+    resume_root=None,
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
 ) -> Path:
     """Train ``model`` (an AvatarModel, changed in place) on one person's video and write the
     result to ``out_path`` (.safetensors): a LoRA tied to the base's fingerprint (lora_rank > 0)
@@ -182,6 +278,13 @@ def finetune_personality(
     option); None = on CUDA when Triton is installed (H200, 3 runs sharing the GPU: 878 instead of
     704 steps in 430 s, compilation included). progress(step, total, loss): loss is None on steps that
     were not synced with the device (every ``log_every``-th step is).
+
+    work_dir: where the training state is kept so a killed run resumes (see ``ResumableJob``): a
+    checkpoint every ``checkpoint_interval_s`` of training, one when cancelled and one at the end;
+    the caller removes the folder once the result is safe. None: a temporary folder (no resume).
+    resume_root: instead of work_dir, a folder holding one training folder per job (named by the
+    job's hash, the newest ``KEPT_JOBS`` kept): the same job resumes, and a finished job's folder is
+    removed as soon as its result is written (Train Avatar's use).
     """
     crops = np.ascontiguousarray(crops, dtype=np.uint8)
     speech = np.ascontiguousarray(speech, dtype=np.float32)
@@ -210,73 +313,173 @@ def finetune_personality(
     config = TrainerConfig(
         total_steps=steps, lr=lr, warmup_steps=min(100, max(1, steps // 10)), weight_decay=0.0, ema_decay=0.0, seed=seed,
         parallel="none", log_every=log_every, compile=compile, final_checkpoint=False,  # the result is written below, in its own format
+        keep_checkpoints=1,  # each save is atomic, so the newest alone is safe; a small model's state is ~1 GB
     )
-    budget = TimeBudget(time_budget_s, steps, config)  # fits config.total_steps to the time
+    settings = {"lora_rank": int(lora_rank), "lr": float(lr), "steps": int(steps), "time_budget_s": time_budget_s,
+                "batch_size": int(batch_size), "target_frames": target_frames, "reference_frames": reference_frames,
+                "dub_context_prob": float(dub_context_prob), "mouth_loss_weight": float(mouth_loss_weight), "seed": int(seed)}
+    if resume_root is not None:
+        job = ResumableJob.in_root(resume_root, crops, speech, base_fingerprint, settings)
+    else:
+        job = ResumableJob(work_dir, crops, speech, base_fingerprint, settings) if work_dir is not None else None
+    resumed = job.latest_state() if job is not None else None
+    spent_before = float(resumed.get("train_seconds", 0.0)) if resumed else 0.0
+    if resumed:
+        # The schedule the killed run had fitted to its budget, so the resumed steps continue it.
+        config.total_steps, config.warmup_steps = int(resumed["config"]["total_steps"]), int(resumed["config"]["warmup_steps"])
+    remaining_s = None if time_budget_s is None else time_budget_s - spent_before
+    budget = TimeBudget(remaining_s, steps, config)  # fits config.total_steps to the time
+    last_saved = [time.perf_counter()]
     # The hooks read `trainer`, which is set below before the first step runs.
+
+    def train_seconds() -> float:
+        return spent_before + (time.perf_counter() - budget.started)
+
+    def save_state() -> None:
+        trainer.save_checkpoint({"train_seconds": round(train_seconds(), 3)})
+        last_saved[0] = time.perf_counter()
 
     def on_step(record: dict) -> None:
         budget.on_step(record["step"])
+        if job is not None and time.perf_counter() - last_saved[0] >= checkpoint_interval_s:
+            save_state()
         if progress is not None:
             progress(record["step"], config.total_steps, record.get("loss") if record.get("synced", True) else None)
 
     def stop() -> bool:
         return budget.spent(trainer.step) or bool(should_cancel and should_cancel())
 
-    with tempfile.TemporaryDirectory(prefix="sparse-avatar-personality-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="sparse-avatar-personality-") as temporary:
+        run_dir = job.folder if job is not None else Path(temporary) / "run"
+
         def new_trainer() -> Trainer:
-            return Trainer(
+            made = Trainer(
                 StepModule(model, personality_objective(dub_context_prob=dub_context_prob, mouth_loss_weight=mouth_loss_weight)), lambda m, b, g: m.objective(m, b, g), source, config,
-                Path(workdir) / "run", context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
+                run_dir, context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
                 on_step=on_step, should_stop=stop,
             )
+            if resumed:
+                made.resume()
+            return made
 
         trainer = new_trainer()
-        budget.start()  # the budget is training time, from the first step
+        first_step = trainer.step
+        budget.start(first_step)  # the budget is training time, from the first step
+        done_before = (remaining_s is not None and remaining_s <= 0) or first_step >= config.total_steps
         try:
-            result = trainer.fit()
+            result = TrainResult(step=first_step, last_loss=float("nan")) if done_before else trainer.fit()
         except Exception as error:
             # A machine whose compiler toolchain cannot build the compiled step (no C compiler, an
             # old Triton) fails in the first step: train without compiling instead of failing.
-            if not compile or trainer.step > 0 or not _is_compile_error(error):
+            if not compile or trainer.step > first_step or not _is_compile_error(error):
                 raise
             logger.warning("torch.compile could not build the training step (%s: %s); training without it.", type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
             uncompile_blocks(trainer.model)
             config.compile = compile = False
             trainer = new_trainer()
             result = trainer.fit()
+        if job is not None and trainer.step > first_step:
+            save_state()  # cancelled: resumable from here; finished: a kill before the result is safe loses nothing
     if compile:
         uncompile_blocks(trainer.model)  # the StepModule: its .blocks are the ones compiled
     model.forget_fingerprint()
     model.training_stage = "personality"
     if result.step == 0:
         raise UserFacingError("personality fine-tuning was cancelled before the first step; nothing was written.")
-    wall = time.perf_counter() - budget.started
-    metadata = {"steps": str(result.step), "lora_rank": str(lora_rank), "train_seconds": f"{wall:.1f}", "fps": repr(float(fps)),
+    metadata = {"steps": str(result.step), "lora_rank": str(lora_rank), "train_seconds": f"{train_seconds():.1f}", "fps": repr(float(fps)),
                 "dub_context_prob": repr(float(dub_context_prob)), "mouth_loss_weight": repr(float(mouth_loss_weight)), "final_loss": "" if not math.isfinite(result.last_loss) else f"{result.last_loss:.5f}"}
     if lora_rank > 0:
-        return save_lora(model.dit, out_path, base_fingerprint=base_fingerprint, extra_metadata=metadata)
-    metadata["base_fingerprint"] = base_fingerprint
-    return save_checkpoint(model, out_path, dtype="bf16" if device.type == "cuda" else "fp32", training_stage="personality", extra_metadata=metadata)
+        written = save_lora(model.dit, out_path, base_fingerprint=base_fingerprint, extra_metadata=metadata)
+    else:
+        metadata["base_fingerprint"] = base_fingerprint
+        written = save_checkpoint(model, out_path, dtype="bf16" if device.type == "cuda" else "fp32", training_stage="personality",
+                                  extra_metadata=metadata)
+    if resume_root is not None and not (should_cancel and should_cancel()):
+        shutil.rmtree(job.folder, ignore_errors=True)  # finished and written: nothing left to resume
+    return written
 
 
 def personalize_video(model, video_path, out_path, *, minutes: float | None = 10.0, steps: int = 100_000, lr: float = 1e-3,
                       lora_rank: int = 0, seed: int = 0, max_frames: int | None = None,
                       progress: Callable[[int, int, float | None], None] | None = None,
-                      should_cancel: Callable[[], bool] | None = None, log: Callable[[str], None] = print) -> Path:
-    """A video file of the person talking (with its sound) -> a trained model file: the pack's
+                      should_cancel: Callable[[], bool] | None = None, log: Callable[[str], None] = print,
+                      checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S, batch_size: int = 8) -> Path:
+    """A video file of the person talking (with its sound) -> a trained avatar: the pack's
     reference path (``media.load_reference_video`` -> face track and crops at the model's frame
     size -> the clip's own speech features), then ``finetune_personality`` with Train Avatar's
     defaults. What ``python -m sparse_avatar personalize`` and ``train --config personality
-    --video`` run; the node does the same from its loaded reference."""
-    from .. import media
-    from ..model.personal import check_own_audio, personality_data
-    from ..model.pipeline import prepare_reference_video
+    --video`` run; the node does the same from its loaded reference.
 
+    ``out_path`` a folder: an avatar folder (``model.avatar_folder``: model, identity, manifest),
+    resumable after a kill, continued after a cancel, left alone once finished. ``out_path`` a
+    .safetensors file: the model (or LoRA) alone, no resume. Returns what was written."""
+    if not is_avatar_folder_path(out_path):
+        video = media.load_reference_video(str(video_path))
+        check_own_audio(video, advice="Use the video file with its sound; personality fine-tuning learns from the person's own speech.")
+        crops, speech, _ = _person_data(model, video, video_path, max_frames, log)
+        log(_training_line(len(crops), minutes, steps))
+        return finetune_personality(model, crops, speech, out_path, steps=steps, time_budget_s=minutes_budget(minutes), lora_rank=lora_rank,
+                                    lr=lr, fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel, batch_size=batch_size)
+
+    folder = Path(out_path)
+    if lora_rank > 0:
+        raise UserFacingError("an avatar folder holds the whole fine-tuned model; for a LoRA file pass --out NAME.safetensors "
+                              "with --lora-rank, or use --lora-rank 0.")
+    if folder.exists() and not folder.is_dir():
+        raise UserFacingError(f"--out {folder} is a file; pass a folder for the avatar (it is created) or a .safetensors file name.")
+    video_sha256 = file_sha256(Path(video_path)) if Path(video_path).is_file() else None
+    manifest = read_avatar_manifest(folder)
+    if manifest is not None and video_sha256 is not None and manifest["video"].get("sha256") != video_sha256:
+        raise UserFacingError(f"{folder} already holds the avatar of {manifest['video'].get('path')}; choose another --out for "
+                              f"{video_path} (one person's video per folder).")
+    if manifest is not None and manifest["training"].get("status") == FINISHED:
+        if not (folder / MODEL_FILE).is_file():
+            raise UserFacingError(f"{folder / MODEL_FILE} is missing and the training that made it has been cleaned up; "
+                                  f"delete {folder} and run personalize again.")
+        if (folder / IDENTITY_FILE).is_file():
+            log(f"{AvatarFolder(folder, manifest).summary()}; nothing to do (delete the folder to train again).")
+            return folder
     video = media.load_reference_video(str(video_path))
     check_own_audio(video, advice="Use the video file with its sound; personality fine-tuning learns from the person's own speech.")
+    crops, speech, prepared = _person_data(model, video, video_path, max_frames, log)
+    device = next(model.parameters()).device
+    finished_before = manifest is not None and manifest["training"].get("status") == FINISHED
+    if finished_before:
+        log(f"{folder}: trained; writing the missing {IDENTITY_FILE} again ...")
+    else:
+        if (folder / TRAINING_DIR).is_dir():
+            log(f"{folder / TRAINING_DIR}: resuming the interrupted training ...")
+        log(_training_line(len(crops), minutes, steps))
+        finetune_personality(model, crops, speech, folder / MODEL_FILE, steps=steps, time_budget_s=minutes_budget(minutes), lr=lr,
+                             lora_rank=0, fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel,
+                             work_dir=folder / TRAINING_DIR, checkpoint_interval_s=checkpoint_interval_s, batch_size=batch_size)
+    stopped = not finished_before and bool(should_cancel and should_cancel())
+    # The identity comes from the model as saved (bf16 on a GPU): its fingerprint is the one render sees.
+    log(f"extracting the identity from {prepared.n_frames} frames ...")
+    trained = load_checkpoint(folder / MODEL_FILE, device=device)
+    save_identity(extract_reference_identity(trained, prepared), folder / IDENTITY_FILE)
+    weights = read_checkpoint_metadata(folder / MODEL_FILE)
+    write_avatar_manifest(folder, {
+        "video": {"path": str(Path(video_path).resolve()), "sha256": video_sha256 or str(video.source_hash or ""),
+                  "fps": float(video.fps), "frames": int(prepared.n_frames)},
+        "model": {"file": MODEL_FILE, "config": trained.config.name, "fingerprint": trained.fingerprint(),
+                  "base_fingerprint": weights.get("base_fingerprint", "")},
+        "identity": {"file": IDENTITY_FILE},
+        "training": {"status": STOPPED if stopped else FINISHED, "steps": int(weights.get("steps", 0) or 0),
+                     "train_seconds": float(weights.get("train_seconds", 0) or 0), "minutes": minutes, "lr": float(lr), "seed": int(seed)},
+    })
+    if not stopped:
+        shutil.rmtree(folder / TRAINING_DIR, ignore_errors=True)  # the result is safe; the trainer state is ~3x the model
+    return folder
+
+
+def _person_data(model, video, video_path, max_frames, log):
+    """(crops, speech, PreparedReference) of a loaded video, with a progress line."""
     log(f"{video_path}: {video.n_frames} frames at {video.fps:g} fps; tracking and cropping the face at {model.config.frame_size}px ...")
-    crops, speech = personality_data(prepare_reference_video(model, video, max_frames=max_frames))
-    budget = minutes_budget(minutes)
-    log(f"training on {len(crops)} frames" + (f" for {float(minutes):g} min" if budget else f" for {steps} steps") + " ...")
-    return finetune_personality(model, crops, speech, out_path, steps=steps, time_budget_s=budget, lora_rank=lora_rank, lr=lr,
-                                fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel)
+    prepared = prepare_reference_video(model, video, max_frames=max_frames)
+    crops, speech = personality_data(prepared)
+    return crops, speech, prepared
+
+
+def _training_line(frames: int, minutes, steps: int) -> str:
+    return f"training on {frames} frames" + (f" for {float(minutes):g} min" if minutes_budget(minutes) else f" for {steps} steps") + " ..."

@@ -163,6 +163,11 @@ def save_training_checkpoint(
 
 
 def _prune_old_checkpoints(out_dir: Path, keep: int) -> None:
+    # A save cut short (killed process, full disk) leaves its temporary folder; one process writes
+    # a run's checkpoints, so any temporary folder but this process's own is such a left-over.
+    for stale in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*.tmp-*"):
+        if not stale.name.endswith(f".tmp-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return
     for old in list_checkpoints(out_dir)[:-keep]:

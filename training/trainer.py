@@ -256,14 +256,17 @@ class Trainer:
         self._window = {"started": time.perf_counter(), "steps": 0, "data_time_s": 0.0}
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, extra_state: dict | None = None) -> Path:
+        """Write the training state (a step folder, atomically). ``extra_state``: JSON values a
+        caller keeps beside it (personality keeps its training seconds; read back with
+        ``state_io.read_trainer_state``)."""
         return state_io.save_training_checkpoint(
             self.out_dir,
             self.step,
             model=self.model,
             optimizer=self.optimizer,
             ema_state=self.ema.shadow if self.ema else None,
-            trainer_state={"samples_seen": self.samples_seen, "config": asdict(self.config)},
+            trainer_state={**(extra_state or {}), "samples_seen": self.samples_seen, "config": asdict(self.config)},
             model_metadata=self.model_metadata,
             context=self.context,
             keep=self.config.keep_checkpoints,
