@@ -9,6 +9,12 @@ The crop is a square of ``scale`` x the face box side, centred on the face, resa
 repeating the border pixels, so the face keeps the same place in every crop (the model relies on
 that) and paste-back simply skips the padding. Large downscales go through an image pyramid
 first so small crops of 4K frames do not alias.
+
+The crop is upright: it turns with the track's ``rotation`` (a sideways video) and with a
+strongly rolled face (``FaceTrack.rolls``): below ``ROLL_KEEP`` degrees the crop stays axis-aligned
+(the framing the model, the dub mask and existing identities were made with; the shared clips'
+faces roll up to about 14 degrees), from ``ROLL_FULL`` degrees it turns by the whole roll, and
+smoothly in between. Paste-back puts the turned crop back where it came from.
 """
 from __future__ import annotations
 
@@ -20,6 +26,49 @@ from ..errors import UserFacingError
 from .face_track import FaceTrack
 
 DEFAULT_CROP_SCALE = 1.6
+# Roll (degrees) up to which the crop stays axis-aligned, and from which it follows the whole roll.
+ROLL_KEEP, ROLL_FULL = 12.0, 22.0
+
+
+def rotation_matrix(centre, angle_degrees: float, zoom: float, size: int) -> np.ndarray:
+    """Frame pixel index -> pixel index of a ``size``² image of the frame centred on ``centre``
+    (edge convention), scaled by ``zoom`` and turned so that something at ``angle_degrees``
+    (clockwise on screen) stands upright in it. float64 [2, 3], as ``cv2.warpAffine`` takes it."""
+    theta = np.radians(angle_degrees)
+    cos, sin = np.cos(theta), np.sin(theta)
+    linear = zoom * np.array([[cos, sin], [-sin, cos]])
+    # Edge convention: index p sits at p + 0.5; the image's centre is size / 2.
+    shift = linear @ (0.5 - np.asarray(centre, np.float64)) + (size / 2 - 0.5)
+    return np.column_stack([linear, shift])
+
+
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+    linear = np.linalg.inv(np.asarray(matrix, np.float64)[:, :2])
+    return np.column_stack([linear, -linear @ np.asarray(matrix, np.float64)[:, 2]])
+
+
+def _corners(matrix: np.ndarray, size: int) -> np.ndarray:
+    """The four outer corners of a ``size``² image of ``matrix`` in frame pixels, edge convention [2, 4]."""
+    outer = np.array([[-0.5, size - 0.5, size - 0.5, -0.5], [-0.5, -0.5, size - 0.5, size - 0.5], [1.0, 1.0, 1.0, 1.0]])
+    return invert_affine(matrix) @ outer + 0.5
+
+
+def region_of(matrix: np.ndarray, size: int, frame_size, *, margin: float = 0.0) -> tuple[int, int, int, int]:
+    """Integer frame region (left, top, right, bottom), clipped to the frame, that a ``size``²
+    image of ``matrix`` covers (plus ``margin`` pixels, for a resampling filter); may be empty."""
+    height, width = frame_size
+    corners = _corners(matrix, size)
+    left, top = int(max(0, np.floor(corners[0].min() - margin))), int(max(0, np.floor(corners[1].min() - margin)))
+    right, bottom = int(min(width, np.ceil(corners[0].max() + margin))), int(min(height, np.ceil(corners[1].max() + margin)))
+    return left, top, right, bottom
+
+
+def applied_roll(rolls) -> np.ndarray:
+    """The part of a face's roll (degrees) the crop turns by: 0 up to ``ROLL_KEEP``, all of it from
+    ``ROLL_FULL``, a smoothstep in between (continuous, so a smoothed roll gives a smooth crop)."""
+    rolls = np.asarray(rolls, np.float64)
+    ramp = np.clip((np.abs(rolls) - ROLL_KEEP) / (ROLL_FULL - ROLL_KEEP), 0.0, 1.0)
+    return rolls * ramp * ramp * (3.0 - 2.0 * ramp)
 
 
 @dataclass(frozen=True)
@@ -33,26 +82,34 @@ class CropTransform:
     @property
     def inverse_matrix(self) -> np.ndarray:
         """Crop pixel -> source frame pixel, float64 [2, 3]."""
-        import cv2
+        return invert_affine(self.matrix)
 
-        return cv2.invertAffineTransform(self.matrix)
+    @property
+    def corners(self) -> np.ndarray:
+        """The crop's four corners (top-left, top-right, bottom-right, bottom-left of the crop) in
+        source pixels, edge convention, [4, 2]: a square, turned when the crop is."""
+        return _corners(self.matrix, self.size).T
+
+    @property
+    def angle(self) -> float:
+        """Degrees (clockwise on screen) the crop's square is turned by in the source frame."""
+        return float(np.degrees(np.arctan2(-self.matrix[1, 0], self.matrix[0, 0])))
 
     @property
     def box(self) -> np.ndarray:
-        """The square the crop covers, in source pixels (x0, y0, x1, y1), edge convention."""
-        corners = self.inverse_matrix @ np.array([[-0.5, self.size - 0.5], [-0.5, self.size - 0.5], [1.0, 1.0]])
-        return np.array([corners[0, 0] + 0.5, corners[1, 0] + 0.5, corners[0, 1] + 0.5, corners[1, 1] + 0.5])
+        """The region the crop covers, in source pixels (x0, y0, x1, y1), edge convention: its square,
+        or the bounding box of the square when the crop is turned."""
+        corners = self.corners
+        return np.array([corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max()])
 
     def apply(self, frame: np.ndarray) -> np.ndarray:
         """Crop of one uint8 RGB frame -> uint8 [size, size, 3]."""
         if frame.shape[:2] != tuple(self.frame_size):
             raise UserFacingError(f"frame size {frame.shape[:2]} does not match the tracked video's {tuple(self.frame_size)}")
-        x0, y0, x1, y1 = self.box
+        x0, y0, _, _ = self.box
         height, width = self.frame_size
         # Only the region the crop reads (plus a margin for the pyramid filter) is resampled.
-        margin = 2 + 4 / self.matrix[0, 0]
-        left, top = int(max(0, np.floor(x0 - margin))), int(max(0, np.floor(y0 - margin)))
-        right, bottom = int(min(width, np.ceil(x1 + margin))), int(min(height, np.ceil(y1 + margin)))
+        left, top, right, bottom = region_of(self.matrix, self.size, self.frame_size, margin=2 + 4 / _scale_of(self.matrix))
         if right <= left or bottom <= top:
             # The whole crop lies outside the frame: repeat the nearest border pixel.
             left, top = int(np.clip(x0, 0, width - 1)), int(np.clip(y0, 0, height - 1))
@@ -62,9 +119,15 @@ class CropTransform:
         return _resample(frame[top:bottom, left:right], matrix, self.size, self.size)
 
 
-def _resample(source: np.ndarray, matrix: np.ndarray, out_width: int, out_height: int) -> np.ndarray:
-    """``cv2.warpAffine`` of an axis-aligned scale+shift, halving the source with a Gaussian
-    pyramid while the scale is below 1/2 so a large shrink does not alias.
+def _scale_of(matrix: np.ndarray) -> float:
+    """The zoom of an affine matrix (scale + rotation + shift): sqrt of its area factor."""
+    return float(np.sqrt(abs(np.linalg.det(np.asarray(matrix, np.float64)[:, :2]))))
+
+
+def _resample(source: np.ndarray, matrix: np.ndarray, out_width: int, out_height: int, *, border: str = "replicate") -> np.ndarray:
+    """``cv2.warpAffine`` of a scale (+ rotation) + shift, halving the source with a Gaussian
+    pyramid while the scale is below 1/2 so a large shrink does not alias. ``border``:
+    "replicate" (crops: the face keeps its place at a frame edge) or "constant" (black).
 
     Bilinear when enlarging, bicubic when shrinking: on the shared real clips, crop -> paste-back
     of an untouched 512² crop measured 39-47 dB PSNR with bilinear both ways, 42-50 dB with this
@@ -73,13 +136,14 @@ def _resample(source: np.ndarray, matrix: np.ndarray, out_width: int, out_height
     import cv2
 
     matrix = np.array(matrix, np.float64)
-    while matrix[0, 0] < 0.5 and min(source.shape[:2]) >= 2:
+    while _scale_of(matrix) < 0.5 and min(source.shape[:2]) >= 2:
         source = cv2.pyrDown(source)
         # pyrDown's output pixel j is centred on input pixel 2j.
         matrix[:, :2] *= 2.0
-    interpolation = cv2.INTER_LINEAR if matrix[0, 0] >= 1.0 else cv2.INTER_CUBIC
+    interpolation = cv2.INTER_LINEAR if _scale_of(matrix) >= 1.0 else cv2.INTER_CUBIC
+    border_mode = cv2.BORDER_REPLICATE if border == "replicate" else cv2.BORDER_CONSTANT
     return cv2.warpAffine(
-        np.ascontiguousarray(source), matrix, (out_width, out_height), flags=interpolation, borderMode=cv2.BORDER_REPLICATE
+        np.ascontiguousarray(source), matrix, (out_width, out_height), flags=interpolation, borderMode=border_mode
     )
 
 
@@ -89,20 +153,35 @@ def _check_size(size) -> int:
     return int(size)
 
 
-def crop_transforms(track: FaceTrack, size: int = 256, *, scale: float = DEFAULT_CROP_SCALE) -> list[CropTransform]:
-    """One ``CropTransform`` per tracked frame: a square of ``scale`` x the face box, to ``size``²."""
+def crop_angles(track: FaceTrack, *, align_roll: bool = True) -> np.ndarray:
+    """Degrees [T] (clockwise on screen) each frame's crop is turned by in the source frame: minus
+    the track's rotation (a sideways video) plus the ``applied_roll`` of the face's roll."""
+    angles = np.full(track.n_frames, -float(getattr(track, "rotation", 0) or 0))
+    rolls = getattr(track, "rolls", None)
+    if align_roll and rolls is not None:
+        rolls = np.asarray(rolls, np.float64)
+        if rolls.shape != (track.n_frames,):
+            raise UserFacingError(f"the face track has {track.n_frames} boxes but {len(rolls)} rolls; subsample both alike")
+        angles += applied_roll(rolls)
+    return angles
+
+
+def crop_transforms(track: FaceTrack, size: int = 256, *, scale: float = DEFAULT_CROP_SCALE,
+                    align_roll: bool = True) -> list[CropTransform]:
+    """One ``CropTransform`` per tracked frame: a square of ``scale`` x the face box, to ``size``²,
+    upright (``crop_angles``; ``align_roll=False``: turned only by the track's rotation)."""
     size = _check_size(size)
     if not np.isfinite(scale) or scale <= 0:
         raise UserFacingError(f"crop scale must be a positive number (1.6 frames head and hair), got {scale!r}")
     centres, sides = track.centres_and_sizes()
     crop_sides = np.maximum(sides.astype(np.float64) * scale, 1.0)
     zoom = size / crop_sides
+    angles = crop_angles(track, align_roll=align_roll)
     transforms = []
-    for (centre_x, centre_y), factor in zip(centres.astype(np.float64), zoom):
-        # Edge-convention x maps to crop edge coordinate (x - left) * factor; shift both sides by
-        # half a pixel to go to pixel-index coordinates.
-        left, top = centre_x - size / factor / 2, centre_y - size / factor / 2
-        matrix = np.array([[factor, 0.0, (0.5 - left) * factor - 0.5], [0.0, factor, (0.5 - top) * factor - 0.5]])
+    for centre, factor, angle in zip(centres.astype(np.float64), zoom, angles):
+        matrix = rotation_matrix(centre, angle, factor, size)
+        if angle == 0.0:  # exactly axis-aligned (no rounding residue off the diagonal)
+            matrix[0, 1] = matrix[1, 0] = 0.0
         transforms.append(CropTransform(matrix=matrix, size=size, frame_size=tuple(track.frame_size)))
     return transforms
 
@@ -159,10 +238,7 @@ def _paste_parts(frame: np.ndarray, crop: np.ndarray, transform: CropTransform, 
         )
     if not 0 <= feather <= 0.5:
         raise UserFacingError(f"feather must be between 0 and 0.5 (share of the crop side), got {feather}")
-    height, width = transform.frame_size
-    x0, y0, x1, y1 = transform.box
-    left, top = int(max(0, np.floor(x0))), int(max(0, np.floor(y0)))
-    right, bottom = int(min(width, np.ceil(x1))), int(min(height, np.ceil(y1)))
+    left, top, right, bottom = region_of(transform.matrix, transform.size, transform.frame_size)
     if right <= left or bottom <= top:
         return None
     # Crop -> frame region [top:bottom, left:right]: inverse of the crop matrix, shifted.
@@ -170,10 +246,16 @@ def _paste_parts(frame: np.ndarray, crop: np.ndarray, transform: CropTransform, 
     back[:, 2] -= np.array([left, top], np.float64)
     pasted = _resample(crop, back, right - left, bottom - top).astype(np.float32) / 255.0
     original = np.asarray(frame[top:bottom, left:right], np.float32) / 255.0
-    factor, shift = transform.matrix.diagonal(), transform.matrix[:, 2]
-    crop_x = np.arange(left, right) * factor[0] + shift[0]
-    crop_y = np.arange(top, bottom) * factor[1] + shift[1]
-    alpha = _feather_ramp(crop_y, transform.size, feather)[:, None] * _feather_ramp(crop_x, transform.size, feather)[None, :]
+    matrix = transform.matrix
+    if matrix[0, 1] == 0.0 and matrix[1, 0] == 0.0:  # axis-aligned: the mask is separable
+        crop_x = np.arange(left, right) * matrix[0, 0] + matrix[0, 2]
+        crop_y = np.arange(top, bottom) * matrix[1, 1] + matrix[1, 2]
+        alpha = _feather_ramp(crop_y, transform.size, feather)[:, None] * _feather_ramp(crop_x, transform.size, feather)[None, :]
+    else:  # turned: each region pixel's crop coordinates
+        ys, xs = np.mgrid[top:bottom, left:right].astype(np.float64)
+        crop_x = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]
+        crop_y = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]
+        alpha = _feather_ramp(crop_y, transform.size, feather) * _feather_ramp(crop_x, transform.size, feather)
     return _PasteParts(top, bottom, left, right, pasted, original, alpha)
 
 

@@ -34,11 +34,14 @@ class ScriptedDetector:
     def detect(self, frame):
         index = int(frame[0, 0, 0]) * 256 + int(frame[0, 1, 0])
         self.calls.append(index)
-        return np.asarray(self.boxes_per_frame(index), np.float32).reshape(-1, 4)
+        boxes = np.asarray(self.boxes_per_frame(index), np.float32)
+        return boxes.reshape(-1, boxes.shape[-1] if boxes.ndim == 2 else 4)
 
 
 def _indexed_frames(n, height=120, width=160):
+    """Frames with a picture in them (a gradient: blank frames do not count against coverage)."""
     frames = np.zeros((n, height, width, 3), np.uint8)
+    frames[..., 1] = np.linspace(0, 255, width, dtype=np.uint8)[None, None, :]
     for index in range(n):
         frames[index, 0, 0, 0], frames[index, 0, 1, 0] = divmod(index, 256)
     return frames
@@ -108,7 +111,8 @@ def test_stride_does_not_change_the_track_of_a_steady_face():
 def test_track_face_follows_a_face_and_reports_coverage():
     n = 60
     detector = ScriptedDetector(lambda i: [_box(60 + i * 0.5, 60, 40)] if i % 9 else [])
-    track = track_face(_indexed_frames(n), fps=30, detector=detector, detect_every=2)
+    # (No turned search on frame 0, whose miss would otherwise be looked for at 90 degree steps.)
+    track = track_face(_indexed_frames(n), fps=30, detector=detector, detect_every=2, search_rotations=False)
     assert isinstance(track, FaceTrack)
     assert track.n_frames == n and track.boxes.shape == (n, 4)
     assert detector.calls == list(range(0, n, 2))
@@ -356,3 +360,174 @@ def test_colour_correction_follows_slow_casts_not_each_frames_mouth():
     assert swing(smoothed) < 4
     single = np.stack([paste_back_frame(f, c, t) for f, c, t in zip(frames, generated, transforms * 9)])
     np.testing.assert_array_equal(single, per_frame)
+
+
+# ---------------------------------------------------------------- turned crops (roll, rotation)
+
+
+def _rolled_track(frame_shape, box, roll=0.0, rotation=0):
+    track = _track_for(frame_shape, [box])
+    track.rolls = np.array([roll], np.float32)
+    track.rotation = rotation
+    return track
+
+
+def test_applied_roll_keeps_small_rolls_and_follows_large_ones():
+    from sparse_avatar.media.crop import ROLL_FULL, ROLL_KEEP, applied_roll
+
+    rolls = np.linspace(-40, 40, 801)
+    applied = applied_roll(rolls)
+    assert np.all(applied[np.abs(rolls) <= ROLL_KEEP] == 0)
+    np.testing.assert_allclose(applied[np.abs(rolls) >= ROLL_FULL], rolls[np.abs(rolls) >= ROLL_FULL])
+    assert np.all(np.diff(applied) >= 0) and np.abs(np.diff(applied)).max() < 0.5  # monotone, no jump (0.1 degree steps)
+
+
+@pytest.mark.parametrize("roll, rotation", [(25.0, 0), (-30.0, 0), (0.0, 90), (0.0, 180), (20.0, 270)])
+def test_turned_crop_samples_the_turned_square(roll, rotation):
+    from sparse_avatar.media.crop import applied_roll
+
+    height, width = 240, 320
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    frame = np.stack([xs % 256, ys % 256, np.zeros_like(xs)], axis=-1).astype(np.uint8)
+    track = _rolled_track(frame.shape, _box(150, 110, 50), roll, rotation)
+    crops, transforms = crop_faces(frame[None], track, size=80, scale=1.6)
+    angle = float(applied_roll(roll)) - rotation
+    assert transforms[0].angle == pytest.approx((angle + 180) % 360 - 180, abs=1e-6)
+    # The crop's centre is the box centre; its "down" (increasing row) points along the face's down axis.
+    inverse = transforms[0].inverse_matrix
+    np.testing.assert_allclose(inverse @ [39.5, 39.5, 1], [149.5, 109.5], atol=1e-9)
+    down = inverse @ [39.5, 79.5, 1] - inverse @ [39.5, 39.5, 1]
+    theta = np.radians(angle)
+    np.testing.assert_allclose(down / np.linalg.norm(down), [-np.sin(theta), np.cos(theta)], atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(down), 40 / 80 * 80, atol=1e-9)  # 80 px of crop = the 80 px square
+    # And the pixels say the same: crop pixel (u, v) holds the source coordinates it maps to.
+    for u, v in [(20, 20), (60, 25), (40, 70)]:
+        x, y = inverse @ [u, v, 1]
+        assert abs(int(crops[0, v, u, 0]) - x) < 1.5 and abs(int(crops[0, v, u, 1]) - y) < 1.5
+    corners = transforms[0].corners
+    sides = np.linalg.norm(np.roll(corners, -1, axis=0) - corners, axis=1)
+    np.testing.assert_allclose(sides, 80, atol=1e-6)  # still a square
+
+
+@pytest.mark.parametrize("roll, rotation, size", [(25.0, 0, 256), (-28.0, 0, 128), (0.0, 90, 256), (24.0, 270, 96), (0.0, 180, 160)])
+def test_untouched_turned_crop_pasted_back_is_seamless(roll, rotation, size):
+    frame = _textured_frame(seed=1)
+    transforms = crop_transforms(_rolled_track(frame.shape, _box(171.3, 118.6, 100), roll, rotation), size=size)
+    crops = np.stack([transforms[0].apply(frame)])
+    for color_match in (False, True):
+        back = paste_back(frame[None], crops, transforms, color_match=color_match)
+        assert psnr(back[0], frame) >= 40, (color_match, psnr(back[0], frame))
+    # Outside the turned square nothing changes; a changed crop changes only inside it.
+    grey = paste_back_frame(frame, np.full_like(crops[0], 128), transforms[0], color_match=False, feather=0.0)
+    changed = np.any(grey != frame, axis=2)
+    ys, xs = np.nonzero(changed)
+    crop_xy = transforms[0].matrix @ np.stack([xs, ys, np.ones_like(xs)]).astype(np.float64)
+    assert crop_xy.min() > -1.0 and crop_xy.max() < size  # every changed pixel lies inside the crop's square
+    assert changed.sum() > 0.8 * (1.6 * 100) ** 2  # and the square is (almost) all changed
+
+
+def test_turned_crop_feathering_leaves_no_step():
+    frame = np.full((240, 240, 3), 100, np.uint8)
+    transforms = crop_transforms(_rolled_track(frame.shape, _box(120, 120, 90), 30.0), size=128)
+    feathered = paste_back_frame(frame, np.full((128, 128, 3), 200, np.uint8), transforms[0], color_match=False)
+    steps = max(np.abs(np.diff(feathered[..., 0].astype(int), axis=axis)).max() for axis in (0, 1))
+    assert steps <= 12 and feathered[120, 120, 0] == 200
+
+
+# ---------------------------------------------------------------- orientation, roll, choice, blank frames
+
+
+class MarkerDetector:
+    """Finds a 'face' only where its marker stands upright: a wide red bar with a green block
+    under its left end (turned 90 degrees the bar is tall, turned 180 the block is above the right end)."""
+
+    name = "marker"
+
+    def detect(self, frame):
+        red = (frame[..., 0] > 200) & (frame[..., 1] < 60)
+        green = (frame[..., 1] > 200) & (frame[..., 0] < 60)
+        if not red.any() or not green.any():
+            return np.empty((0, 4), np.float32)
+        ys, xs = np.nonzero(red)
+        green_y, green_x = (coordinate.mean() for coordinate in np.nonzero(green))
+        upright = np.ptp(xs) > 2 * np.ptp(ys) and green_y > ys.mean() and green_x < xs.mean()
+        if not upright:
+            return np.empty((0, 4), np.float32)
+        return np.array([[xs.min(), ys.min(), xs.min() + 40, ys.min() + 40]], np.float32)
+
+
+def _marker_frames(n=10):
+    frames = np.zeros((n, 120, 160, 3), np.uint8)
+    frames[..., 2] = np.linspace(0, 200, 160, dtype=np.uint8)[None, None, :]
+    frames[:, 30:36, 50:68] = (255, 0, 0)  # the wide red bar; the 'face' box is (50, 30, 90, 70)
+    frames[:, 36:42, 50:56] = (0, 255, 0)  # the green block under its left end
+    return frames
+
+
+@pytest.mark.parametrize("k, rotation", [(1, 90), (-1, 270), (2, 180)])
+def test_sideways_video_is_found_turned_and_tracked_in_the_given_pixels(k, rotation):
+    upright = _marker_frames()
+    stored = np.ascontiguousarray(np.rot90(upright, k=k, axes=(1, 2)))  # np.rot90 turns counter-clockwise
+    track = track_face(stored, fps=25, detector=MarkerDetector(), detect_every=1)
+    assert track.rotation == rotation and track.coverage == 1.0
+    assert any("turned" in warning and str(rotation) in warning for warning in track.warnings), track.warnings
+    np.testing.assert_array_equal(track.upright(stored), upright)
+    # The box lies on the marker's square in the stored frames: the upright crop equals the crop of the upright video.
+    reference = track_face(upright, fps=25, detector=MarkerDetector(), detect_every=1)
+    assert reference.rotation == 0 and not reference.warnings
+    turned_crops, _ = crop_faces(stored, track, size=64)
+    upright_crops, _ = crop_faces(upright, reference, size=64)
+    assert psnr(turned_crops[0], upright_crops[0]) > 40
+    back = paste_back(stored, turned_crops, crop_transforms(track, 64), color_match=False)
+    assert psnr(back[0], stored[0]) > 40
+
+
+def test_no_turned_search_when_asked_not_to():
+    stored = np.ascontiguousarray(np.rot90(_marker_frames(), k=1, axes=(1, 2)))
+    with pytest.raises(UserFacingError, match="no face in 100% of frames"):
+        track_face(stored, fps=25, detector=MarkerDetector(), search_rotations=False)
+
+
+def test_a_detector_with_rolls_gives_a_smoothed_roll_track():
+    rng = np.random.default_rng(3)
+
+    def boxes(i):
+        return [[*_box(80, 60, 50), 25.0 + rng.normal(0, 2)]]
+
+    track = track_face(_indexed_frames(50), fps=25, detector=ScriptedDetector(boxes), detect_every=1)
+    assert track.rolls.shape == (50,) and np.isfinite(track.raw_rolls).all()
+    assert abs(track.rolls.mean() - 25) < 1.0 and track.rolls.std() < 0.5 * track.raw_rolls.std()
+    assert abs(crop_transforms(track, 64)[25].angle - track.rolls[25]) < 1e-4  # a 25 degree face: upright crop
+    assert track_face(_indexed_frames(5), detector=ScriptedDetector(lambda i: [_box(80, 60, 50)])).rolls is None
+    assert json_friendly(track.to_metadata())["rolls"][0] == pytest.approx(float(track.rolls[0]), abs=0.01)
+
+
+def json_friendly(data):
+    import json
+
+    return json.loads(json.dumps(data))
+
+
+@pytest.mark.parametrize("face, expected_x, where", [("largest", 40, "on the left"), ("right", 120, "on the right"), ("left", 40, "on the left")])
+def test_two_faces_the_choice_is_followed_and_named(face, expected_x, where):
+    big, small = _box(40, 60, 50), _box(120, 60, 40)
+    track = track_face(_indexed_frames(30), fps=25, detector=ScriptedDetector(lambda i: [small, big]), face=face)
+    assert track.n_faces_seen == 2
+    assert any("2 faces" in warning and where in warning for warning in track.warnings), track.warnings
+    assert abs((track.boxes[10, 0] + track.boxes[10, 2]) / 2 - expected_x) < 1.0
+    with pytest.raises(UserFacingError, match="face must be one of largest, left, right"):
+        track_face(_indexed_frames(3), detector=ScriptedDetector(lambda i: [big]), face="biggest")
+
+
+def test_blank_frames_do_not_count_against_coverage():
+    frames = _indexed_frames(50)
+    frames[:30] = 0  # a fade from black: 30 blank frames, then the face
+    frames[:30, 0, 1, 0] = np.arange(30)  # (the scripted detector's frame index; one pixel keeps it blank)
+    detector = ScriptedDetector(lambda i: [_box(80, 60, 50)] if i >= 30 else [])
+    track = track_face(frames, fps=25, detector=detector, detect_every=1)
+    assert track.coverage == 1.0
+    assert any("blank" in warning for warning in track.warnings), track.warnings
+    np.testing.assert_allclose(track.boxes[:30], track.boxes[30:31].repeat(30, 0), atol=1.0)  # the first box held
+    # A miss on a frame with a picture still counts.
+    detector = ScriptedDetector(lambda i: [_box(80, 60, 50)] if i >= 30 else [])
+    assert track_face(_indexed_frames(50), fps=25, detector=detector, detect_every=1, min_coverage=0).coverage == pytest.approx(0.4)

@@ -72,9 +72,7 @@ def test_face_track_crop_and_seamless_paste_back(shared_media_dir, name):
 
 
 def _subsampled(track, step):
-    from dataclasses import replace
-
-    return replace(track, boxes=track.boxes[::step], raw_boxes=track.raw_boxes[::step], examined=track.examined[::step])
+    return track.select(slice(None, None, step))
 
 
 def test_streaming_track_and_crop_match_the_in_memory_path(shared_media_dir):
@@ -91,9 +89,7 @@ def test_streaming_track_and_crop_match_the_in_memory_path(shared_media_dir):
 
 
 def _first(track, count):
-    from dataclasses import replace
-
-    return replace(track, boxes=track.boxes[:count], raw_boxes=track.raw_boxes[:count], examined=track.examined[:count])
+    return track.select(slice(count))
 
 
 def _two_clip_frames(shared_media_dir, count):
