@@ -112,9 +112,14 @@ def test_two_real_faces_follow_the_largest_and_warn(shared_media_dir):
     frames = _two_clip_frames(shared_media_dir, 40)
     track = track_face(frames, fps=25)
     assert track.n_faces_seen == 2
-    assert any("2 faces" in warning for warning in track.warnings), track.warnings
+    # The warning says which face is followed and how to choose the other.
+    assert any("2 faces" in warning and "largest one (on the left)" in warning and "left or right" in warning
+               for warning in track.warnings), track.warnings
     centres, _ = track.centres_and_sizes()
     assert np.all(centres[:, 0] < 512), "must follow the larger face on the left"
+    chosen = track_face(frames, fps=25, face="right")
+    assert np.all(chosen.centres_and_sizes()[0][:, 0] > 512), "face='right' follows the smaller face on the right"
+    assert any("right-most one (on the right)" in warning for warning in chosen.warnings), chosen.warnings
 
 
 def test_real_video_with_the_face_painted_out_is_a_clear_error(shared_media_dir):
