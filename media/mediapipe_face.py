@@ -35,7 +35,7 @@ import numpy as np
 # Fitted by `python bench/face_tracking.py calibrate` (median over the shared clips, every 2nd
 # frame): Haar centre = region centre + offset x side along the face's (right, down) axes;
 # Haar side = scale x region side.
-HAAR_CENTRE_OFFSET = (-0.006, -0.150)
+HAAR_CENTRE_OFFSET = (-0.004, -0.150)
 HAAR_SIDE_SCALE = 1.149
 # The upright measuring region: this many (region-detector) face sides, resampled to this many pixels.
 REGION_SIDE = 2.2
