@@ -531,3 +531,12 @@ def test_blank_frames_do_not_count_against_coverage():
     # A miss on a frame with a picture still counts.
     detector = ScriptedDetector(lambda i: [_box(80, 60, 50)] if i >= 30 else [])
     assert track_face(_indexed_frames(50), fps=25, detector=detector, detect_every=1, min_coverage=0).coverage == pytest.approx(0.4)
+
+
+def test_default_detector_is_mediapipe_with_haar_as_the_fallback(monkeypatch):
+    from sparse_avatar.media import face_track, mediapipe_face
+
+    if mediapipe_face.mediapipe_available():
+        assert isinstance(face_track.default_face_detector(), mediapipe_face.MediapipeFaceDetector)
+    monkeypatch.setattr(mediapipe_face, "mediapipe_available", lambda: False)  # as without the package
+    assert isinstance(face_track.default_face_detector(), HaarFaceDetector)
