@@ -18,9 +18,11 @@ do, so a damaged or crafted file never reaches the user as a traceback or a huge
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +50,40 @@ def atomic_output(final_path, suffix: str | None = None) -> Iterator[Path]:
         yield temporary
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, final_path)
+    except Exception as error:
+        if temporary.exists():
+            temporary.unlink()  # first, so the message counts the space it took as free
+        if is_disk_full(error):
+            raise disk_full_error(final_path) from None
+        raise
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write failed for want of space: OSError ENOSPC/EDQUOT, or a writer's own error type that
+    only says so in its message (safetensors' SafetensorError, PyAV's)."""
+    if getattr(error, "disk_full", False) or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text
+
+
+def disk_full_error(path) -> UserFacingError:
+    """The one message for a full disk: where, how much is free, that nothing half-written was
+    left, and what to do. Marked ``disk_full`` (``is_disk_full`` recognises it)."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    error = UserFacingError(f"the disk holding {folder} is full ({free}) while writing {path.name}; nothing half-written was "
+                           "left. Free some space or write to another folder, then run the same command again (finished "
+                           "work is kept).")
+    error.disk_full = True  # outer writers (a checkpoint folder) re-word it for what they write
+    return error
 
 
 def _umask() -> int:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserFacingError
-from ..files import open_safetensors, save_safetensors
+from ..files import disk_full_error, is_disk_full, open_safetensors, save_safetensors
 from .distributed import DistributedContext
 
 CHECKPOINT_PREFIX = "step-"
@@ -134,28 +134,34 @@ def save_training_checkpoint(
     rng_states = _gather_rng_states(context)
     if context.is_main:
         temporary = final.with_name(final.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        metadata = {"format": "sparse-avatar-training-weights", **(model_metadata or {})}
-        # The folder is the atomic unit (renamed into place below); save_safetensors also gives
-        # the files normal permissions (safetensors alone writes them owner-only).
-        save_safetensors(model_state, temporary / "model.safetensors", metadata)
-        if ema_tensors:
-            save_safetensors(ema_tensors, temporary / "ema.safetensors", metadata)
-        save_safetensors(optimizer_tensors, temporary / "optimizer.safetensors")
-        save_safetensors(rng_states, temporary / "rng.safetensors")
-        state = {
-            "format": TRAINER_STATE_FORMAT,
-            "version": TRAINER_STATE_VERSION,
-            "step": step,
-            "world_size": context.world_size,
-            "optimizer_values": optimizer_values,
-            **trainer_state,
-        }
-        (temporary / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        try:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            metadata = {"format": "sparse-avatar-training-weights", **(model_metadata or {})}
+            # The folder is the atomic unit (renamed into place below); save_safetensors also gives
+            # the files normal permissions (safetensors alone writes them owner-only).
+            save_safetensors(model_state, temporary / "model.safetensors", metadata)
+            if ema_tensors:
+                save_safetensors(ema_tensors, temporary / "ema.safetensors", metadata)
+            save_safetensors(optimizer_tensors, temporary / "optimizer.safetensors")
+            save_safetensors(rng_states, temporary / "rng.safetensors")
+            state = {
+                "format": TRAINER_STATE_FORMAT,
+                "version": TRAINER_STATE_VERSION,
+                "step": step,
+                "world_size": context.world_size,
+                "optimizer_values": optimizer_values,
+                **trainer_state,
+            }
+            (temporary / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+        except Exception as error:
+            shutil.rmtree(temporary, ignore_errors=True)  # a save cut short leaves nothing behind
+            if is_disk_full(error):
+                raise disk_full_error(final) from None
+            raise
         _prune_old_checkpoints(Path(out_dir), keep)
     if context.is_distributed:
         dist.barrier()
