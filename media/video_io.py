@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import UserFacingError
 from .audio import SPEECH_SAMPLE_RATE, decode_audio_stream, fit_to_length, logger, resample_audio
 from .comfy_types import comfy_audio_to_wave, comfy_image_to_frames, is_comfy_video
-from ..files import atomic_temp_path
+from ..files import atomic_temp_path, disk_full_error, is_disk_full
 from .paths import resolve_input_path
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -564,6 +564,10 @@ def write_video(
         if n_frames == 0:
             raise UserFacingError("no frames to write; the video would be empty")
         os.replace(temp_path, final_path)
+    except Exception as error:
+        if is_disk_full(error):
+            raise disk_full_error(final_path) from None
+        raise
     finally:
         if temp_path.exists():
             temp_path.unlink()
