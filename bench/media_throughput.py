@@ -34,15 +34,20 @@ CROP_SIZE = 256
 
 
 def _generate_clip(path: Path, width: int, height: int, seconds: float, codec: str, fps: float = 25.0) -> Path:
-    """A drawn talking face (same as the demo's) encoded with ``codec``."""
+    """An Avatar World talking head (the pack's one procedural face) encoded with ``codec``."""
     from fractions import Fraction
 
     import av
     import cv2
 
-    from sparse_avatar.media.cli_commands import draw_face
+    from sparse_avatar.training.world.generate import ClipSpec, make_clip
 
     side = min(width, height)
+    fps_frames = int(round(seconds * fps))
+    # A syllable-rate tone as the driving audio: no espeak-ng needed, and the mouth still moves.
+    t = np.arange(int(seconds * 16000)) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    clip = make_clip(ClipSpec(1, 1, 1, 1, 1, seconds=seconds, size=min(side, 1024), fps=fps), audio=tone)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -50,8 +55,9 @@ def _generate_clip(path: Path, width: int, height: int, seconds: float, codec: s
             stream.options = {"x265-params": "log-level=error", "preset": "ultrafast"}
         else:
             stream.options = {"preset": "veryfast"}
-        for index in range(int(round(seconds * fps))):
-            face = draw_face(side, 0.5 + 0.5 * math.sin(index / 3), index / fps)
+        for index, face in zip(range(fps_frames), clip.frames()):
+            if face.shape[0] != side:
+                face = cv2.resize(face, (side, side), interpolation=cv2.INTER_LINEAR)
             canvas = np.empty((height, width, 3), np.uint8)
             canvas[:] = face[0, 0]
             offset = (width - side) // 2

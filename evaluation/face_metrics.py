@@ -25,6 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..media.mediapipe_face import quiet_native_stderr
+
 EXTRA_HINT = 'pip install "sparse-avatar[person-eval]"'
 
 # mediapipe FaceMesh lip indices: outer contour (61 -> 291 along the upper lip, back along the lower),
@@ -213,7 +215,11 @@ def face_landmarks(frames) -> np.ndarray:
         static_image_mode=False, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5, min_tracking_confidence=0.5
     ) as mesh:
         for index, frame in enumerate(frames):
-            result = mesh.process(np.ascontiguousarray(frame))
+            if index == 0:
+                with quiet_native_stderr():  # the graph's first run prints TFLite/absl chatter
+                    result = mesh.process(np.ascontiguousarray(frame))
+            else:
+                result = mesh.process(np.ascontiguousarray(frame))
             if not result.multi_face_landmarks:
                 continue
             points = result.multi_face_landmarks[0].landmark

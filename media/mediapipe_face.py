@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -58,6 +59,28 @@ def mediapipe_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence file descriptor 2 while mediapipe builds and first runs a graph: TFLite and absl
+    print INFO/W0000 lines there from C++ ("Created TensorFlow Lite XNNPACK delegate", "Feedback
+    manager requires ...") before any log level applies, and the CLI shows only our own warnings.
+    Python exceptions still propagate; only native chatter in this window is dropped."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr (some embedded hosts): nothing to silence
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _solutions():
     # mediapipe (glog / TFLite) prints INFO lines to stderr on first use; the CLI shows only warnings.
     os.environ.setdefault("GLOG_minloglevel", "2")
@@ -80,9 +103,11 @@ class MediapipeFaceDetector:
 
     def _graph(self, model: int):
         if model not in self._graphs:
-            self._graphs[model] = self._face_detection.FaceDetection(
-                model_selection=model, min_detection_confidence=self.min_confidence
-            )
+            with quiet_native_stderr():
+                self._graphs[model] = self._face_detection.FaceDetection(
+                    model_selection=model, min_detection_confidence=self.min_confidence
+                )
+                self._graphs[model].process(np.zeros((64, 64, 3), np.uint8))  # the first run logs too
         return self._graphs[model]
 
     def close(self) -> None:

@@ -54,8 +54,7 @@ def _as_if_pretrained(seed: int):
 def models_cwd(tmp_path, monkeypatch):
     """Outside ComfyUI the nodes use ./models/<folder> and ./output; a fresh folder with two tiny checkpoints."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(face_track, "HaarFaceDetector", CentreFaceDetector)
-    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector, raising=False)
+    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector)  # synthetic frames have no real face
     (tmp_path / "models" / "avatar").mkdir(parents=True)
     save_checkpoint(_as_if_pretrained(3), tmp_path / "models" / "avatar" / "tiny.safetensors")
     save_checkpoint(_as_if_pretrained(4), tmp_path / "models" / "avatar" / "other.safetensors")

@@ -265,8 +265,7 @@ def test_personalize_command_and_train_video_run_the_train_avatar_path(tmp_path,
     from sparse_avatar.media import SPEECH_SAMPLE_RATE, face_track, write_video
     from sparse_avatar.model import load_checkpoint
 
-    monkeypatch.setattr(face_track, "HaarFaceDetector", CentreFaceDetector)  # synthetic frames have no real face
-    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector, raising=False)
+    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector)  # synthetic frames have no real face
     rng = np.random.default_rng(0)
     frames = np.repeat(np.repeat(rng.integers(0, 255, (30, 16, 16, 3), dtype=np.uint8), 4, axis=1), 4, axis=2)
     t = np.arange(int(30 / 25 * SPEECH_SAMPLE_RATE)) / SPEECH_SAMPLE_RATE

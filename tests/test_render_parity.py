@@ -50,8 +50,7 @@ def inputs(tmp_path, monkeypatch):
     """A tiny model whose zero-initialised gates are filled in (so attention to the reference
     matters), a reference mp4 with its own audio and a driving wav, in a fresh working folder."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(face_track, "HaarFaceDetector", CentreFaceDetector)
-    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector, raising=False)
+    monkeypatch.setattr(face_track, "default_face_detector", CentreFaceDetector)  # synthetic frames have no real face
     model = new_model("tiny", seed=3)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
