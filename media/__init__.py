@@ -6,7 +6,10 @@ from .paths import resolve_input_path
 from .audio import SPEECH_SAMPLE_RATE, load_audio, resample_audio
 from .comfy_types import audio_to_comfy, comfy_image_to_frames, frames_to_comfy_image
 from .video_io import MediaInfo, ReferenceVideo, iter_video_frames, load_reference_video, probe_media, write_video
-from .face_track import FaceTrack, HaarFaceDetector, default_face_detector, smooth_box_track, smooth_roll_track, track_face
+from .face_track import (
+    FACE_CHOICES, FaceTrack, HaarFaceDetector, check_face_choice, default_face_detector, smooth_box_track, smooth_roll_track,
+    track_face,
+)
 from .mediapipe_face import MediapipeFaceDetector, mediapipe_available
 from .crop import CropTransform, crop_faces, crop_transforms, paste_back, paste_back_frame
 from .features import SPEECH_FEATURE_DIM, SPEECH_FEATURE_ID, encoder_output_to_frame_features, speech_features

@@ -66,6 +66,13 @@ _BLANK_STD = 3.0
 FACE_CHOICES = ("largest", "left", "right")
 
 
+def check_face_choice(face: str) -> str:
+    """``face`` when it is one of FACE_CHOICES, else a UserFacingError naming them."""
+    if face not in FACE_CHOICES:
+        raise UserFacingError(f"face must be one of {', '.join(FACE_CHOICES)} (which face to follow), got {face!r}")
+    return face
+
+
 class HaarFaceDetector:
     """OpenCV Haar cascades on a downscaled grey frame. Returns boxes [N, 4] (x0, y0, x1, y1)."""
 
@@ -516,8 +523,7 @@ def track_face(
     steps when none is upright. Raises ``UserFacingError`` when a face is found on less than
     ``min_coverage`` of the examined frames.
     """
-    if face not in FACE_CHOICES:
-        raise UserFacingError(f"face must be one of {', '.join(FACE_CHOICES)} (which face to follow), got {face!r}")
+    check_face_choice(face)
     if face_box is not None:
         n_frames, frame_size, fps = 0, None, fps
         first_times = []

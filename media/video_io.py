@@ -74,6 +74,9 @@ class ReferenceVideo:
     # Where frame 0 sits in the source (seconds), so a later stage can re-stream the same range
     # from source_path at full size (iter_video_frames(source_path, fps=fps, start_s=start_s)).
     start_s: float = 0.0
+    # Which face the pack follows when several are in view (media.FACE_CHOICES): the user's choice,
+    # carried with the clip so every stage that tracks it (identity, dub, training) picks the same.
+    face: str = "largest"
 
     @property
     def n_frames(self) -> int:

@@ -24,6 +24,9 @@ def register(subparsers) -> None:
                                                           "--avatar, another video of the same person to dub or to take the framing from")
     render.add_argument("--audio", required=True, help="driving speech (wav/mp3/flac/m4a/ogg)")
     render.add_argument("--out", required=True, help="output .mp4")
+    render.add_argument("--face", default=None, choices=("largest", "left", "right"),
+                        help="which face of the reference to follow when several are in view (default largest; "
+                             "with --avatar, the one it was trained on)")
     render.add_argument("--mode", default="generate", choices=("generate", "dub"), help="generate: new performance; dub: keep the source motion, re-render the mouth")
     render.add_argument("--steps", type=int, default=20, help="sampler steps (1-50)")
     render.add_argument("--sampler", default="euler", choices=("euler", "heun", "dpmpp_2m"))
@@ -64,6 +67,7 @@ def _render(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     identity = None
     reference = args.reference
+    face = args.face or "largest"
     if args.avatar:
         if args.model:
             raise UserFacingError("--avatar brings its own model; pass --avatar or --model, not both.")
@@ -72,6 +76,7 @@ def _render(args: argparse.Namespace) -> int:
             logger.warning("%s; run the same personalize command again to finish it.", avatar.summary())
         model = load_checkpoint(avatar.model_path, dtype=args.dtype, device=device)
         identity = load_identity(avatar.identity_path)
+        face = args.face or avatar.manifest["video"].get("face", "largest")
         if reference is None:
             reference = avatar.video_path
             if not reference.is_file():
@@ -89,7 +94,7 @@ def _render(args: argparse.Namespace) -> int:
         model, reference, args.audio, args.out, mode=args.mode, steps=args.steps, sampler=args.sampler, seed=args.seed,
         audio_guidance=args.audio_guidance, reference_guidance=args.reference_guidance,
         chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames, full_frame=not args.crop_only, progress=progress,
-        identity=identity,
+        identity=identity, face=face,
     )
     print(f"\nwrote {path}")
     return 0

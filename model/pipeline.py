@@ -334,6 +334,7 @@ class PreparedReference:
     audio: np.ndarray | None  # float32 mono 16 kHz, exactly T / fps seconds; None when silent
     source_hash: str
     start_s: float = 0.0
+    face: str = "largest"  # which face the track follows (media.FACE_CHOICES)
 
     @property
     def n_frames(self) -> int:
@@ -348,6 +349,8 @@ class PreparedReference:
         """Names the clip (file, start, fps, resolution), not how many of its frames were used:
         an identity extracted from the first N frames still matches the whole clip."""
         text = f"{self.source_hash}|{float(self.start_s)!r}|{float(self.fps)!r}|{self.frames.shape[1]}x{self.frames.shape[2]}"
+        if self.face != "largest":  # another person in the same clip (keys of the default stay as they were)
+            text += f"|{self.face}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def frame_order(self, length: int) -> np.ndarray:
@@ -384,14 +387,17 @@ def reference_speech_features(reference_video, n_frames: int) -> np.ndarray | No
     return media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames)
 
 
-def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames: int | None = None) -> PreparedReference:
+def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames: int | None = None,
+                            face: str | None = None) -> PreparedReference:
     """ReferenceVideo (``media.load_reference_video``) -> PreparedReference: face track (at the
     clip's fps), crops at the model's frame size (or at ``model_or_frame_size`` pixels), transforms
-    and the clip's own speech features. ``max_frames``: only the first frames."""
+    and the clip's own speech features. ``max_frames``: only the first frames. ``face``: which face
+    to follow (media.FACE_CHOICES); default the one chosen with the clip (Load Reference Video)."""
+    face = media.check_face_choice(face or getattr(reference_video, "face", "largest"))
     size = model_or_frame_size if isinstance(model_or_frame_size, (int, np.integer)) else model_or_frame_size.config.frame_size
     frames = reference_video.frames if not max_frames else reference_video.frames[:max_frames]
     fps = float(reference_video.fps)
-    track = media.track_face(frames, fps=fps)
+    track = media.track_face(frames, fps=fps, face=face)
     for warning in track.warnings:  # two faces, a sideways clip, gaps: the CLI and ComfyUI's log show them
         logger.warning(warning)
     crops, transforms = media.crop_faces(frames, track, size=int(size))
@@ -402,6 +408,7 @@ def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames:
         frames=frames, crops=crops, transforms=list(transforms), track=track, fps=fps,
         speech=reference_speech_features(reference_video, len(crops)), audio=audio,
         source_hash=str(reference_video.source_hash or ""), start_s=float(getattr(reference_video, "start_s", 0.0) or 0.0),
+        face=face,
     )
 
 
@@ -455,17 +462,19 @@ def composite_frames(prepared: PreparedReference, frames: np.ndarray, *, mode: s
 
 def render_files(model, reference_path, audio_path, out_path, *, mode: str = "generate", steps: int = 20, sampler: str = "euler",
                  seed: int = 0, audio_guidance: float = 1.0, reference_guidance: float = 1.0, chunk_frames=None, overlap_frames=None,
-                 full_frame: bool = True, progress=None, should_cancel=None, identity: Identity | None = None) -> Path:
+                 full_frame: bool = True, progress=None, should_cancel=None, identity: Identity | None = None,
+                 face: str = "largest") -> Path:
     """Reference video + driving audio files -> mp4 exactly as long as the audio, audio muxed.
 
     The nodes' path step for step (prepare, extract, sample latents, decode, composite).
     full_frame (default): the face placed back into the reference's framing at its resolution,
     the background looped ping-pong (dub: only the lower face re-rendered); False: the face crops.
-    identity: one extracted before (an avatar folder's), instead of a reference pass over the video."""
+    identity: one extracted before (an avatar folder's), instead of a reference pass over the video.
+    face: which face to follow when several are in view (media.FACE_CHOICES)."""
     if mode not in MODES:
         raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
     reference_video = media.load_reference_video(str(reference_path))
-    prepared = prepare_reference_video(model, reference_video)
+    prepared = prepare_reference_video(model, reference_video, face=face)
     if identity is None:
         identity = extract_reference_identity(model, prepared)
     wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)

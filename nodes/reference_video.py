@@ -7,6 +7,7 @@ library's ``prepare_reference_video``, once per reference and crop size while th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -15,7 +16,7 @@ import weakref
 import numpy as np
 
 from ..errors import UserFacingError
-from ..media import audio_to_comfy, frames_to_comfy_image, load_reference_video
+from ..media import FACE_CHOICES, audio_to_comfy, check_face_choice, frames_to_comfy_image, load_reference_video
 from ..media.video_io import VIDEO_EXTENSIONS, ReferenceVideo
 from ..model.pipeline import PreparedReference, prepare_reference_video
 from . import _comfy
@@ -92,10 +93,15 @@ class LoadReferenceVideo:
                                                      "instead of the file."}),
                 "images": ("IMAGE", {"tooltip": "An IMAGE batch used as the reference instead of the file; its "
                                                 "frame rate is 'fps' (25 when fps is 0)."}),
+                "face": (list(FACE_CHOICES), {"default": "largest",
+                                              "tooltip": "Which face to follow when several are in view: the largest, or "
+                                                         "the one on the left or right. Everything downstream (identity, "
+                                                         "dub, Train Avatar) uses this person."}),
             },
         }
 
-    def load(self, video, fps=0.0, start_seconds=0.0, end_seconds=0.0, max_side=1024, video_input=None, images=None):
+    def load(self, video, fps=0.0, start_seconds=0.0, end_seconds=0.0, max_side=1024, video_input=None, images=None, face="largest"):
+        check_face_choice(face)
         options = {
             "fps": fps or None,
             "start_s": start_seconds or None,
@@ -124,7 +130,7 @@ class LoadReferenceVideo:
                 progress.update_absolute(done, total)
 
         _comfy.check_interrupted()
-        reference = load_reference_video(source, allowed_roots=allowed, on_frame=on_frame, **options)
+        reference = dataclasses.replace(load_reference_video(source, allowed_roots=allowed, on_frame=on_frame, **options), face=face)
         audio = reference.audio if reference.audio is not None else np.zeros(
             int(round(reference.duration_s * reference.sample_rate)), np.float32)
         return (reference, frames_to_comfy_image(reference.frames), audio_to_comfy(audio, reference.sample_rate),

@@ -122,6 +122,22 @@ def test_two_real_faces_follow_the_largest_and_warn(shared_media_dir):
     assert any("right-most one (on the right)" in warning for warning in chosen.warnings), chosen.warnings
 
 
+def test_the_face_choice_reaches_every_stage_from_load_reference_video(shared_media_dir):
+    """Load Reference Video's 'face' is carried with the clip: the prepared reference (identity,
+    dub, Train Avatar all read it) follows the chosen person and is keyed apart from the default."""
+    from sparse_avatar.media import frames_to_comfy_image
+    from sparse_avatar.nodes.reference_video import LoadReferenceVideo, prepared_reference
+
+    images = frames_to_comfy_image(_two_clip_frames(shared_media_dir, 24))
+    (largest, *_), (right, *_) = (LoadReferenceVideo().load("", fps=25.0, images=images, face=face) for face in ("largest", "right"))
+    assert right.face == "right"
+    default, chosen = prepared_reference(32, largest), prepared_reference(32, right)
+    assert np.all(default.track.centres_and_sizes()[0][:, 0] < 512) and np.all(chosen.track.centres_and_sizes()[0][:, 0] > 512)
+    assert default.key != chosen.key
+    with pytest.raises(UserFacingError, match="face must be one of largest, left, right"):
+        LoadReferenceVideo().load("", fps=25.0, images=images, face="middle")
+
+
 def test_real_video_with_the_face_painted_out_is_a_clear_error(shared_media_dir):
     name = VIDEO_FILES[0]
     reference = _reference(shared_media_dir, name)

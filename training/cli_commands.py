@@ -136,7 +136,7 @@ def _personalize(args: argparse.Namespace) -> int:
     try:
         path = personalize_video(model, args.video, args.out, minutes=args.minutes, steps=args.steps, lr=args.lr, lora_rank=args.lora_rank,
                                  seed=args.seed, max_frames=args.max_frames, progress=progress, should_cancel=stop.is_set,
-                                 checkpoint_interval_s=args.checkpoint_every_s, batch_size=args.batch_size)
+                                 checkpoint_interval_s=args.checkpoint_every_s, batch_size=args.batch_size, face=args.face)
     finally:
         signal.signal(signal.SIGINT, previous)
     if not is_avatar_folder_path(path):
@@ -167,6 +167,8 @@ def add_personalize_command(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3: full training)")
     parser.add_argument("--lora-rank", type=int, default=0, help="0: train every weight (needed from an untrained base); >0: a LoRA")
     parser.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of the video")
+    parser.add_argument("--face", default="largest", choices=("largest", "left", "right"),
+                        help="which face to learn when several are in view (default largest)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     parser.add_argument("--allow-cpu", action="store_true", help="train on a CPU anyway (refused otherwise: it needs a GPU)")

@@ -403,7 +403,7 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
                       lora_rank: int = 0, seed: int = 0, max_frames: int | None = None,
                       progress: Callable[[int, int, float | None], None] | None = None,
                       should_cancel: Callable[[], bool] | None = None, log: Callable[[str], None] = print,
-                      checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S, batch_size: int = 8) -> Path:
+                      checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S, batch_size: int = 8, face: str = "largest") -> Path:
     """A video file of the person talking (with its sound) -> a trained avatar: the pack's
     reference path (``media.load_reference_video`` -> face track and crops at the model's frame
     size -> the clip's own speech features), then ``finetune_personality`` with Train Avatar's
@@ -416,7 +416,7 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
     if not is_avatar_folder_path(out_path):
         video = media.load_reference_video(str(video_path))
         check_own_audio(video, advice="Use the video file with its sound; personality fine-tuning learns from the person's own speech.")
-        crops, speech, _ = _person_data(model, video, video_path, max_frames, log)
+        crops, speech, _ = _person_data(model, video, video_path, max_frames, face, log)
         log(_training_line(len(crops), minutes, steps))
         return finetune_personality(model, crops, speech, out_path, steps=steps, time_budget_s=minutes_budget(minutes), lora_rank=lora_rank,
                                     lr=lr, fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel, batch_size=batch_size)
@@ -441,7 +441,7 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
             return folder
     video = media.load_reference_video(str(video_path))
     check_own_audio(video, advice="Use the video file with its sound; personality fine-tuning learns from the person's own speech.")
-    crops, speech, prepared = _person_data(model, video, video_path, max_frames, log)
+    crops, speech, prepared = _person_data(model, video, video_path, max_frames, face, log)
     device = next(model.parameters()).device
     finished_before = manifest is not None and manifest["training"].get("status") == FINISHED
     if finished_before:
@@ -461,7 +461,7 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
     weights = read_checkpoint_metadata(folder / MODEL_FILE)
     write_avatar_manifest(folder, {
         "video": {"path": str(Path(video_path).resolve()), "sha256": video_sha256 or str(video.source_hash or ""),
-                  "fps": float(video.fps), "frames": int(prepared.n_frames)},
+                  "fps": float(video.fps), "frames": int(prepared.n_frames), "face": prepared.face},
         "model": {"file": MODEL_FILE, "config": trained.config.name, "fingerprint": trained.fingerprint(),
                   "base_fingerprint": weights.get("base_fingerprint", "")},
         "identity": {"file": IDENTITY_FILE},
@@ -473,10 +473,10 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
     return folder
 
 
-def _person_data(model, video, video_path, max_frames, log):
+def _person_data(model, video, video_path, max_frames, face, log):
     """(crops, speech, PreparedReference) of a loaded video, with a progress line."""
     log(f"{video_path}: {video.n_frames} frames at {video.fps:g} fps; tracking and cropping the face at {model.config.frame_size}px ...")
-    prepared = prepare_reference_video(model, video, max_frames=max_frames)
+    prepared = prepare_reference_video(model, video, max_frames=max_frames, face=face)
     crops, speech = personality_data(prepared)
     return crops, speech, prepared
 
