@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "media.cli_commands",
     "model.cli_commands",
     "training.cli_commands",
+    "avatar_world.cli_commands",  # the test world: clips, shards, the evaluation suite
     "demo",  # the main job on the shipped model (demo.py: library and its one command)
     "batch",  # batch rendering on a running ComfyUI (batch.py: library and its one command)
 )

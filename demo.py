@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _world_reference(seconds: float, size: int, seed: int):
-    from .training.world.generate import ClipSpec, make_clip
+    from .avatar_world.generate import ClipSpec, make_clip
 
     base = _DEMO_SEED + 100 * int(seed)
     clip = make_clip(ClipSpec(identity_seed=base, voice_seed=base + 1, text_seed=base + 2, scene_seed=base + 3, clip_seed=base + 4,
@@ -69,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .model.checkpoint import load_checkpoint, shipped_model_path
     from .model.identity import extract_identity
     from .model.pipeline import prepare_reference_video, reference_speech_features, render, speech_features_for
-    from .training.world.speech import synthesize_speech
+    from .avatar_world.speech import synthesize_speech
 
     if not 0.5 <= args.seconds <= 120:
         raise UserFacingError(f"--seconds must be between 0.5 and 120, got {args.seconds}.")

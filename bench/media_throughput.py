@@ -40,7 +40,7 @@ def _generate_clip(path: Path, width: int, height: int, seconds: float, codec: s
     import av
     import cv2
 
-    from sparse_avatar.training.world.generate import ClipSpec, make_clip
+    from sparse_avatar.avatar_world.generate import ClipSpec, make_clip
 
     side = min(width, height)
     fps_frames = int(round(seconds * fps))

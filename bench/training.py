@@ -71,7 +71,7 @@ def training_flops_per_sample(config, clip_tokens: int, reference_tokens: int, t
 
 def make_shards(frame_size: int, workdir: Path, clips: int, seconds: float) -> Path:
     from sparse_avatar.training.preprocess import preprocess_folder
-    from sparse_avatar.training.world.generate import generate_world
+    from sparse_avatar.avatar_world.generate import generate_world
 
     world = workdir / f"world_{frame_size}"
     shards = workdir / f"shards_{frame_size}"

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2  # noqa: E402
 
-from sparse_avatar.training.world import ClipSpec, make_clip  # noqa: E402
+from sparse_avatar.avatar_world import ClipSpec, make_clip  # noqa: E402
 
 
 def main() -> None:

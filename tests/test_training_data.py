@@ -103,7 +103,7 @@ def test_training_runs_from_shards(tmp_path):
 
 def test_preprocess_avatar_world_clips_is_resumable(tmp_path, espeak, capsys):
     from sparse_avatar.cli import main
-    from sparse_avatar.training.world.generate import generate_world
+    from sparse_avatar.avatar_world.generate import generate_world
 
     world = tmp_path / "world"
     generate_world(3, 1.2, 64, world, seed=0, clips_per_identity=2, workers=1, progress=False)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from sparse_avatar.errors import UserFacingError
-from sparse_avatar.training.world import (ClipSpec, FaceState, HeadRenderer, Identity, audio_mouth_track, make_clip,
+from sparse_avatar.avatar_world import (ClipSpec, FaceState, HeadRenderer, Identity, audio_mouth_track, make_clip,
                                           sample_scene_traits)
-from sparse_avatar.training.world import speech as world_speech
-from sparse_avatar.training.world.generate import generate_world, load_clip_truth
-from sparse_avatar.training.world.traits import sample_dynamic_traits, sample_static_traits
+from sparse_avatar.avatar_world import speech as world_speech
+from sparse_avatar.avatar_world.generate import generate_world, load_clip_truth
+from sparse_avatar.avatar_world.traits import sample_dynamic_traits, sample_static_traits
 
 
 def _neutral_frame(identity: Identity, scene_seed: int = 3, size: int = 96) -> np.ndarray:
@@ -106,7 +106,7 @@ def test_world_shards_from_speech_made_elsewhere_equal_the_one_pass_shards(espea
     from safetensors.numpy import load_file
 
     from sparse_avatar.training.data import ShardedClipDataset
-    from sparse_avatar.training.world import generate as world_generate
+    from sparse_avatar.avatar_world import generate as world_generate
 
     one_pass = world_generate.generate_world_shards(2, 1.0, 64, tmp_path / "one", workers=1, progress=False)
     assert world_generate.generate_world_shards(2, 1.0, 64, tmp_path / "two", workers=1, speech_only=True, progress=False) is None

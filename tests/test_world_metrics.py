@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from sparse_avatar.training.world import ClipSpec, HeadRenderer, make_clip, sample_scene_traits
-from sparse_avatar.training.world.metrics import (background_error, drift, flicker, habit_error, lip_sync,
+from sparse_avatar.avatar_world import ClipSpec, HeadRenderer, make_clip, sample_scene_traits
+from sparse_avatar.avatar_world.metrics import (background_error, drift, flicker, habit_error, lip_sync,
                                                   measure_frames, score_clip, static_identity_error,
                                                   truth_openness_from_audio)
 
@@ -140,8 +140,8 @@ def test_eval_runs_a_checkpoint_through_the_pipeline(espeak, tmp_path, monkeypat
     """Wiring of --model CHECKPOINT: an untrained tiny model on a 1-case, 1-second suite. Its noise
     frames show no face, so the unmeasurable colours score the documented penalty, not NaN."""
     from sparse_avatar.model.checkpoint import new_model, save_checkpoint
-    from sparse_avatar.training.world import suite
-    from sparse_avatar.training.world.metrics import UNMEASURED_DELTA_E
+    from sparse_avatar.avatar_world import suite
+    from sparse_avatar.avatar_world.metrics import UNMEASURED_DELTA_E
 
     checkpoint = save_checkpoint(new_model("tiny", seed=0), tmp_path / "tiny.safetensors")
     tiny = dataclasses.replace(suite.SUITES["avatar-world-v1"], name="tiny-test", n_cases=1, reference_seconds=1.0,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_media_rows
-from sparse_avatar.training.world.proxies import face_crops, identity_distance, identity_embedding, real_sync_proxy
+from sparse_avatar.avatar_world.proxies import face_crops, identity_distance, identity_embedding, real_sync_proxy
 
 pytestmark = pytest.mark.media
 

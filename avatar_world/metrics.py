@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ...errors import UserFacingError
+from ..errors import UserFacingError
 from .speech import audio_mouth_track
 
 SYNC_MAX_OFFSET = 10          # frames searched either side for the best audio/video offset

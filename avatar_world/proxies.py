@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from ...errors import UserFacingError
+from ..errors import UserFacingError
 from .metrics import lip_sync
 from .speech import audio_mouth_track
 
@@ -45,7 +45,7 @@ _HOG = None
 
 def face_crops(frames: np.ndarray, fps: float) -> np.ndarray:
     """Face-box crops (uint8 [T, CROP_SIZE, CROP_SIZE, 3]) of a real clip's frames."""
-    from ... import media
+    from .. import media
 
     track = media.track_face(frames, fps=fps)
     crops, _ = media.crop_faces(frames, track, size=CROP_SIZE, scale=1.0)

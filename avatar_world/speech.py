@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import resample_poly
 
-from ...errors import UserFacingError
+from ..errors import UserFacingError
 from .traits import derive_seed
 
 SAMPLE_RATE = 16000

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserFacingError
-from ...files import atomic_output, write_text
+from ..errors import UserFacingError
+from ..files import atomic_output, write_text
 
 # What each summary key means, in the report's table (lower/higher is better).
 METRIC_NOTES = {
@@ -78,7 +78,7 @@ def write_report(out: Path, summary: dict, cases: list[dict], details: list[dict
 
     lines = [f"# {summary['suite']}: {summary['model']}", "",
              f"{summary['n_cases']} cases; metrics read only the generated frames and the driving audio "
-             "(see training/world/metrics.py).", "", "| metric | mean | meaning |", "|---|---|---|"]
+             "(see avatar_world/metrics.py).", "", "| metric | mean | meaning |", "|---|---|---|"]
     lines += [f"| {key} | {_number(summary[key])} | {note} |" for key, note in METRIC_NOTES.items() if key in summary]
     lines += ["", "![metrics](plots/metrics.png)", "", "## Per case", "",
               "| case | voice | seconds | sync | best offset | skin ΔE | blink err | sway amp err |", "|---|---|---|---|---|---|---|---|"]

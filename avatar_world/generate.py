@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserFacingError
-from ...files import atomic_output, save_safetensors, write_text
+from ..errors import UserFacingError
+from ..files import atomic_output, save_safetensors, write_text
 from .render import FaceState, HeadRenderer, motion_track
 from .speech import SAMPLE_RATE, MouthTrack, VoiceSpec, audio_mouth_track, espeak_binary, synthesize_speech
 from .traits import Identity, sample_scene_traits
@@ -114,8 +114,8 @@ def person_id(spec: ClipSpec) -> str:
 # -- writing ----------------------------------------------------------------------------------
 def write_clip(clip: WorldClip, folder: Path, name: str) -> Path:
     """Write NAME.mp4/.wav/.npz and finally NAME.json; returns the JSON path."""
-    from ...media import write_video
-    from ...media.audio import write_wav
+    from ..media import write_video
+    from ..media.audio import write_wav
 
     folder.mkdir(parents=True, exist_ok=True)
     write_video(folder / f"{name}.mp4", clip.frames(), clip.spec.fps, audio=clip.audio, sample_rate=SAMPLE_RATE)
@@ -173,7 +173,7 @@ SPEECH_FOLDER = "speech"
 
 def clip_speech_arrays(spec: ClipSpec) -> dict:
     """The speech half of a clip: features [T, 160] (float16), the mouth track and the voice."""
-    from ...media.features import speech_features
+    from ..media.features import speech_features
 
     audio, voice = synthesize_speech(spec.voice_seed, spec.text_seed, spec.n_frames / spec.fps)
     mouth = audio_mouth_track(audio, spec.fps, spec.n_frames)
@@ -198,8 +198,8 @@ def _read_speech_file(path: Path) -> tuple[np.ndarray, MouthTrack]:
 
 def write_clip_shard(spec: ClipSpec, speech_path: Path, out_file: Path) -> Path:
     """The frames half: render the clip from its speech file and write one training shard."""
-    from ..data import shard_metadata
-    from ..preprocess import caption_from_world_metadata
+    from ..training.data import shard_metadata
+    from ..training.preprocess import caption_from_world_metadata
 
     features, mouth = _read_speech_file(speech_path)
     identity = Identity.from_seed(spec.identity_seed)
@@ -228,7 +228,7 @@ def generate_world_shards(n_clips: int, seconds: float, size: int, out_dir, *, s
     """Write ``n_clips`` training shards (OUT/clips/*.safetensors + OUT/index.json) in parallel,
     resumably; ``speech_only`` stops after the speech files (OUT/speech/*.npz). Returns the index
     path (``None`` with ``speech_only``)."""
-    from ..preprocess import write_index
+    from ..training.preprocess import write_index
 
     _check_world_arguments(n_clips, size, clips_per_identity)
     out = Path(out_dir).expanduser()

@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ...errors import UserFacingError
-from ...files import write_text
+from ..errors import UserFacingError
+from ..files import write_text
 from .generate import HELD_OUT_SEED_BASE, ClipSpec, WorldClip, make_clip
 from .metrics import measure_frames, score_clip
 from .speech import espeak_version
@@ -101,7 +101,7 @@ class CheckpointModel:
     model's frame size; Avatar World frames are already head crops)."""
 
     def __init__(self, path: str, *, steps: int = 20, device: str = "cpu", seed: int = 0):
-        from ...model.checkpoint import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
 
         if not Path(path).is_file():
             raise UserFacingError(f"--model {path!r} is neither 'ground-truth', 'copy-reference' nor an existing checkpoint file")
@@ -110,9 +110,9 @@ class CheckpointModel:
         self.steps, self.seed = steps, seed
 
     def generate(self, case: SuiteCase, reference_frames: np.ndarray) -> np.ndarray:
-        from ... import media
-        from ...model.identity import extract_identity
-        from ...model.pipeline import render
+        from .. import media
+        from ..model.identity import extract_identity
+        from ..model.pipeline import render
 
         size = self.model.config.frame_size
         fps = case.reference.spec.fps
