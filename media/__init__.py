@@ -4,8 +4,9 @@ A plain list of re-exports (several engineers add lines here); see each module f
 """
 from .paths import resolve_input_path
 from .audio import SPEECH_SAMPLE_RATE, load_audio, resample_audio
-from .comfy_types import audio_to_comfy, comfy_image_to_frames, frames_to_comfy_image
-from .video_io import MediaInfo, ReferenceVideo, iter_video_frames, load_reference_video, probe_media, write_video
+from .video_io import (
+    MediaInfo, ReferenceVideo, iter_video_frames, load_reference_video, probe_media, reference_from_frames, write_video,
+)
 from .face_track import (
     FACE_CHOICES, FaceTrack, HaarFaceDetector, check_face_choice, default_face_detector, smooth_box_track, smooth_roll_track,
     track_face,

@@ -177,16 +177,20 @@ def load_speech(
     sample_rate: int = SPEECH_SAMPLE_RATE,
     duration_s: float | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """(mono float32 samples at ``sample_rate``, warnings) from a file path or a ComfyUI AUDIO dict.
+    """(mono float32 samples at ``sample_rate``, warnings) from a file path or ``(samples, rate)``
+    already in memory (mono float32; the nodes convert ComfyUI's AUDIO with nodes.comfy_types).
 
     ``duration_s`` trims or pads (with silence) to exactly round(duration_s * sample_rate)
     samples. The result passes ``check_speech_audio``: empty or non-finite audio is refused,
     silence is only a warning.
     """
-    if isinstance(source, dict):
-        from .comfy_types import comfy_audio_to_wave
-
-        wave, source_rate = comfy_audio_to_wave(source)
+    if isinstance(source, tuple):
+        wave, source_rate = np.asarray(source[0], np.float32), source[1]
+        if wave.ndim != 1:
+            raise UserFacingError(f"in-memory audio must be mono samples [S], got shape {wave.shape}")
+        if not isinstance(source_rate, (int, np.integer)) or source_rate <= 0:
+            raise UserFacingError(f"the AUDIO input's sample_rate must be a positive whole number of samples per second, got {source_rate}")
+        source_rate = int(source_rate)
         what = "the AUDIO input"
         check_audio_samples(wave, what)
     else:
@@ -223,14 +227,14 @@ def load_audio(
     duration_s: float | None = None,
     allow_silence: bool = True,
 ) -> np.ndarray:
-    """Mono float32 samples at ``sample_rate`` from a file path or a ComfyUI AUDIO dict.
+    """Mono float32 samples at ``sample_rate`` from a file path or ``(samples, rate)`` in memory.
 
     ``load_speech`` with its warnings logged (logger ``sparse-avatar``; the CLI prints them as
     ``warning: ...``). ``allow_silence=False`` turns the silence warning into an error.
     """
     wave, warnings = load_speech(source, sample_rate=sample_rate, duration_s=duration_s)
     if warnings and not allow_silence:
-        check_audio_samples(wave, "the AUDIO input" if isinstance(source, dict) else f"audio of {Path(str(source)).name}",
+        check_audio_samples(wave, "the AUDIO input" if isinstance(source, tuple) else f"audio of {Path(str(source)).name}",
                             allow_silence=False)
     for warning in warnings:
         logger.warning(warning)

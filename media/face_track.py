@@ -393,7 +393,7 @@ def _check_frame(frame, frame_size) -> np.ndarray:
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise UserFacingError(
             f"frames must be uint8 RGB [height, width, 3], got {frame.dtype} {tuple(frame.shape)}; "
-            "convert ComfyUI images with comfy_image_to_frames"
+            "convert ComfyUI images with nodes.comfy_types.comfy_image_to_frames"
         )
     if frame_size is not None and frame.shape[:2] != frame_size:
         raise UserFacingError(f"frame size changed from {frame_size} to {frame.shape[:2]} inside one video; re-encode it")

@@ -21,7 +21,6 @@ import numpy as np
 
 from ..errors import UserFacingError
 from .audio import SPEECH_SAMPLE_RATE, decode_audio_stream, fit_to_length, logger, resample_audio
-from .comfy_types import comfy_audio_to_wave, comfy_image_to_frames, is_comfy_video
 from ..files import atomic_temp_path, disk_full_error, is_disk_full
 from .paths import resolve_input_path
 
@@ -397,25 +396,14 @@ def load_reference_video(
     allowed_roots=None,
     on_frame: Callable[[int, int], None] | None = None,
 ) -> ReferenceVideo:
-    """Decode a reference clip from a path, a ComfyUI IMAGE batch or a ComfyUI VIDEO object.
+    """Decode a reference clip from a video file (frames in memory: ``reference_from_frames``).
 
-    IMAGE batches carry no frame rate: ``fps`` (default 25) says what they were recorded at.
     ``allowed_roots`` confines file paths (see ``resolve_input_path``). ``on_frame(done, total)``
     is called after each decoded frame (progress bars, cancellation); ``total`` is an estimate.
     """
     _check_range(fps, start_s, end_s)
     if max_side is not None and max_side < 16:
         raise UserFacingError(f"max side must be at least 16 pixels (or 0 for no limit), got {max_side}")
-    if is_comfy_video(source):
-        stream_source = getattr(source, "get_stream_source", lambda: None)()
-        if isinstance(stream_source, (str, os.PathLike)):
-            source = stream_source
-        else:
-            components = source.get_components()
-            return _reference_from_arrays(
-                comfy_image_to_frames(components.images), float(components.frame_rate),
-                components.audio, fps, start_s, end_s, max_side,
-            )
     if isinstance(source, (str, os.PathLike)):
         path = resolve_input_path(source, allowed_roots)
         info = probe_media(path)
@@ -453,11 +441,9 @@ def load_reference_video(
             logger.warning(warnings[-1])
         return ReferenceVideo(frames_array, out_fps, audio, audio is not None, path, file_sha256(path),
                               warnings=warnings, start_s=start_s or 0.0)
-    if hasattr(source, "shape") or isinstance(source, np.ndarray):
-        return _reference_from_arrays(comfy_image_to_frames(source), 25.0 if fps is None else float(fps),
-                                      None, None, start_s, end_s, max_side)
     raise UserFacingError(
-        f"cannot use a {type(source).__name__} as a reference video; pass a file path, an IMAGE batch or a VIDEO"
+        f"cannot use a {type(source).__name__} as a reference video; pass a video file path "
+        "(frames already in memory: reference_from_frames)"
     )
 
 
@@ -487,8 +473,21 @@ def _collect_frames(frames: Iterable[tuple[int, float, np.ndarray]], expected: i
     return buffer[:count]
 
 
-def _reference_from_arrays(frames, source_fps, comfy_audio, fps, start_s, end_s, max_side) -> ReferenceVideo:
-    """Reference from in-memory frames (already CFR at ``source_fps``)."""
+def reference_from_frames(frames: np.ndarray, source_fps: float, *, audio: tuple[np.ndarray, int] | None = None,
+                          fps: float | None = None, start_s: float | None = None, end_s: float | None = None,
+                          max_side: int | None = None) -> ReferenceVideo:
+    """A reference from frames in memory: uint8 RGB [T, H, W, 3] at a constant ``source_fps``, with
+    their own audio as ``(mono samples, rate)`` or None; the same range, rate and size options as
+    ``load_reference_video`` (frames are picked nearest in time, as the file decoder does)."""
+    _check_range(fps, start_s, end_s)
+    if max_side is not None and max_side < 16:
+        raise UserFacingError(f"max side must be at least 16 pixels (or 0 for no limit), got {max_side}")
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise UserFacingError(f"reference frames must be uint8 RGB [T, H, W, 3] with T >= 1, got {frames.dtype} {tuple(frames.shape)}")
+    if not (math.isfinite(float(source_fps)) and float(source_fps) > 0):
+        raise UserFacingError(f"the frames' frame rate must be a positive number, got {source_fps}")
+    source_fps = float(source_fps)
     n_source = frames.shape[0]
     out_fps = float(fps) if fps else source_fps
     start = start_s or 0.0
@@ -503,9 +502,9 @@ def _reference_from_arrays(frames, source_fps, comfy_audio, fps, start_s, end_s,
     new_width, new_height = _scaled_size(width, height, max_side)
     if (new_width, new_height) != (width, height):
         frames = np.stack([cv2.resize(f, (new_width, new_height), interpolation=cv2.INTER_AREA) for f in frames])
-    audio = None
-    if comfy_audio is not None:
-        wave, rate = comfy_audio_to_wave(comfy_audio)
+    own_audio, audio = audio, None
+    if own_audio is not None:
+        wave, rate = np.asarray(own_audio[0], np.float32), int(own_audio[1])
         wave = resample_audio(wave, rate, SPEECH_SAMPLE_RATE)
         wave = wave[int(round(start * SPEECH_SAMPLE_RATE)):]
         audio = fit_to_length(wave, int(round(n_out / out_fps * SPEECH_SAMPLE_RATE)))

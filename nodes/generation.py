@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import UserFacingError
-from ..media import audio_to_comfy, frames_to_comfy_image, write_video
+from ..media import write_video
+from .comfy_types import audio_to_comfy, frames_to_comfy_image
 from ..model.flow import SAMPLERS, MAX_STEPS, SamplingCancelled
 from ..model.identity import Identity
 from ..model.pipeline import MODES, PreparedReference, composite_frames, decode_frames, render

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from ..errors import UserFacingError
-from ..media import frames_to_comfy_image
+from .comfy_types import frames_to_comfy_image
 from ..model.identity import load_identity, mix_identity, save_identity
 from ..model.pipeline import extract_reference_identity
 from . import _comfy, _models

@@ -16,10 +16,11 @@ import weakref
 import numpy as np
 
 from ..errors import UserFacingError
-from ..media import FACE_CHOICES, audio_to_comfy, check_face_choice, frames_to_comfy_image, load_reference_video
+from ..media import FACE_CHOICES, check_face_choice, load_reference_video, reference_from_frames
 from ..media.video_io import VIDEO_EXTENSIONS, ReferenceVideo
 from ..model.pipeline import PreparedReference, prepare_reference_video
 from . import _comfy
+from .comfy_types import audio_to_comfy, comfy_audio_to_wave, comfy_image_to_frames, frames_to_comfy_image, is_comfy_video
 
 # id(reference) -> (weak reference to it, {(crop size, max_frames): PreparedReference}). An entry
 # goes when ComfyUI drops the REFERENCE_VIDEO (a new clip loaded), so nothing outlives its video.
@@ -108,10 +109,20 @@ class LoadReferenceVideo:
             "end_s": end_seconds or None,
             "max_side": max_side or None,
         }
+        in_memory = None  # (frames, their fps, own audio as (samples, rate) or None)
+        source = allowed = None
         if video_input is not None:
-            source, allowed = video_input, None
+            stream_source = getattr(video_input, "get_stream_source", lambda: None)() if is_comfy_video(video_input) else None
+            if isinstance(stream_source, (str, os.PathLike)):
+                source = stream_source  # a file-backed VIDEO: decoded like a file
+            elif is_comfy_video(video_input):
+                components = video_input.get_components()
+                in_memory = (comfy_image_to_frames(components.images), float(components.frame_rate),
+                             None if components.audio is None else comfy_audio_to_wave(components.audio))
+            else:
+                raise UserFacingError(f"'video_input' must be a ComfyUI VIDEO, got {type(video_input).__name__}")
         elif images is not None:
-            source, allowed = images, None
+            in_memory = (comfy_image_to_frames(images), 25.0 if options["fps"] is None else float(options["fps"]), None)
         else:
             if not video:
                 raise UserFacingError("no reference video chosen; upload one with the 'video' widget or connect a VIDEO")
@@ -130,7 +141,12 @@ class LoadReferenceVideo:
                 progress.update_absolute(done, total)
 
         _comfy.check_interrupted()
-        reference = dataclasses.replace(load_reference_video(source, allowed_roots=allowed, on_frame=on_frame, **options), face=face)
+        if in_memory is not None:
+            frames, frames_fps, own_audio = in_memory
+            reference = reference_from_frames(frames, frames_fps, audio=own_audio, **options)
+        else:
+            reference = load_reference_video(source, allowed_roots=allowed, on_frame=on_frame, **options)
+        reference = dataclasses.replace(reference, face=face)
         audio = reference.audio if reference.audio is not None else np.zeros(
             int(round(reference.duration_s * reference.sample_rate)), np.float32)
         return (reference, frames_to_comfy_image(reference.frames), audio_to_comfy(audio, reference.sample_rate),

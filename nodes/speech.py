@@ -11,7 +11,8 @@ SPEECH_FEATURES is a plain dict (like core AUDIO / LATENT) so other packs can re
 from __future__ import annotations
 
 from ..errors import UserFacingError
-from ..media import SPEECH_SAMPLE_RATE, audio_to_comfy, load_audio
+from ..media import SPEECH_SAMPLE_RATE, load_audio
+from .comfy_types import audio_to_comfy, comfy_audio_to_wave
 from ..media.audio import fit_to_length
 from ..media.features import SPEECH_FEATURE_ID, encoder_output_to_frame_features, speech_features
 from . import _comfy
@@ -57,7 +58,7 @@ class EncodeSpeech:
         _comfy.check_interrupted()
         progress = _comfy.progress_bar(2)
         # The same check as the CLI's probe and render: empty / NaN refused, silence logged as a warning.
-        wave = load_audio(audio, sample_rate=SPEECH_SAMPLE_RATE)
+        wave = load_audio(comfy_audio_to_wave(audio), sample_rate=SPEECH_SAMPLE_RATE)
         n_frames = int(frames) if frames else max(1, int(round(wave.shape[0] / SPEECH_SAMPLE_RATE * fps)))
         wave = fit_to_length(wave, int(round(n_frames / fps * SPEECH_SAMPLE_RATE)))
         progress.update(1)

@@ -23,9 +23,9 @@ import torch
 
 from ..errors import UserFacingError
 from ..files import write_text
-from ..media import comfy_image_to_frames, write_video
+from ..media import write_video
 from ..media.audio import SPEECH_SAMPLE_RATE, resample_audio, write_wav
-from ..media.comfy_types import comfy_audio_to_wave
+from .comfy_types import comfy_audio_to_wave, comfy_image_to_frames
 from ..media.video_io import ReferenceVideo
 from ..model.personal import check_own_audio, check_preference_pair, personality_data, reference_crops_video
 from ..training.lora import load_lora

@@ -13,6 +13,7 @@ import pytest
 from test_media_io import level_frames, level_to_index, make_clip, tone, write_audio_file
 
 from sparse_avatar.errors import UserFacingError
+from sparse_avatar.nodes.comfy_types import comfy_audio_to_wave
 from sparse_avatar.media import (
     iter_video_frames,
     load_audio,
@@ -109,7 +110,7 @@ def test_zero_length_audio(tmp_path):
     import torch
 
     with pytest.raises(UserFacingError) as error:
-        load_audio({"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
+        load_audio(comfy_audio_to_wave({"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000}))
     assert_actionable(error, "zero length")
     header_only = write_audio_file(tmp_path / "nothing.wav", np.zeros(0, np.float32), 16000, codec="pcm_s16le")
     with pytest.raises(UserFacingError) as error:
@@ -132,7 +133,7 @@ def test_nan_and_inf_samples(tmp_path):
         wave = torch.from_numpy(tone(0.5, 16000)).reshape(1, 1, -1).clone()
         wave[0, 0, 100] = bad
         with pytest.raises(UserFacingError) as error:
-            load_audio({"waveform": wave, "sample_rate": 16000})
+            load_audio(comfy_audio_to_wave({"waveform": wave, "sample_rate": 16000}))
         assert_actionable(error, "nan/infinite")
     float_wav = tone(0.5, 16000)
     float_wav[10] = np.nan
@@ -242,9 +243,13 @@ def test_bad_range_and_settings(tmp_path, good_clip):
     assert_actionable(error, "must be after start")
     with pytest.raises(UserFacingError) as error:
         load_reference_video(object())
-    assert_actionable(error, "pass a file path")
+    assert_actionable(error, "pass a video file path")
+    for bad_rate in (0, -16000):
+        with pytest.raises(UserFacingError) as error:
+            load_audio((np.zeros(10, np.float32), bad_rate))
+        assert_actionable(error, "sample_rate")
     with pytest.raises(UserFacingError) as error:
-        load_audio({"waveform": np.zeros((1, 1, 10), np.float32), "sample_rate": 0})
+        load_audio(comfy_audio_to_wave({"waveform": np.zeros((1, 1, 10), np.float32), "sample_rate": 0}))
     assert_actionable(error, "sample_rate")
 
 

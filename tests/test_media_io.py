@@ -15,16 +15,15 @@ import pytest
 
 from sparse_avatar.errors import UserFacingError
 from sparse_avatar.media import (
-    audio_to_comfy,
-    comfy_image_to_frames,
-    frames_to_comfy_image,
     iter_video_frames,
     load_audio,
     load_reference_video,
     probe_media,
+    reference_from_frames,
     resolve_input_path,
     write_video,
 )
+from sparse_avatar.nodes.comfy_types import audio_to_comfy, comfy_audio_to_wave, comfy_image_to_frames, frames_to_comfy_image
 
 # --------------------------------------------------------------------------------- clip helpers
 
@@ -273,35 +272,25 @@ def test_reference_audio_is_aligned_to_first_video_frame(tmp_path):
     assert np.max(np.abs(seeked.audio[:9000])) < 0.05 and np.max(np.abs(seeked.audio)) > 0.5
 
 
-def test_reference_video_from_file_image_and_video_object(tmp_path):
+def test_reference_video_from_a_file_and_from_frames_in_memory(tmp_path):
     frames = level_frames(20, 96, 64)
     path = make_clip(tmp_path / "clip.mp4", frames, fps=25)
     reference = load_reference_video(path, max_side=48)
     assert reference.frames.shape == (20, 32, 48, 3) and not reference.has_audio and reference.audio is None
     assert len(reference.source_hash) == 64 and reference.source_path == path.resolve()
 
-    image = frames_to_comfy_image(frames)
-    from_image = load_reference_video(image, fps=25, start_s=0.2, end_s=0.6)
-    assert from_image.n_frames == 10 and from_image.fps == 25
-    assert [level_to_index(f, 20) for f in from_image.frames] == list(range(5, 15))
-
-    class FakeVideo:  # the two methods of ComfyUI's VideoInput the loader relies on
-        def __init__(self, source):
-            self.source = source
-
-        def get_stream_source(self):
-            return self.source
-
-        def get_components(self):
-            from types import SimpleNamespace
-
-            return SimpleNamespace(images=image, frame_rate=Fraction(25), audio=audio_to_comfy(tone(0.8, 22050), 22050))
-
-    from_file_video = load_reference_video(FakeVideo(str(path)))
-    assert from_file_video.source_hash == reference.source_hash
-    from_memory_video = load_reference_video(FakeVideo(None), fps=50)
-    assert from_memory_video.n_frames == 40 and from_memory_video.has_audio
-    assert from_memory_video.audio.shape == (int(0.8 * 16000),)
+    from_frames = reference_from_frames(frames, 25.0, start_s=0.2, end_s=0.6)
+    assert from_frames.n_frames == 10 and from_frames.fps == 25
+    assert [level_to_index(f, 20) for f in from_frames.frames] == list(range(5, 15))
+    doubled = reference_from_frames(frames, 25.0, fps=50, audio=(tone(0.8, 22050), 22050))
+    assert doubled.n_frames == 40 and doubled.has_audio and doubled.audio.shape == (int(0.8 * 16000),)
+    for bad, message in [(frames.astype(np.float32), "uint8 RGB"), (frames[:0], "T >= 1")]:
+        with pytest.raises(UserFacingError, match=message):
+            reference_from_frames(bad, 25.0)
+    with pytest.raises(UserFacingError, match="positive number"):
+        reference_from_frames(frames, 0.0)
+    with pytest.raises(UserFacingError, match="reference_from_frames"):
+        load_reference_video(frames)  # the media library takes files and arrays; ComfyUI types are the nodes' business
 
 
 # ----------------------------------------------------------------------------------------- audio
@@ -336,7 +325,7 @@ def test_load_audio_trim_pad_and_comfy_dict():
     import torch
 
     wave = tone(1.0, 24000)
-    audio = {"waveform": torch.from_numpy(np.stack([wave, wave]))[None], "sample_rate": 24000}
+    audio = comfy_audio_to_wave({"waveform": torch.from_numpy(np.stack([wave, wave]))[None], "sample_rate": 24000})
     loaded = load_audio(audio)
     assert loaded.shape == (16000,)
     assert load_audio(audio, duration_s=0.5).shape == (8000,)
@@ -344,7 +333,7 @@ def test_load_audio_trim_pad_and_comfy_dict():
     assert padded.shape == (24000,) and np.all(padded[16000:] == 0)
     back = audio_to_comfy(loaded, 16000)
     assert back["sample_rate"] == 16000 and tuple(back["waveform"].shape) == (1, 1, 16000)
-    assert np.allclose(load_audio(back), loaded, atol=1e-6)
+    assert np.allclose(load_audio(comfy_audio_to_wave(back)), loaded, atol=1e-6)
 
 
 def test_comfy_image_round_trip_and_channels():

@@ -125,7 +125,7 @@ def test_two_real_faces_follow_the_largest_and_warn(shared_media_dir):
 def test_the_face_choice_reaches_every_stage_from_load_reference_video(shared_media_dir):
     """Load Reference Video's 'face' is carried with the clip: the prepared reference (identity,
     dub, Train Avatar all read it) follows the chosen person and is keyed apart from the default."""
-    from sparse_avatar.media import frames_to_comfy_image
+    from sparse_avatar.nodes.comfy_types import frames_to_comfy_image
     from sparse_avatar.nodes.reference_video import LoadReferenceVideo, prepared_reference
 
     images = frames_to_comfy_image(_two_clip_frames(shared_media_dir, 24))

@@ -29,7 +29,8 @@ from test_nodes_media import fake_comfy  # noqa: F401 - the fixture
 from sparse_avatar import cli
 from sparse_avatar import errors as errors_module
 from sparse_avatar.errors import UserFacingError
-from sparse_avatar.media import audio_to_comfy, load_reference_video, track_face
+from sparse_avatar.media import load_reference_video, track_face
+from sparse_avatar.nodes.comfy_types import audio_to_comfy
 from sparse_avatar.media.audio import write_wav
 from sparse_avatar.nodes import _comfy
 from sparse_avatar.nodes.reference_video import LoadReferenceVideo

@@ -15,7 +15,7 @@ from test_media_io import level_frames, make_clip, tone
 
 from sparse_avatar import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from sparse_avatar.errors import UserFacingError
-from sparse_avatar.media import audio_to_comfy
+from sparse_avatar.nodes.comfy_types import audio_to_comfy
 from sparse_avatar.media.features import SPEECH_FEATURE_DIM
 from sparse_avatar.nodes import _comfy
 from sparse_avatar.nodes.reference_video import LoadReferenceVideo

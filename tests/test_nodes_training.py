@@ -19,11 +19,12 @@ from safetensors import safe_open
 
 from sparse_avatar import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from sparse_avatar.errors import UserFacingError
-from sparse_avatar.media import SPEECH_SAMPLE_RATE, audio_to_comfy, frames_to_comfy_image, load_audio, load_reference_video, write_video
+from sparse_avatar.media import SPEECH_SAMPLE_RATE, load_audio, load_reference_video, reference_from_frames, write_video
 from sparse_avatar.media import face_track
 from sparse_avatar.model.checkpoint import new_model, save_checkpoint
 from sparse_avatar.model.identity import extract_identity
 from sparse_avatar.nodes import _comfy
+from sparse_avatar.nodes.comfy_types import audio_to_comfy, frames_to_comfy_image
 from sparse_avatar.nodes.avatar_model import LoadAvatarModel
 from sparse_avatar.nodes.generation import SparseReferenceSampler
 from sparse_avatar.nodes.speech import EncodeSpeech
@@ -220,7 +221,7 @@ def test_train_avatar_needs_the_references_own_audio(models_cwd):
     silent = _reference(models_cwd, with_audio=False)
     with pytest.raises(UserFacingError, match="needs its own audio track"):
         TrainAvatar().train(_load(), silent, steps=1)
-    from_images = load_reference_video(frames_to_comfy_image(_moving_frames(30)), fps=FPS)
+    from_images = reference_from_frames(_moving_frames(30), FPS)
     with pytest.raises(UserFacingError, match="needs its own audio track"):
         TrainAvatar().train(_load(), from_images, steps=1)
     with pytest.raises(UserFacingError, match="not allowed"):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from sparse_avatar import media
-from sparse_avatar.media import SPEECH_SAMPLE_RATE, audio_to_comfy, comfy_image_to_frames, face_track, load_audio, write_video
+from sparse_avatar.media import SPEECH_SAMPLE_RATE, face_track, load_audio, write_video
+from sparse_avatar.nodes.comfy_types import audio_to_comfy, comfy_image_to_frames
 from sparse_avatar.media.audio import write_wav
 from sparse_avatar.model import pipeline
 from sparse_avatar.model.checkpoint import load_checkpoint, new_model, save_checkpoint

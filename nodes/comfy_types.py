@@ -1,8 +1,9 @@
-"""Conversions between the library's numpy media and ComfyUI's core types.
+"""Conversions between the library's numpy media and ComfyUI's core types (the media library
+takes arrays and paths only; the nodes convert at their edge).
 
 IMAGE is a float tensor [B,H,W,C] in 0..1; AUDIO is ``{"waveform": [B,C,S] tensor, "sample_rate":
 int}``; VIDEO is an object with ``get_components()`` (and, when file-backed, ``get_stream_source()``).
-torch is imported lazily: the media library itself runs on numpy.
+torch is imported lazily (the nodes run inside ComfyUI's torch; tests import this without it).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def comfy_audio_to_wave(audio: dict) -> tuple[np.ndarray, int]:
     rate = int(audio["sample_rate"])
     if rate <= 0:
         raise UserFacingError(f"AUDIO sample_rate must be positive, got {audio['sample_rate']}")
-    from .audio import planar_to_mono
+    from ..media.audio import planar_to_mono
 
     return planar_to_mono(array[0], rate), rate
 
