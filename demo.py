@@ -11,6 +11,8 @@ Writes, atomically, into ``--out``: ``reference.mp4`` (the reference crops with 
 looped, | result, with the driving speech), and prints how long each phase took.
 """
 from __future__ import annotations
+# Imports inside the functions: this module is loaded for `python -m sparse_avatar --help`, which
+# must stay fast; the demo's own stack (PyAV, the model, espeak-ng speech) loads when it runs.
 
 import argparse
 import time

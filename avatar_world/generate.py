@@ -16,6 +16,8 @@ a finished clip and a rerun skips it):
     NAME.json  the spec, identity (static + dynamic traits), scene and voice parameters
 """
 from __future__ import annotations
+# media/ is imported inside the functions that write mp4/wav or compute speech features: the shard
+# half of Avatar World runs on GPU boxes that have no PyAV.
 
 import dataclasses
 import json
@@ -28,6 +30,8 @@ import numpy as np
 
 from ..errors import UserFacingError
 from ..files import atomic_output, save_safetensors, write_text
+from ..training.data import shard_metadata
+from ..training.preprocess import caption_from_world_metadata, write_index
 from .render import FaceState, HeadRenderer, motion_track
 from .speech import SAMPLE_RATE, MouthTrack, VoiceSpec, audio_mouth_track, espeak_binary, synthesize_speech
 from .traits import Identity, sample_scene_traits
@@ -198,8 +202,6 @@ def _read_speech_file(path: Path) -> tuple[np.ndarray, MouthTrack]:
 
 def write_clip_shard(spec: ClipSpec, speech_path: Path, out_file: Path) -> Path:
     """The frames half: render the clip from its speech file and write one training shard."""
-    from ..training.data import shard_metadata
-    from ..training.preprocess import caption_from_world_metadata
 
     features, mouth = _read_speech_file(speech_path)
     identity = Identity.from_seed(spec.identity_seed)
@@ -228,7 +230,6 @@ def generate_world_shards(n_clips: int, seconds: float, size: int, out_dir, *, s
     """Write ``n_clips`` training shards (OUT/clips/*.safetensors + OUT/index.json) in parallel,
     resumably; ``speech_only`` stops after the speech files (OUT/speech/*.npz). Returns the index
     path (``None`` with ``speech_only``)."""
-    from ..training.preprocess import write_index
 
     _check_world_arguments(n_clips, size, clips_per_identity)
     out = Path(out_dir).expanduser()

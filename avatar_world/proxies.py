@@ -45,7 +45,7 @@ _HOG = None
 
 def face_crops(frames: np.ndarray, fps: float) -> np.ndarray:
     """Face-box crops (uint8 [T, CROP_SIZE, CROP_SIZE, 3]) of a real clip's frames."""
-    from .. import media
+    from .. import media  # PyAV: the rest of Avatar World renders shards on GPU boxes without it
 
     track = media.track_face(frames, fps=fps)
     crops, _ = media.crop_faces(frames, track, size=CROP_SIZE, scale=1.0)

@@ -15,6 +15,8 @@ audio. Models: ``ground-truth`` (ceiling), ``copy-reference`` (reference frames 
 sync, the floor), or a checkpoint path (``model.pipeline.render``).
 """
 from __future__ import annotations
+# The model stack is imported inside the checkpoint path: the ground-truth and copy-reference
+# baselines score without loading torch models or PyAV.
 
 import json
 import time

@@ -1,6 +1,8 @@
 """Media commands: ``probe`` (what the pack sees in a file) and ``features`` (speech features to a
 file). The main job, ``demo``, renders with the shipped model and lives in ``demo.py``."""
 from __future__ import annotations
+# Imports inside the handlers: `python -m sparse_avatar --help` imports every cli_commands module
+# and must stay fast; each command loads only its own stack.
 
 import json
 from pathlib import Path

@@ -417,7 +417,7 @@ def _validated_face_box(face_box, frame_size) -> np.ndarray:
 def default_face_detector():
     """The detector ``track_face`` uses when none is given: ``MediapipeFaceDetector`` when
     mediapipe imports, else ``HaarFaceDetector`` (the fallback when that package is absent)."""
-    from .mediapipe_face import MediapipeFaceDetector, mediapipe_available
+    from .mediapipe_face import MediapipeFaceDetector, mediapipe_available  # it imports crop, which imports this module
 
     return MediapipeFaceDetector() if mediapipe_available() else HaarFaceDetector()
 
@@ -455,7 +455,7 @@ class _TurnedDetector:
     frame's pixels (a square stays a square), rolls as measured in the turned (upright) frame."""
 
     def __init__(self, detector, clockwise: int):
-        from .video_io import _apply_rotation
+        from .video_io import _apply_rotation  # video_io needs PyAV; tracking arrays does not
 
         self.inner, self.clockwise, self._turn = detector, int(clockwise), _apply_rotation
         self.name = getattr(detector, "name", type(detector).__name__)

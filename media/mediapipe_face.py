@@ -142,7 +142,7 @@ class MediapipeFaceDetector:
     def _measure_in_region(self, frame: np.ndarray, centre, side: float, roll: float) -> np.ndarray | None:
         """The face near ``centre`` measured in a region turned by ``roll``: [centre x, centre y,
         side, roll, score] in frame pixels, or None."""
-        from .crop import _resample, invert_affine, region_of, rotation_matrix
+        from .crop import _resample, invert_affine, region_of, rotation_matrix  # crop -> face_track -> this module
 
         zoom = REGION_PIXELS / (REGION_SIDE * side)
         matrix = rotation_matrix(centre, roll, zoom, REGION_PIXELS)

@@ -17,6 +17,7 @@ import torch
 from ..errors import UserFacingError
 from ..files import open_safetensors, save_safetensors
 from .avatar_model import AvatarModel
+from .codecs import codec_for_config
 from .configs import ModelConfig, get_config
 
 CHECKPOINT_FORMAT = "sparse-avatar-model"
@@ -80,7 +81,6 @@ def load_checkpoint(path, *, dtype="fp32", device="cpu", vae=None, expected_conf
     """Build the model from the file's config and load its weights (strictly: every key, every
     shape). vae: the user's VAE for checkpoints in a VAE latent space. expected_config: refuse a
     checkpoint whose config differs (name or ModelConfig)."""
-    from .codecs import codec_for_config
 
     path = Path(path)
     metadata = read_checkpoint_metadata(path)

@@ -1,6 +1,8 @@
 """CLI: ``init-checkpoint`` (random weights, for tests and as the start of training) and
 ``render`` (reference video + driving audio -> lip-synced mp4, exactly as long as the audio)."""
 from __future__ import annotations
+# Imports inside the handlers: `python -m sparse_avatar --help` imports every cli_commands module
+# and must stay fast; each command loads only its own stack.
 
 import argparse
 import logging

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserFacingError
+from ..media.audio import planar_to_mono
 
 
 def frames_to_comfy_image(frames: np.ndarray):
@@ -71,7 +72,6 @@ def comfy_audio_to_wave(audio: dict) -> tuple[np.ndarray, int]:
     rate = int(audio["sample_rate"])
     if rate <= 0:
         raise UserFacingError(f"AUDIO sample_rate must be positive, got {audio['sample_rate']}")
-    from ..media.audio import planar_to_mono
 
     return planar_to_mono(array[0], rate), rate
 

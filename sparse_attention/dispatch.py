@@ -33,6 +33,8 @@ saved settings (SPARSE_AVATAR_ATTENTION=reference, node choices, scripts) keep w
 `_naive` is the one door through which production code reaches naive.py.
 """
 from __future__ import annotations
+# Backends are imported when first chosen: flex needs torch >= 2.5, xformers is a GPU extra, the
+# Triton kernels need triton; a CPU install must import this module without any of them.
 
 import importlib
 import logging

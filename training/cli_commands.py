@@ -3,6 +3,8 @@ from a video of them, as Train Avatar does); Avatar World's ``world`` and ``eval
 ``avatar_world/cli_commands.py``. Each command is a small ``add_*`` function plus a
 handler, so adding one means adding a pair and a line in ``register``."""
 from __future__ import annotations
+# Imports inside the handlers: `python -m sparse_avatar --help` imports every cli_commands module
+# and must stay fast; each command loads only its own stack.
 
 import argparse
 

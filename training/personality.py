@@ -55,6 +55,7 @@ from ..model.avatar_folder import (
 )
 from ..model.checkpoint import (
     load_checkpoint,
+    new_model,
     read_checkpoint_metadata,
     save_checkpoint,
 )
@@ -214,8 +215,6 @@ def minutes_budget(minutes: float | None) -> float | None:
 def starting_model(init: str | None, config_name: str, *, device: str, seed: int = 0):
     """The model a video personalisation trains, in fp32 on ``device``: the checkpoint ``init``,
     else an untrained ``config_name`` model (the personalize command and train --video)."""
-    from ..model.checkpoint import load_checkpoint, new_model
-
     model = load_checkpoint(init, device=device) if init else new_model(config_name, seed=seed, device=device)
     return model.float()
 

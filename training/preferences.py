@@ -121,6 +121,7 @@ class PreferencePairs:
         self._load = lru_cache(maxsize=8)(self._load_pair)
 
     def _load_pair(self, index: int) -> dict:
+        # media needs PyAV, which a GPU box training from shards may lack: only DPO pairs read video.
         from ..media import load_audio, load_reference_video
         from ..media.features import speech_features
 

@@ -117,6 +117,7 @@ def _resize(frame: np.ndarray, size: int) -> np.ndarray:
 
 def process_video(video: Path, in_dir: Path, out_file: Path, *, size: int, fps: float | None, crop: str) -> Path:
     """One video -> one shard (atomic). Raises UserFacingError for unusable videos."""
+    # media needs PyAV; the rest of training imports without it (GPU boxes train from shards).
     from ..media import crop_transforms, iter_video_frames, load_audio, probe_media, track_face
     from ..media.features import speech_features
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from ..errors import UserFacingError
+from . import objectives
 from .trainer import TrainerConfig
 
 
@@ -98,7 +99,6 @@ def with_window_caps(config: StageConfig, *, target: int | None = None, referenc
 def build_objective(stage: StageConfig, avatar: nn.Module, *, text_conditioner=None):
     """(objective, frozen companion model or None) for a stage; the companion is the teacher
     (distill) or the DPO reference: a frozen copy of the starting weights."""
-    from . import objectives
 
     if stage.stage == "video":
         return objectives.flow_matching_objective(use_audio=False, use_reference=False), None

@@ -7,6 +7,8 @@ count). The final weights (EMA when on) are written as a normal model checkpoint
 ``RUN/model.safetensors`` (LoRA stage: ``RUN/lora.safetensors``).
 """
 from __future__ import annotations
+# The project's heavier modules are imported inside the functions that need them: this entry point
+# runs on GPU boxes without PyAV (media/) and `--help` must not load torch.compile machinery.
 
 import argparse
 import json
