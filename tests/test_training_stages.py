@@ -162,6 +162,36 @@ def test_stage3_personality_lora_trains_only_the_adapter(pretrained, tmp_path):
         load_lora(other_base.dit, path, base_fingerprint=other_base.fingerprint())
 
 
+def test_a_damaged_lora_is_refused_before_any_layer_changes(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sparse_avatar.files import read_safetensors_header
+
+    avatar = copy.deepcopy(tiny)
+    apply_lora(avatar.dit, rank=2)
+    for layer in lora_layers(avatar.dit).values():
+        torch.nn.init.normal_(layer.up)
+    good = save_lora(avatar.dit, tmp_path / "good.safetensors", base_fingerprint=tiny.fingerprint())
+    metadata, _ = read_safetensors_header(good)
+    tensors = load_file(str(good))
+    last = json.loads(metadata["layers"])[-1]  # the old loader had merged every layer before it by then
+    broken = {
+        "no rank": ({k: v for k, v in metadata.items() if k != "rank"}, tensors, "damaged LoRA metadata"),
+        "bad layer list": ({**metadata, "layers": "not json"}, tensors, "damaged LoRA metadata"),
+        "missing weights": (metadata, {k: v for k, v in tensors.items() if k != f"{last}.up"}, "lacks the weights"),
+        "not a linear layer": ({**metadata, "layers": json.dumps(["final_norm"])}, tensors, "not a linear layer|does not have"),
+    }
+    for label, (meta, weights, message) in broken.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.safetensors"
+        save_file(weights, str(path), metadata=meta)
+        fresh = copy.deepcopy(tiny)
+        before = {k: v.clone() for k, v in fresh.dit.state_dict().items()}
+        with pytest.raises(UserFacingError, match=message):
+            load_lora(fresh.dit, path, base_fingerprint=tiny.fingerprint())
+        after = fresh.dit.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()), f"{label}: the model changed before the refusal"
+
+
 def test_lora_starts_as_the_identity(tiny):
     avatar = copy.deepcopy(tiny)
     step_module = objectives.StepModule(avatar, objectives.model_flow_objective())

@@ -113,17 +113,30 @@ def load_lora(dit: nn.Module, path: str | os.PathLike, *, base_fingerprint: str,
             f"{path.name} was trained on base model {metadata.get('base_fingerprint')} but this model is {base_fingerprint}; "
             "load the base checkpoint it was made for."
         )
-    rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
-    names = json.loads(metadata["layers"])
+    try:
+        rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
+        names = json.loads(metadata["layers"])
+        if rank < 1 or not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError("rank or layer list out of range")
+    except (KeyError, ValueError, TypeError) as error:
+        raise UserFacingError(f"{path.name} has damaged LoRA metadata ({type(error).__name__}: {error}); train or download it again.") from None
+    # Everything is checked before the first layer changes: a bad file never leaves a half-merged model.
+    planned = []
     for name in names:
         try:
             module = dit.get_submodule(name)
         except AttributeError:
             raise UserFacingError(f"{path.name} adapts layer {name!r}, which this model does not have.") from None
         base = module.base if isinstance(module, LoRALinear) else module
-        down, up = tensors[f"{name}.down"], tensors[f"{name}.up"]
+        if not isinstance(base, nn.Linear):
+            raise UserFacingError(f"{path.name} adapts {name!r}, which is not a linear layer of this model; it belongs to another model.")
+        down, up = tensors.get(f"{name}.down"), tensors.get(f"{name}.up")
+        if down is None or up is None:
+            raise UserFacingError(f"{path.name} lacks the weights of layer {name!r}; the file is damaged: train or download it again.")
         if down.shape != (rank, base.in_features) or up.shape != (base.out_features, rank):
             raise UserFacingError(f"{path.name}: layer {name!r} has the wrong shape for this model.")
+        planned.append((name, module, base, down, up))
+    for name, module, base, down, up in planned:
         if merge:
             with torch.no_grad():
                 base.weight += (up.to(base.weight) @ down.to(base.weight)) * (alpha / rank)
