@@ -85,6 +85,14 @@ def test_missing_or_unusable_shards_are_user_facing_errors(tmp_path):
     shards = write_fake_shards(tmp_path / "short", [("ann", 5)])
     with pytest.raises(UserFacingError, match="shorter than"):
         ShardedClipDataset(shards, global_batch_size=1, target_frames=(8, 8), reference_frames=(8, 8))
+    # A shard damaged after indexing (truncated on a full disk, a crafted header) is one clear error
+    # naming the file and the fix, at the step that reads it, not a safetensors traceback.
+    shards = write_fake_shards(tmp_path / "damaged", [("ann", 40), ("bob", 40)])
+    dataset = ShardedClipDataset(shards, global_batch_size=2, target_frames=(4, 4), reference_frames=(4, 4), seed=0)
+    for shard in (shards / "clips").glob("*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(UserFacingError, match=r"training shard .* \(truncated\)\. Delete it and re-run preprocess"):
+        dataset.batch(0, 0, 1)
 
 
 def test_training_runs_from_shards(tmp_path):

@@ -11,7 +11,7 @@ clip by clip):
                                            "reference audio features" when it is a reference)
                                            metadata: person, fps, caption, source, frame_size, ...
 
-The dataset streams: it opens one clip file at a time with ``safe_open`` and reads only the frame
+The dataset streams: it opens one clip file at a time (``files.open_safetensors``: header checked) and reads only the frame
 windows a sample needs (``get_slice``), so neither the shards nor a whole clip are ever in RAM.
 
 Sampling: ``batch(step, rank, world_size)`` is a pure function (the trainer's exact-resume rule).
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from ..errors import UserFacingError
+from ..files import open_safetensors
 
 SHARD_FORMAT = "sparse-avatar-shard"
 SHARD_VERSION = 1
@@ -47,6 +47,12 @@ class ClipEntry:
     n_frames: int
     fps: float
     caption: str
+
+
+def _open_shard(path: Path):
+    """A shard through the one .safetensors door (header validated and bounded before mapping)."""
+    return open_safetensors(path, what="training shard", if_missing="Re-run preprocess (or world --shards) to rebuild the index.",
+                            if_damaged="Delete it and re-run preprocess (or world --shards) to rebuild it.")
 
 
 def shard_metadata(*, person: str, caption: str, fps: float, frame_size: int, crop: str, source: str) -> dict:
@@ -120,9 +126,8 @@ class ShardedClipDataset:
                 f"person has a second clip; use longer clips or smaller --target-frames/--reference-frames."
             )
         self._usable = [i for i, c in enumerate(self.clips) if c in usable]
-        with safe_open(str(self.shards_dir / self.clips[0].file), framework="pt") as handle:
-            frames_shape = handle.get_slice("frames").get_shape()
-            speech_shape = handle.get_slice("speech").get_shape()
+        with _open_shard(self.shards_dir / self.clips[0].file) as reader:
+            frames_shape, speech_shape = reader.shape("frames"), reader.shape("speech")
         self.frame_size = int(frames_shape[1])
         self.speech_dim = int(speech_shape[1])
 
@@ -186,14 +191,8 @@ class ShardedClipDataset:
 
     # -------------------------------------------------------------- reading
     def _read(self, clip_index: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        path = self.shards_dir / self.clips[clip_index].file
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                frames = handle.get_slice("frames")[start : start + length]
-                speech = handle.get_slice("speech")[start : start + length]
-        except (OSError, Exception) as error:  # safetensors has its own error types
-            raise UserFacingError(f"cannot read shard {path} ({error}); delete it and re-run preprocess to rebuild it.") from None
-        return frames, speech
+        with _open_shard(self.shards_dir / self.clips[clip_index].file) as reader:
+            return reader.rows("frames", start, start + length), reader.rows("speech", start, start + length)
 
     def sample(self, sample_index: int, target_length: int, reference_length: int) -> dict:
         plan = self.plan_sample(sample_index, target_length, reference_length)
