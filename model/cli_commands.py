@@ -96,7 +96,7 @@ def _render(args: argparse.Namespace) -> int:
         model, reference, args.audio, args.out, mode=args.mode, steps=args.steps, sampler=args.sampler, seed=args.seed,
         audio_guidance=args.audio_guidance, reference_guidance=args.reference_guidance,
         chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames, full_frame=not args.crop_only, progress=progress,
-        identity=identity, face=face,
+        identity=identity, face=face, log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(f"\nwrote {path}")
     return 0

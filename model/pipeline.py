@@ -463,20 +463,26 @@ def composite_frames(prepared: PreparedReference, frames: np.ndarray, *, mode: s
 def render_files(model, reference_path, audio_path, out_path, *, mode: str = "generate", steps: int = 20, sampler: str = "euler",
                  seed: int = 0, audio_guidance: float = 1.0, reference_guidance: float = 1.0, chunk_frames=None, overlap_frames=None,
                  full_frame: bool = True, progress=None, should_cancel=None, identity: Identity | None = None,
-                 face: str = "largest") -> Path:
+                 face: str = "largest", log: Callable[[str], None] | None = None) -> Path:
     """Reference video + driving audio files -> mp4 exactly as long as the audio, audio muxed.
 
     The nodes' path step for step (prepare, extract, sample latents, decode, composite).
     full_frame (default): the face placed back into the reference's framing at its resolution,
     the background looped ping-pong (dub: only the lower face re-rendered); False: the face crops.
     identity: one extracted before (an avatar folder's), instead of a reference pass over the video.
-    face: which face to follow when several are in view (media.FACE_CHOICES)."""
+    face: which face to follow when several are in view (media.FACE_CHOICES). log(line): a line
+    per phase before sampling (decoding, tracking, the reference pass), which can take minutes on a CPU."""
+    say = log or (lambda line: None)
     if mode not in MODES:
         raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
+    say(f"decoding {Path(str(reference_path)).name} ...")
     reference_video = media.load_reference_video(str(reference_path))
+    say(f"tracking the face in {reference_video.n_frames} frames ...")
     prepared = prepare_reference_video(model, reference_video, face=face)
     if identity is None:
+        say(f"reference pass over {prepared.n_frames} face crops (the identity) ...")
         identity = extract_reference_identity(model, prepared)
+    say("rendering ...")
     wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)
     features = media.speech_features(wave, SPEECH_SAMPLE_RATE, prepared.fps)
     latents = render(
