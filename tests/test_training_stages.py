@@ -16,7 +16,7 @@ from sparse_avatar.model.checkpoint import new_model
 from sparse_avatar.training import objectives
 from sparse_avatar.training.lora import LoRALinear, apply_lora, load_lora, lora_layers, save_lora
 from sparse_avatar.training.stages import build_objective, get_training_config
-from sparse_avatar.training.synthetic import SyntheticTalkingHeads
+from sparse_avatar.avatar_world.batches import WorldBatches
 from sparse_avatar.training.text_encoder import HashedTextEncoder, TextConditioner
 from sparse_avatar.training.trainer import Trainer, TrainerConfig
 
@@ -32,7 +32,7 @@ class FixedBatch:
 
 
 def synthetic_batch(avatar, size=2, frames=2, seed=0):
-    source = SyntheticTalkingHeads(global_batch_size=size, frame_size=avatar.config.frame_size, speech_dim=avatar.config.speech_feature_dim, target_frames=frames, reference_frames=frames, seed=seed)
+    source = WorldBatches(global_batch_size=size, frame_size=avatar.config.frame_size, speech_dim=avatar.config.speech_feature_dim, target_frames=frames, reference_frames=frames, seed=seed)
     return source.batch(0, 0, 1)
 
 
@@ -250,7 +250,7 @@ def test_finetune_personality_writes_a_lora_with_progress_and_cancel(pretrained,
     from sparse_avatar.training.personality import finetune_personality
 
     base = copy.deepcopy(pretrained)
-    source = SyntheticTalkingHeads(global_batch_size=1, frame_size=base.config.frame_size, speech_dim=base.config.speech_feature_dim, target_frames=24, reference_frames=2)
+    source = WorldBatches(global_batch_size=1, frame_size=base.config.frame_size, speech_dim=base.config.speech_feature_dim, target_frames=24, reference_frames=2)
     clip = source.batch(0, 0, 1)
     crops, speech = clip["target_frames"][0].numpy(), clip["target_speech"][0].numpy()
     calls = []

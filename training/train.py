@@ -160,9 +160,9 @@ def make_batch_source(stage, avatar, args, global_batch: int):
             raise UserFacingError("the dpo stage needs --pairs PAIRS.jsonl (see training/preferences.py for the format).")
         return PreferencePairs(args.pairs, global_batch_size=global_batch, frame_size=avatar.config.frame_size, seed=stage.trainer.seed)
     if args.data == "synthetic" or (stage.synthetic_data and not args.data):
-        from .synthetic import SyntheticTalkingHeads
+        from ..avatar_world.batches import WorldBatches  # the test world, drawn into batches (no files)
 
-        return SyntheticTalkingHeads(
+        return WorldBatches(
             global_batch_size=global_batch, frame_size=avatar.config.frame_size, speech_dim=avatar.config.speech_feature_dim,
             target_frames=stage.target_frames[1], reference_frames=stage.reference_frames[1], seed=stage.trainer.seed,
         )
