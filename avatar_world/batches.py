@@ -17,7 +17,7 @@ import torch
 from ..training.data import _mix
 from .render import HeadRenderer, motion_track
 from .speech import MouthTrack
-from .traits import Identity, sample_scene_traits
+from .traits import WorldPerson, sample_scene_traits
 
 FPS = 25.0
 SMALLEST_FRAME = 32  # HeadRenderer's smallest size; smaller frames are drawn at 32 and downsampled
@@ -36,8 +36,8 @@ class WorldBatches:
         self.projection = np.random.default_rng(seed).standard_normal(speech_dim).astype(np.float32)
         self._renderers: dict[int, HeadRenderer] = {}  # person -> renderer (the static layers are drawn once)
 
-    def _person(self, person: int) -> tuple[Identity, HeadRenderer]:
-        identity = Identity.from_seed(_mix(self.seed, person, 5) & 0x7FFFFFFF)
+    def _person(self, person: int) -> tuple[WorldPerson, HeadRenderer]:
+        identity = WorldPerson.from_seed(_mix(self.seed, person, 5) & 0x7FFFFFFF)
         if person not in self._renderers:
             scene = sample_scene_traits(_mix(self.seed, person, 9) & 0x7FFFFFFF)
             self._renderers[person] = HeadRenderer(identity.static, scene, max(SMALLEST_FRAME, self.frame_size))

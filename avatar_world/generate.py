@@ -34,7 +34,7 @@ from ..training.data import shard_metadata
 from ..training.preprocess import caption_from_world_metadata, write_index
 from .render import FaceState, HeadRenderer, motion_track
 from .speech import SAMPLE_RATE, MouthTrack, VoiceSpec, audio_mouth_track, espeak_binary, synthesize_speech
-from .traits import Identity, sample_scene_traits
+from .traits import WorldPerson, sample_scene_traits
 
 HELD_OUT_SEED_BASE = 1_000_000_000
 FORMAT = "avatar-world-clip"
@@ -61,7 +61,7 @@ class ClipSpec:
 class WorldClip:
     """Everything about one clip except its frames (render those with ``frames()``)."""
     spec: ClipSpec
-    identity: Identity
+    identity: WorldPerson
     audio: np.ndarray              # float32 mono 16 kHz, exactly n_frames / fps long
     voice: dict
     audio_mouth: MouthTrack        # the documented function of the audio
@@ -88,14 +88,14 @@ class WorldClip:
                 "sample_rate": SAMPLE_RATE}
 
 
-def make_clip(spec: ClipSpec, *, identity: Identity | None = None, audio: np.ndarray | None = None) -> WorldClip:
+def make_clip(spec: ClipSpec, *, identity: WorldPerson | None = None, audio: np.ndarray | None = None) -> WorldClip:
     """Build a clip from its spec; ``identity``/``audio`` override the seeded ones (used to make
     controlled variants: another person's habits, another driving speech)."""
     if not 16 <= spec.size <= 1024:
         raise UserFacingError(f"clip size must be between 16 and 1024 pixels (64–256 recommended), got {spec.size}")
     if spec.seconds <= 0:
         raise UserFacingError(f"clip duration must be positive, got {spec.seconds} s")
-    identity = identity or Identity.from_seed(spec.identity_seed)
+    identity = identity or WorldPerson.from_seed(spec.identity_seed)
     voice = {"voice_seed": spec.voice_seed, "text_seed": spec.text_seed}
     if audio is None:
         audio, voice = synthesize_speech(spec.voice_seed, spec.text_seed, spec.n_frames / spec.fps)
@@ -104,7 +104,7 @@ def make_clip(spec: ClipSpec, *, identity: Identity | None = None, audio: np.nda
     return WorldClip(spec, identity, np.asarray(audio, np.float32), voice, mouth, state, renderer)
 
 
-def animate(spec: ClipSpec, identity: Identity, mouth: MouthTrack) -> tuple[FaceState, HeadRenderer]:
+def animate(spec: ClipSpec, identity: WorldPerson, mouth: MouthTrack) -> tuple[FaceState, HeadRenderer]:
     """The per-frame face state (the person's habits over the mouth track) and the renderer of
     the clip's person and scene: everything ``make_clip`` and the shard writer render from."""
     state = motion_track(identity.dynamic, mouth, spec.fps, spec.clip_seed)
@@ -204,7 +204,7 @@ def write_clip_shard(spec: ClipSpec, speech_path: Path, out_file: Path) -> Path:
     """The frames half: render the clip from its speech file and write one training shard."""
 
     features, mouth = _read_speech_file(speech_path)
-    identity = Identity.from_seed(spec.identity_seed)
+    identity = WorldPerson.from_seed(spec.identity_seed)
     state, renderer = animate(spec, identity, mouth)
     frames = np.stack(list(renderer.render_clip(state)))
     scene = dataclasses.asdict(sample_scene_traits(spec.scene_seed))

@@ -186,17 +186,18 @@ def sample_scene_traits(scene_seed: int) -> SceneTraits:
 
 
 @dataclass(frozen=True)
-class Identity:
-    """A person: static appearance and dynamic habits, each from its own seed stream."""
+class WorldPerson:
+    """An Avatar World person: static appearance and dynamic habits, each from its own seed stream
+    (not model.identity.Identity, which is what the model extracts from a reference video)."""
     seed: int
     static: StaticTraits
     dynamic: DynamicTraits
 
     @classmethod
-    def from_seed(cls, identity_seed: int) -> "Identity":
+    def from_seed(cls, identity_seed: int) -> "WorldPerson":
         return cls(identity_seed, sample_static_traits(identity_seed), sample_dynamic_traits(identity_seed))
 
-    def with_dynamic_from(self, other: "Identity") -> "Identity":
+    def with_dynamic_from(self, other: "WorldPerson") -> "WorldPerson":
         return dataclasses.replace(self, dynamic=other.dynamic)
 
     def to_dict(self) -> dict:

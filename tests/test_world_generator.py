@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 
 from sparse_avatar.errors import UserFacingError
-from sparse_avatar.avatar_world import (ClipSpec, FaceState, HeadRenderer, Identity, audio_mouth_track, make_clip,
+from sparse_avatar.avatar_world import (ClipSpec, FaceState, HeadRenderer, WorldPerson, audio_mouth_track, make_clip,
                                           sample_scene_traits)
 from sparse_avatar.avatar_world import speech as world_speech
 from sparse_avatar.avatar_world.generate import generate_world, load_clip_truth
 from sparse_avatar.avatar_world.traits import sample_dynamic_traits, sample_static_traits
 
 
-def _neutral_frame(identity: Identity, scene_seed: int = 3, size: int = 96) -> np.ndarray:
+def _neutral_frame(identity: WorldPerson, scene_seed: int = 3, size: int = 96) -> np.ndarray:
     return HeadRenderer(identity.static, sample_scene_traits(scene_seed), size).render(FaceState.neutral().frame(0))
 
 
 def test_traits_are_deterministic_per_seed_and_differ_between_seeds():
-    assert Identity.from_seed(7) == Identity.from_seed(7)
-    assert Identity.from_seed(7).static != Identity.from_seed(8).static
-    assert Identity.from_seed(7).dynamic != Identity.from_seed(8).dynamic
+    assert WorldPerson.from_seed(7) == WorldPerson.from_seed(7)
+    assert WorldPerson.from_seed(7).static != WorldPerson.from_seed(8).static
+    assert WorldPerson.from_seed(7).dynamic != WorldPerson.from_seed(8).dynamic
     assert sample_scene_traits(1) == sample_scene_traits(1) != sample_scene_traits(2)
 
 
@@ -39,19 +39,19 @@ def test_clip_is_bit_identical_for_the_same_spec(espeak):
 
 
 def test_changing_dynamic_traits_keeps_the_neutral_frame_identical():
-    person = Identity.from_seed(21)
-    other_habits = person.with_dynamic_from(Identity.from_seed(22))
+    person = WorldPerson.from_seed(21)
+    other_habits = person.with_dynamic_from(WorldPerson.from_seed(22))
     assert other_habits.dynamic != person.dynamic
     np.testing.assert_array_equal(_neutral_frame(person), _neutral_frame(other_habits))
     # ...and a different static seed does change it (the check above can fail).
-    assert np.abs(_neutral_frame(person).astype(int) - _neutral_frame(Identity.from_seed(22)).astype(int)).mean() > 5
+    assert np.abs(_neutral_frame(person).astype(int) - _neutral_frame(WorldPerson.from_seed(22)).astype(int)).mean() > 5
 
 
 def test_changing_static_traits_keeps_the_motion_identical():
     rng = np.random.default_rng(0)
     wave = (rng.normal(0, 0.2, 16000 * 3) * np.repeat(rng.random(30) > 0.4, 1600)).astype(np.float32)
     spec = ClipSpec(identity_seed=31, voice_seed=0, text_seed=0, scene_seed=0, clip_seed=5, seconds=3, size=64)
-    person = Identity.from_seed(31)
+    person = WorldPerson.from_seed(31)
     restyled = dataclasses.replace(person, static=sample_static_traits(32))
     a, b = make_clip(spec, identity=person, audio=wave), make_clip(spec, identity=restyled, audio=wave)
     for name, values in a.state.as_arrays().items():
