@@ -46,8 +46,8 @@ def _face_coverage(path: Path, info) -> dict:
         track = track_face(np.stack(frames), fps=sample_fps, min_coverage=0.0, detect_every=1)
     except UserFacingError as error:
         return {"sampled_frames": len(frames), "coverage": 0.0, "faces_seen": 0, "warnings": [str(error)]}
-    return {"sampled_frames": len(frames), "coverage": float(track.coverage),
-            "faces_seen": int(track.n_faces_seen), "warnings": list(track.warnings)}
+    return {"sampled_frames": len(frames), "coverage": float(track.coverage), "faces_seen": int(track.n_faces_seen),
+            "detector": track.source, "warnings": list(track.warnings)}
 
 
 def _audio_check(info) -> list[str]:
@@ -99,7 +99,7 @@ def run_probe(args) -> int:
             print("audio      none")
         if faces is not None:
             print(f"faces      found on {faces['coverage']:.0%} of {faces['sampled_frames']} sampled frames, "
-                  f"{faces['faces_seen']} face(s) seen")
+                  f"{faces['faces_seen']} face(s) seen" + (f" ({faces['detector']})" if faces.get("detector") else ""))
             for warning in faces["warnings"]:
                 print(f"           warning: {warning}")
     if faces is not None and faces["coverage"] < 0.5:
