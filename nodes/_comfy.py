@@ -263,6 +263,15 @@ def check_file_name(name: str, what: str = "filename prefix") -> str:
     return name
 
 
+def file_name_problem(name, what: str = "filename prefix") -> str | None:
+    """``check_file_name``'s message for VALIDATE_INPUTS (refused before anything runs), or None."""
+    try:
+        check_file_name(name, what)
+    except UserFacingError as error:
+        return str(error)
+    return None
+
+
 def numbered_path(folder: str, prefix: str, suffix: str) -> str:
     """``folder/<prefix>_<counter>suffix`` with the first counter (00001, 00002, ...) not taken yet."""
     check_file_name(prefix)

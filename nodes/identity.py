@@ -58,6 +58,10 @@ class SaveIdentity:
                                            "Letters, digits, '-', '_', '.' and spaces only."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix="avatar"):
+        return _comfy.file_name_problem(filename_prefix) or True
+
     def save(self, identity, filename_prefix="avatar"):
         folder = _models.folder(_models.IDENTITY_FOLDER)
         path = save_identity(identity, _comfy.numbered_path(folder, filename_prefix, ".safetensors"))

@@ -165,14 +165,33 @@ class LoadReferenceVideo:
     # ComfyUI skips its own checks (combo list, min/max) for every input VALIDATE_INPUTS names, and
     # for all inputs when it takes **kwargs; it reports a returned message once per named input.
     # So it names only what needs more than the built-ins: the file (annotated values such as
-    # 'clip.mp4 [output]' are not in the combo list) and the time range (end after start). fps and
-    # max_side keep ComfyUI's min/max from INPUT_TYPES.
+    # 'clip.mp4 [output]' are not in the combo list; missing, empty, unreadable, outside input/, not
+    # a video FFmpeg opens) and the time range (end after start). fps and max_side keep ComfyUI's
+    # min/max from INPUT_TYPES.
     @classmethod
     def VALIDATE_INPUTS(cls, video, start_seconds=0.0, end_seconds=0.0):
         # No file chosen is fine here: a connected VIDEO / IMAGE input replaces it (load says so otherwise).
-        file_problem = _comfy.input_file_problem(video, "reference video") if video else None
+        file_problem = (_comfy.input_file_problem(video, "reference video") or _container_problem(video)) if video else None
         problems = [problem for problem in (_time_range_problem(start_seconds, end_seconds), file_problem) if problem]
         return "; ".join(problems) if problems else True
+
+
+def _container_problem(video: str) -> str | None:
+    """Why FFmpeg cannot open ``video`` as a video (random bytes, a truncated header, audio only), or
+    None. Reads the container's header only, so it is cheap enough for every queue; a damaged stream
+    past the header is still found when the node decodes it."""
+    import av
+
+    try:
+        with av.open(_comfy.annotated_path(video)) as container:
+            has_video = bool(container.streams.video)
+    except (av.error.FFmpegError, OSError, EOFError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        return (f"reference video '{video}' is not a readable video ({reason}); it may be truncated, random data or an "
+                "unsupported format - re-export it as mp4 (H.264)")
+    if not has_video:
+        return f"reference video '{video}' has no video stream (an audio file?); pick a video of the person"
+    return None
 
 
 def _time_range_problem(start_seconds, end_seconds) -> str | None:

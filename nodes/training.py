@@ -109,6 +109,11 @@ class TrainAvatar:
                                              "'steps'). About 10 minutes on one H200-class GPU learn a person from 15-20 s of video."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    # Names only filename_prefix: every other input keeps ComfyUI's own min/max checks.
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix="avatar_lora"):
+        return _comfy.file_name_problem(filename_prefix) or True
+
     def train(self, model, reference, steps=100_000, lora_rank=0, learning_rate=1e-3, seed=0, filename_prefix="avatar_lora", minutes=10.0,
               unique_id=None):
         _check_model(model)

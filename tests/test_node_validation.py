@@ -354,3 +354,54 @@ def test_node_uses_a_damaged_audio_video_as_silent(fake_comfy):  # noqa: F811 - 
     _video_with_damaged_audio(fake_comfy.folders["input"] / "damaged.mp4")
     reference, _, audio, _ = LoadReferenceVideo().load("damaged.mp4")
     assert reference.n_frames == 25 and float(audio["waveform"].abs().max()) == 0
+
+
+# ------------------------------------------- the rest of item 2, found by scripts/reliability.py
+
+
+def test_a_file_that_is_not_a_video_is_refused_at_validation(input_clip):
+    folder = input_clip.folders["input"]
+    (folder / "random.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 65536, dtype=np.uint8).tobytes())
+    message = _validate(video="random.mp4")
+    assert isinstance(message, str) and "'random.mp4' is not a readable video" in message and "\n" not in message
+    write_wav(folder / "voice.wav", tone(0.5, 16000))
+    os.replace(folder / "voice.wav", folder / "voice.mp4")  # a sound file under a video's name
+    assert "has no video stream" in _validate(video="voice.mp4")
+    assert _validate(video="person.mp4") is True
+
+
+def test_checkpoint_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    from safetensors.numpy import save_file
+
+    from sparse_avatar.model.checkpoint import new_model, save_checkpoint
+    from sparse_avatar.nodes.avatar_model import LoadAvatarModel
+
+    monkeypatch.chdir(tmp_path)  # outside ComfyUI: ./models/avatar
+    folder = tmp_path / "models" / "avatar"
+    folder.mkdir(parents=True)
+    save_checkpoint(new_model("tiny", seed=0), folder / "tiny.safetensors")
+    save_file({"weight": np.zeros((2, 2), np.float32)}, str(folder / "other.safetensors"), metadata={"format": "pt"})
+    (folder / "random.safetensors").write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+    assert _named_inputs(LoadAvatarModel) == (["cls", "checkpoint", "hub_repo"], False)
+    assert LoadAvatarModel.VALIDATE_INPUTS("tiny.safetensors") is True
+    for name, fragment in (("other.safetensors", "is not a sparse-avatar model checkpoint"),
+                           ("random.safetensors", "not a readable .safetensors file"),
+                           ("gone.safetensors", "'gone.safetensors' not found"),
+                           ("../tiny.safetensors", "not found")):
+        message = LoadAvatarModel.VALIDATE_INPUTS(name)
+        assert isinstance(message, str) and fragment in message, (name, message)
+    assert LoadAvatarModel.VALIDATE_INPUTS("gone.safetensors", hub_repo="owner/repo") is True  # the hub file is checked when fetched
+
+
+def test_filename_prefix_is_checked_at_validation():
+    from sparse_avatar.nodes.identity import SaveIdentity
+    from sparse_avatar.nodes.training import TrainAvatar
+
+    for node, default in ((TrainAvatar, "avatar_lora"), (SaveIdentity, "avatar")):
+        assert _named_inputs(node) == (["cls", "filename_prefix"], False)  # the other inputs keep ComfyUI's min/max
+        assert node.VALIDATE_INPUTS(default) is True
+        for bad in ("../escape", "sub/name", ".hidden", ""):
+            message = node.VALIDATE_INPUTS(bad)
+            assert isinstance(message, str) and "is not allowed" in message, (bad, message)
+    assert _builtin_range_errors(TrainAvatar, {"steps": 0, "learning_rate": 0.0}) == ["steps", "learning_rate"]
