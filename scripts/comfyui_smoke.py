@@ -13,30 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_json(url: str, payload: dict | None = None, timeout: float = 30.0):
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+from comfyui_server import REPO, ComfyServer, copy_inputs, http_json, link_pack
 
 
 def main() -> int:
@@ -48,37 +30,22 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per workflow")
     args = parser.parse_args()
 
-    link = args.comfyui / "custom_nodes" / "sparse_avatar"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    for path in args.input:
-        shutil.copy(path, args.comfyui / "input" / path.name)
+    link_pack(args.comfyui)
+    copy_inputs(args.comfyui, args.input)
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"comfyui_smoke_{port}.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [args.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch"],
-            cwd=args.comfyui, stdout=log, stderr=subprocess.STDOUT,
-        )
+    server = ComfyServer(args.comfyui, args.python)
+    base, log_path = server.base, server.log_path
     failures = 0
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                object_info = http_json(f"{base}/object_info", timeout=60)
-                break
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
-                if server.poll() is not None or time.time() > deadline:
-                    print(log_path.read_text()[-4000:])
-                    print("ComfyUI did not start")
-                    return 1
-                time.sleep(2)
+        try:
+            object_info = server.start()
+        except RuntimeError as error:
+            print(error)
+            return 1
         sys.path.insert(0, str(REPO.parent))
         ours = sorted(name for name, info in object_info.items() if str(info.get("category", "")).startswith("sparse-avatar"))
         print(f"ComfyUI up on {base}; {len(object_info)} node types; sparse-avatar nodes: {ours}")
-        import_errors = [line for line in log_path.read_text().splitlines() if "sparse_avatar" in line and ("IMPORT FAILED" in line or "Traceback" in line)]
+        import_errors = server.pack_import_problems()
         if import_errors:
             print("import problems:", *import_errors, sep="\n  ")
             failures += 1
@@ -111,11 +78,7 @@ def main() -> int:
                 print(f"{workflow_path.name}: no result within {args.timeout:.0f}s")
                 failures += 1
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
     print(f"server log: {log_path}")
     return 1 if failures else 0
 
