@@ -448,7 +448,7 @@ def integrity(folder: Path) -> dict:
         try:
             if path.suffix == ".safetensors":
                 with safe_open(str(path), "pt") as reader:
-                    for name in reader:
+                    for name in reader.keys():  # (iterating safe_open itself is a TypeError)
                         tensor = reader.get_tensor(name)
                         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
                             raise ValueError(f"{name} has non-finite values")
