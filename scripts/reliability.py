@@ -448,7 +448,7 @@ def integrity(folder: Path) -> dict:
         try:
             if path.suffix == ".safetensors":
                 with safe_open(str(path), "pt") as reader:
-                    for name in reader.keys():  # (iterating safe_open itself is a TypeError)
+                    for name in reader.keys():  # noqa: SIM118 - iterating safe_open itself is a TypeError
                         tensor = reader.get_tensor(name)
                         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
                             raise ValueError(f"{name} has non-finite values")
@@ -469,11 +469,12 @@ def run_kill(h: Harness, minutes: float, rng: random.Random) -> dict:
 
     root = h.work / "output" / "sparse_avatar_training"
     prompt = train_prompt(7, steps=100_000, minutes=minutes, lora_rank=0, prefix="reliability_kill")
+    earlier_jobs = set(root.glob("job-*"))  # the cancelled runs' kept jobs: not this one
     prompt_id = h.queue(prompt)
     started = time.monotonic()
     checkpoint = None
     while time.monotonic() - started < 600 and checkpoint is None:
-        for job in root.glob("job-*"):
+        for job in set(root.glob("job-*")) - earlier_jobs:
             newest = state_io.latest_checkpoint(job)
             if newest is not None:
                 checkpoint = newest
@@ -490,7 +491,8 @@ def run_kill(h: Harness, minutes: float, rng: random.Random) -> dict:
     h.server.kill()
     job = checkpoint.parent
     kept = state_io.latest_checkpoint(job)
-    kept_step = int(state_io.read_trainer_state(kept)["step"])
+    kept_state = state_io.read_trainer_state(kept)
+    kept_step, kept_train_s = int(kept_state["step"]), float(kept_state.get("train_seconds", 0.0))
     check_after_kill = integrity(job)
     stale = sorted(p.name for p in job.iterdir() if ".tmp-" in p.name)
     h.check(not check_after_kill["bad"], f"after SIGKILL at {killed_after:.1f} s: {check_after_kill['files']} kept files, "
@@ -514,14 +516,21 @@ def run_kill(h: Harness, minutes: float, rng: random.Random) -> dict:
     finally:
         ws.close()
     entry = h.wait(prompt_id, timeout_s=120)
+    resumed_s = duration_s(entry)
     written = sorted((h.work / "models" / "avatar").glob("reliability_kill_*.safetensors"))
     result = {"killed_after_s": round(killed_after, 1), "kill_delay_after_checkpoint_s": round(delay, 1), "kept_step": kept_step,
+              "kept_train_s": round(kept_train_s, 1), "budget_s": minutes * 60, "resumed_run_s": resumed_s,
               "kept_files": check_after_kill["files"], "kept_tensors": check_after_kill["tensors"], "bad_files": check_after_kill["bad"],
               "stale_tmp_after_kill": stale, "restart_s": round(restart_s, 1), "resumed_first_step": first_step,
               "outcome": outcome(entry), "written": [p.name for p in written]}
     h.check(outcome(entry) == "success", f"the queued-again run ended as {outcome(entry)} "
             f"{messages(entry).get('execution_error', {}).get('exception_message', '')[:200]}")
-    h.check(first_step is not None and first_step > kept_step, f"it continued from the kept step {kept_step} (first step reported: {first_step})")
+    # Resumed, it trains only what is left of the budget; started over, the whole budget again. (A
+    # time-budgeted run from scratch reports its first progress only once its step count is fitted,
+    # so the first step reported alone does not tell the two apart.)
+    h.check(first_step == kept_step + 1 and resumed_s is not None and resumed_s < minutes * 60 - 0.5 * kept_train_s,
+            f"it continued from the kept step {kept_step} ({kept_train_s:.1f} s of training): first step reported {first_step}, "
+            f"the queued-again run took {resumed_s} s of a {minutes * 60:.0f} s budget")
     if len(written) == 1:
         with safe_open(str(written[0]), "pt") as reader:
             metadata = reader.metadata() or {}
@@ -621,11 +630,13 @@ def write_report(results: dict, out: Path) -> None:
         if "error" in k:
             lines += [f"Not measured: {k['error']}.", ""]
         else:
-            lines += [("| killed at | kept step | kept files read (tensors) | bad | restart | resumed from | outcome | model loads | "
+            lines += [("| killed at | kept step (training s) | kept files read (tensors) | bad | restart | resumed from | queued-again run | outcome | model loads | "
                       "steps / training s in the file | job folder removed | half-written |"),
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-                      (f"| {k['killed_after_s']} s ({k['kill_delay_after_checkpoint_s']} s after the first checkpoint) | {k['kept_step']} | "
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                      (f"| {k['killed_after_s']} s ({k['kill_delay_after_checkpoint_s']} s after the first checkpoint) | {k['kept_step']} "
+                      f"({k['kept_train_s']} s) | "
                       f"{k['kept_files']} ({k['kept_tensors']}) | {len(k['bad_files'])} | {k['restart_s']} s | step {k['resumed_first_step']} | "
+                      f"{k['resumed_run_s']} s of a {k['budget_s']:.0f} s budget | "
                       f"{k['outcome']} | {k.get('loads')} | {k.get('steps_in_file')} / {k.get('train_seconds_in_file')} | "
                       f"{not k['job_folder_left']} | {len(k['debris'])} |"), "",
                       ("Full training (lora_rank 0) with a time budget; the server is killed a random 0-20 s after its first "
