@@ -314,3 +314,50 @@ def test_a_failing_compile_falls_back_to_eager_training(tmp_path, monkeypatch, c
         path = finetune_personality(model, crops, speech, tmp_path / "f.safetensors", steps=2, lora_rank=0, batch_size=2, target_frames=4,
                                     reference_frames=8, compile=True)
     assert path.is_file() and "training without it" in caplog.text and len(calls) == 3
+
+
+def test_a_job_killed_before_its_first_fit_resumes_with_a_fitted_warm_up_and_progress(tmp_path, monkeypatch):
+    """A budgeted run stopped in its first steps (before the step count is fitted) kept the step
+    limit's schedule (warm-up 100); the resumed run fits its warm-up to the budget like a fresh run,
+    and reports progress against the budget from its first step (not against the limit of 10000).
+    A fake clock: every step takes one second; the budget fits after 2 steps and every 5."""
+    import types
+
+    from sparse_avatar.training import budget as budget_module
+    from sparse_avatar.training import personality, state_io
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1e-6
+        return clock[0]
+
+    fake_time = types.SimpleNamespace(perf_counter=perf_counter)
+    monkeypatch.setattr(budget_module, "time", fake_time)
+    monkeypatch.setattr(personality, "time", fake_time)
+    monkeypatch.setattr(budget_module, "WARMUP_STEPS", 2)
+    monkeypatch.setattr(budget_module, "REFIT_STEPS", 5)
+    rng = np.random.default_rng(4)
+    crops = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    speech = rng.standard_normal((30, 160)).astype(np.float32)
+    reports = []
+
+    def one_second_a_step(stop_after=None):
+        def should_cancel():  # asked before every step
+            clock[0] += 1.0
+            return stop_after is not None and len(reports) >= stop_after
+        return should_cancel
+
+    kwargs = {"steps": 10_000, "time_budget_s": 20.0, "lora_rank": 0, "batch_size": 1, "target_frames": 4, "reference_frames": 4,
+              "work_dir": tmp_path / "job", "progress": lambda step, total, loss: reports.append((step, total))}
+    config = X_CONFIG.replace(refiner_channels=0, depth=1)
+    finetune_personality(new_model(config, seed=0), crops, speech, tmp_path / "a.safetensors", should_cancel=one_second_a_step(3), **kwargs)
+    kept = state_io.read_trainer_state(state_io.latest_checkpoint(tmp_path / "job"))
+    assert kept["step"] == 3 and kept["config"]["warmup_steps"] == 100 and kept["schedule_fitted"] is False
+    assert reports[0] == (1, 20)  # 1 s of 20 from the first step
+    reports.clear()
+    finetune_personality(new_model(config, seed=0), crops, speech, tmp_path / "b.safetensors", should_cancel=one_second_a_step(), **kwargs)
+    assert reports[0] == (4, 16)  # 5 s of the 20 used (4 kept): a quarter
+    final = state_io.read_trainer_state(state_io.latest_checkpoint(tmp_path / "job"))
+    assert final["schedule_fitted"] is True and final["config"]["warmup_steps"] == max(1, final["config"]["total_steps"] // 10)
+    assert 17 <= final["step"] <= 21 and reports[-1] == (final["step"], final["step"])

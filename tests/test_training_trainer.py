@@ -216,11 +216,58 @@ def test_time_budget_fits_the_schedule_to_the_step_rate_and_stops(monkeypatch):
     assert config.warmup_steps == 12  # a tenth of the fitted run
     clock[0] += 48.0
     assert budget.spent(budget_module.REFIT_STEPS + 1)
-    # A resumed run counts its own steps and keeps its warm-up.
-    budget.start(first_step=500)
+    # A resumed run of a fitted schedule counts its own steps and keeps its warm-up.
+    budget.start(first_step=500, fitted=True)
     for step in range(501, 501 + budget_module.REFIT_STEPS):
         clock[0] += 1.0
         budget.on_step(step)
     assert config.total_steps == 500 + budget_module.REFIT_STEPS + 60 - budget_module.REFIT_STEPS
     assert config.warmup_steps == 12
     assert not budget_module.TimeBudget(None, 5, config).spent(3)
+
+
+def test_a_run_resumed_before_its_first_fit_fits_its_warm_up(monkeypatch):
+    """Killed in its first steps, a run kept the step limit's schedule (warm-up 100 of 10000): the
+    resumed run fits the warm-up at its first fit, a tenth of the whole run from step 0, instead of
+    spending the budget warming up."""
+    from sparse_avatar.training import budget as budget_module
+
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    config = TrainerConfig(total_steps=10_000, lr=1e-3, warmup_steps=100)  # what the killed run saved at step 20
+    budget = budget_module.TimeBudget(60.0, 10_000, config)
+    budget.start(first_step=20, fitted=False, spent_before=20.0)
+    for step in range(21, 21 + budget_module.REFIT_STEPS):
+        clock[0] += 0.5
+        budget.on_step(step)
+    assert config.total_steps == 45 + 95  # 47.5 s left at 0.5 s a step
+    assert config.warmup_steps == 14 and budget.fitted
+    for step in range(46, 46 + budget_module.REFIT_STEPS):  # later fits move the end, not the warm-up
+        clock[0] += 1.0
+        budget.on_step(step)
+    assert config.warmup_steps == 14 and config.total_steps < 140
+
+
+def test_budget_progress_is_meaningful_from_the_first_step(monkeypatch):
+    """Before the step count is fitted, progress is the time used: step / planned_steps is the
+    fraction of the budget spent (the whole job's when resumed), not step / the step limit."""
+    from sparse_avatar.training import budget as budget_module
+
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    config = TrainerConfig(total_steps=100_000, lr=1e-3, warmup_steps=100)
+    budget = budget_module.TimeBudget(600.0, 100_000, config)
+    budget.start()
+    clock[0] += 60.0  # the first step, compilation included
+    assert budget.fraction_used(1) == pytest.approx(0.1) and budget.planned_steps(1) == 10
+    clock[0] += 540.0
+    assert budget.fraction_used(2) == 1.0 and budget.planned_steps(2) == 2  # time is up: done
+    # Resumed at step 20 after 300 s of the 600: half-way from its first step.
+    budget = budget_module.TimeBudget(300.0, 100_000, config)
+    budget.start(first_step=20, spent_before=300.0)
+    clock[0] += 6.0
+    assert budget.fraction_used(21) == pytest.approx(0.51) and budget.planned_steps(21) == 42
+    # The step limit, when it comes first, is the plan; without a budget it always is.
+    config.total_steps = 30
+    assert budget.planned_steps(21) == 30 and budget.fraction_used(21) == pytest.approx(0.7)
+    assert budget_module.TimeBudget(None, 30, config).planned_steps(5) == 30

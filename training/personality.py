@@ -276,7 +276,10 @@ def finetune_personality(
     count is then fitted to the budget). compile: ``torch.compile`` the blocks (the trainer's
     option); None = on CUDA when Triton is installed (H200, 3 runs sharing the GPU: 878 instead of
     704 steps in 430 s, compilation included). progress(step, total, loss): loss is None on steps that
-    were not synced with the device (every ``log_every``-th step is).
+    were not synced with the device (every ``log_every``-th step is); step / total is how far the
+    job is, from its first step (``TimeBudget.planned_steps``): with a time budget, total is the
+    step count the budget reaches at the average rate so far (steps and time of a resumed job's
+    earlier runs included), which becomes step itself when the time is up.
 
     work_dir: where the training state is kept so a killed run resumes (see ``ResumableJob``): a
     checkpoint every ``checkpoint_interval_s`` of training, one when cancelled and one at the end;
@@ -323,9 +326,13 @@ def finetune_personality(
         job = ResumableJob(work_dir, crops, speech, base_fingerprint, settings) if work_dir is not None else None
     resumed = job.latest_state() if job is not None else None
     spent_before = float(resumed.get("train_seconds", 0.0)) if resumed else 0.0
+    fitted_before = False
     if resumed:
-        # The schedule the killed run had fitted to its budget, so the resumed steps continue it.
+        # The schedule the killed run had, so the resumed steps continue it; whether it was fitted
+        # to the budget yet decides whether the resumed run still fits its warm-up (a run killed in
+        # its first steps kept the step limit's schedule, whose warm-up alone can outlast the budget).
         config.total_steps, config.warmup_steps = int(resumed["config"]["total_steps"]), int(resumed["config"]["warmup_steps"])
+        fitted_before = bool(resumed.get("schedule_fitted", config.total_steps != steps))  # older states: unfitted = the step limit
     remaining_s = None if time_budget_s is None else time_budget_s - spent_before
     budget = TimeBudget(remaining_s, steps, config)  # fits config.total_steps to the time
     last_saved = [time.perf_counter()]
@@ -335,7 +342,7 @@ def finetune_personality(
         return spent_before + (time.perf_counter() - budget.started)
 
     def save_state() -> None:
-        trainer.save_checkpoint({"train_seconds": round(train_seconds(), 3)})
+        trainer.save_checkpoint({"train_seconds": round(train_seconds(), 3), "schedule_fitted": budget.fitted})
         last_saved[0] = time.perf_counter()
 
     def on_step(record: dict) -> None:
@@ -343,7 +350,9 @@ def finetune_personality(
         if job is not None and time.perf_counter() - last_saved[0] >= checkpoint_interval_s:
             save_state()
         if progress is not None:
-            progress(record["step"], config.total_steps, record.get("loss") if record.get("synced", True) else None)
+            # Against the budget's planned steps, not config.total_steps: until the first fit that
+            # is the step limit (100000), and progress against it would show nothing.
+            progress(record["step"], budget.planned_steps(record["step"]), record.get("loss") if record.get("synced", True) else None)
 
     def stop() -> bool:
         return budget.spent(trainer.step) or bool(should_cancel and should_cancel())
@@ -363,7 +372,7 @@ def finetune_personality(
 
         trainer = new_trainer()
         first_step = trainer.step
-        budget.start(first_step)  # the budget is training time, from the first step
+        budget.start(first_step, fitted=fitted_before, spent_before=spent_before)  # the budget is training time, from the first step
         done_before = (remaining_s is not None and remaining_s <= 0) or first_step >= config.total_steps
         try:
             result = TrainResult(step=first_step, last_loss=float("nan")) if done_before else trainer.fit()

@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> dict:
         )
         if not args.no_resume:
             trainer.resume()
-        budget.start(first_step=trainer.step)
+        # A resumed run starts from the stage's schedule (the killed run's fitted one is not kept
+        # here), so its first fit sets the warm-up too (fitted=False), as a fresh run's does.
+        budget.start(first_step=trainer.step, fitted=False)
         result = trainer.fit()
         summary = {"step": result.step, "last_loss": result.last_loss, "world_size": context.world_size, "parallel": trainer.parallel_mode}
         export_final(trainer, step_module, stage, avatar, base_fingerprint, Path(args.out), context, save_checkpoint, lora_rank)
