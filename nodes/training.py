@@ -29,7 +29,7 @@ from .comfy_types import comfy_audio_to_wave, comfy_image_to_frames
 from ..media.video_io import ReferenceVideo
 from ..model.personal import check_own_audio, check_preference_pair, personality_data, reference_crops_video
 from ..training.lora import load_lora
-from ..training.personality import finetune_personality, minutes_budget
+from ..training.personality import finetune_personality, minutes_budget, refuse_cpu_training
 from ..training.preferences import append_pair
 from . import _comfy, _models
 from .reference_video import prepared_reference
@@ -107,6 +107,10 @@ class TrainAvatar:
             "minutes": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 24 * 60.0, "step": 0.5,
                                   "tooltip": "Training time; the learning-rate schedule is fitted to it. 0 = no limit (only "
                                              "'steps'). About 10 minutes on one H200-class GPU learn a person from 15-20 s of video."}),
+            "allow_cpu": ("BOOLEAN", {"default": False,
+                                      "tooltip": "Train even when ComfyUI runs on a CPU (refused otherwise: learning a person is "
+                                                 "minutes on a GPU and orders of magnitude slower on a CPU). For a smoke test with "
+                                                 "a few 'steps'."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     # Names only filename_prefix: every other input keeps ComfyUI's own min/max checks.
@@ -115,11 +119,15 @@ class TrainAvatar:
         return _comfy.file_name_problem(filename_prefix) or True
 
     def train(self, model, reference, steps=100_000, lora_rank=0, learning_rate=1e-3, seed=0, filename_prefix="avatar_lora", minutes=10.0,
-              unique_id=None):
+              allow_cpu=False, unique_id=None):
         _check_model(model)
         if not isinstance(reference, ReferenceVideo):
             raise UserFacingError("'reference' must come from Load Reference Video.")
         _comfy.check_file_name(filename_prefix)
+        # The commands' refusal, before any work (face tracking, the model on the device): at
+        # run time, not in VALIDATE_INPUTS, which does not see allow_cpu when it is linked.
+        refuse_cpu_training(_models.compute_device(), bool(allow_cpu), allow="set Train Avatar's allow_cpu to true",
+                            steps="a few 'steps' and minutes 0")
         check_own_audio(reference, advice="Load a video file with its sound in Load Reference Video (not an IMAGE "
                                           "batch), or a VIDEO input that carries audio.")
         _comfy.check_interrupted()
@@ -136,22 +144,40 @@ class TrainAvatar:
         interrupt = None  # ComfyUI's interrupt, when its progress hook raised it
         last_loss = None
         started = time.monotonic()
+        # Where this run's reports started (time, fraction) and the fractions last shown and logged:
+        # step / total is the job's progress (the library's planned steps), and a resumed job
+        # starts part-way, so the time left is estimated from this run's own pace.
+        first: tuple[float, float] | None = None
+        shown = logged = -1.0
+
+        def remaining_s(fraction: float) -> float | None:
+            if first is None or fraction <= first[1]:
+                return None
+            return round((time.monotonic() - first[0]) / (fraction - first[1]) * (1.0 - fraction), 1)
 
         def report(state: str, **extra) -> None:
             # The web extension draws these on the node (progress, loss curve, what was saved).
+            fraction = min(1.0, done / max(1, planned))
             _comfy.send_event(TRAIN_EVENT, {"node": None if unique_id is None else str(unique_id), "state": state,
                                             "step": done, "total": planned, "loss": last_loss,
-                                            "elapsed_s": round(time.monotonic() - started, 2), **extra})
+                                            "elapsed_s": round(time.monotonic() - started, 2),
+                                            "remaining_s": remaining_s(fraction) if state == "running" else None, **extra})
 
         def on_step(step: int, total: int, loss: float | None) -> None:
-            nonlocal done, interrupt, planned, last_loss
+            nonlocal done, interrupt, planned, last_loss, first, shown, logged
             done, planned = step, total
+            fraction = min(1.0, step / max(1, total))
+            if first is None:
+                first = (time.monotonic(), fraction)
             if loss is not None:
                 last_loss = float(loss)
-            if loss is not None and (step == total or step % max(10, total // 10) < 10):
+            if loss is not None and (step >= total or fraction - logged >= 0.1):
+                logged = fraction
                 logger.info("Train Avatar: step %d/%d, loss %.4f", step, total, loss)
-            # About 100 updates per run: each one is a websocket message to the browser.
-            if interrupt is None and (step == total or step % max(1, total // 100) == 0):
+            # About 100 updates per run (each one is a websocket message to the browser), the first
+            # at once: by the fraction done (either way), since a time-budgeted run's total moves as it learns its pace.
+            if interrupt is None and (step >= total or abs(fraction - shown) >= 0.01):
+                shown = fraction
                 report("running")
                 try:
                     progress.update_absolute(step, total)
@@ -195,6 +221,7 @@ class TrainAvatar:
             if interrupt is not None:
                 raise interrupt
             _comfy.check_interrupted()
+        planned = done  # finished (the steps or the time): what was done is the whole run
         report("saved", file=Path(path).name)
         logger.info("Train Avatar: %s for base %s written to %s", "model" if full else "LoRA", base_fingerprint, path)
         tuned = _models.AvatarModelHandle(trained.to("cpu"), Path(path).name) if full else model_with_lora(model, path)

@@ -98,8 +98,8 @@ cat "$work/second_run.txt"
 cp "$work/demo_b/reference.mp4" "$work/motion.mp4"
 printf '%s\n' "job,1.video,1.max_side,2.audio,4.checkpoint,6.steps" \
   "dub,@reference.mp4,128,@hello.wav,batch-tiny.safetensors,2" >"$work/dub.csv"
-printf '%s\n' "job,1.video,1.max_side,2.audio,4.checkpoint,5.steps,5.minutes,5.filename_prefix,7.steps" \
-  "personalize,@reference.mp4,128,@hello.wav,batch-tiny.safetensors,3,1,batch_personalized,2" >"$work/personalize.csv"
+printf '%s\n' "job,1.video,1.max_side,2.audio,4.checkpoint,5.steps,5.minutes,5.filename_prefix,5.allow_cpu,7.steps" \
+  "personalize,@reference.mp4,128,@hello.wav,batch-tiny.safetensors,3,1,batch_personalized,true,2" >"$work/personalize.csv"
 printf '%s\n' "job,1.video,1.max_side,9.video,9.max_side,2.audio,4.checkpoint,6.steps" \
   "generate,@reference.mp4,128,@motion.mp4,128,@bye.wav,batch-tiny.safetensors,2" >"$work/generate.csv"
 for name in dub personalize generate; do

@@ -148,7 +148,7 @@ TRAIN_GRAPH = r"""
   train.size = [420, train.size[1]];
   const set = (name, value) => { train.widgets.find((w) => w.name === name).value = value; };
   set("steps", 15); set("lora_rank", 0); set("minutes", 0); set("filename_prefix", "browser_check");
-  set("learning_rate", 0.001);
+  set("learning_rate", 0.001); set("allow_cpu", true); // a CPU ComfyUI: refused otherwise
   model.connect(0, train, train.inputs.findIndex((i) => i.name === "model"));
   ref.connect(0, train, train.inputs.findIndex((i) => i.name === "reference"));
   train.widgets.find((w) => w.name === "sparse_avatar_training").element.dataset.check = "train";

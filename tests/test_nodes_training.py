@@ -120,7 +120,7 @@ def test_train_avatar_writes_a_lora_that_load_avatar_lora_applies(models_cwd):
     with torch.inference_mode():  # as ComfyUI runs nodes
         base = _load()
         before = {name: tensor.clone() for name, tensor in base.model.state_dict().items()}
-        result = TrainAvatar().train(base, reference, steps=2, lora_rank=4, learning_rate=1e-2, seed=7,
+        result = TrainAvatar().train(base, reference, steps=2, allow_cpu=True, lora_rank=4, learning_rate=1e-2, seed=7,
                                      filename_prefix="person")
         trained, lora_path = result["result"]
         # the loaded model (in ComfyUI's cache) is untouched
@@ -139,14 +139,14 @@ def test_train_avatar_writes_a_lora_that_load_avatar_lora_applies(models_cwd):
     assert torch.equal(_render(base), base_latents)
 
     # a second run never overwrites the first file
-    again = TrainAvatar().train(base, reference, steps=1, lora_rank=2, filename_prefix="person")
+    again = TrainAvatar().train(base, reference, steps=1, allow_cpu=True, lora_rank=2, filename_prefix="person")
     assert again["result"][1].endswith("person_00002.safetensors") and _lora_steps(lora_file) == 2
 
 
 def test_load_avatar_lora_refuses_another_base_and_missing_files(models_cwd):
     reference = _reference(models_cwd)
     base = _load()
-    TrainAvatar().train(base, reference, steps=1, lora_rank=2, filename_prefix="person")
+    TrainAvatar().train(base, reference, steps=1, allow_cpu=True, lora_rank=2, filename_prefix="person")
     with pytest.raises(UserFacingError, match="trained on base model"):
         LoadAvatarLoRA().load(_load("other.safetensors"), "person_00001.safetensors")
     with pytest.raises(UserFacingError, match="not found in models/avatar_loras"):
@@ -193,7 +193,7 @@ def test_train_avatar_cancel_after_one_step_still_writes_the_lora(models_cwd, mo
     with torch.inference_mode():
         base = _load()
         with pytest.raises(Interrupted):  # ComfyUI's interrupt is re-raised once the LoRA is saved
-            TrainAvatar().train(base, reference, steps=50, lora_rank=2, filename_prefix="cancelled")
+            TrainAvatar().train(base, reference, steps=50, allow_cpu=True, lora_rank=2, filename_prefix="cancelled")
     lora_file = models_cwd / "models" / "avatar_loras" / "cancelled_00001.safetensors"
     assert state.progress == [1] and lora_file.is_file() and _lora_steps(lora_file) == 1
     assert not state.interrupted, "the interrupt was raised once, as ComfyUI expects"
@@ -208,11 +208,11 @@ def test_train_avatar_cancel_after_one_step_still_writes_the_lora(models_cwd, mo
         return  # (the rest is the same for both ways of cancelling)
     state.cancel_at, state.progress = 2, []
     with torch.inference_mode(), pytest.raises(Interrupted):
-        TrainAvatar().train(base, reference, steps=50, lora_rank=2, filename_prefix="cancelled")
+        TrainAvatar().train(base, reference, steps=50, allow_cpu=True, lora_rank=2, filename_prefix="cancelled")
     assert state.progress == [2] and _lora_steps(models_cwd / "models" / "avatar_loras" / "cancelled_00002.safetensors") == 2
     state.cancel_at = None
     with torch.inference_mode():
-        TrainAvatar().train(base, reference, steps=1, lora_rank=2, filename_prefix="done")
+        TrainAvatar().train(base, reference, steps=1, allow_cpu=True, lora_rank=2, filename_prefix="done")
     assert _lora_steps(models_cwd / "models" / "avatar_loras" / "done_00001.safetensors") == 1
     assert [p.name for p in (models_cwd / "output" / "sparse_avatar_training").iterdir()] == [job.name]
 
@@ -220,15 +220,33 @@ def test_train_avatar_cancel_after_one_step_still_writes_the_lora(models_cwd, mo
 def test_train_avatar_needs_the_references_own_audio(models_cwd):
     silent = _reference(models_cwd, with_audio=False)
     with pytest.raises(UserFacingError, match="needs its own audio track"):
-        TrainAvatar().train(_load(), silent, steps=1)
+        TrainAvatar().train(_load(), silent, steps=1, allow_cpu=True)
     from_images = reference_from_frames(_moving_frames(30), FPS)
     with pytest.raises(UserFacingError, match="needs its own audio track"):
-        TrainAvatar().train(_load(), from_images, steps=1)
+        TrainAvatar().train(_load(), from_images, steps=1, allow_cpu=True)
     with pytest.raises(UserFacingError, match="not allowed"):
-        TrainAvatar().train(_load(), _reference(models_cwd), steps=1, filename_prefix="../escape")
+        TrainAvatar().train(_load(), _reference(models_cwd), steps=1, allow_cpu=True, filename_prefix="../escape")
     with pytest.raises(UserFacingError, match="Load Reference Video"):
-        TrainAvatar().train(_load(), "reference.mp4", steps=1)
+        TrainAvatar().train(_load(), "reference.mp4", steps=1, allow_cpu=True)
     assert not (models_cwd / "models" / "avatar_loras").exists() or not any((models_cwd / "models" / "avatar_loras").iterdir())
+
+
+def test_train_avatar_refuses_a_cpu_unless_allowed(models_cwd, monkeypatch):
+    """As `personalize` and `train --video` do (the same message), before any work."""
+    from sparse_avatar.nodes import _models
+    from sparse_avatar.nodes import training as training_nodes
+
+    monkeypatch.setattr(_models, "compute_device", lambda: torch.device("cpu"))  # what ComfyUI picks with --cpu
+    monkeypatch.setattr(training_nodes, "check_own_audio", lambda *_, **__: pytest.fail("worked before refusing"))  # the first work
+    kind, options = TrainAvatar.INPUT_TYPES()["optional"]["allow_cpu"]
+    assert kind == "BOOLEAN" and options["default"] is False and options["tooltip"]
+    with pytest.raises(UserFacingError, match="needs a CUDA GPU.*set Train Avatar's allow_cpu to true"):
+        TrainAvatar().train(_load(), _reference(models_cwd), steps=1)
+    with pytest.raises(pytest.fail.Exception, match="worked before refusing"):  # allowed: it goes on to the work
+        TrainAvatar().train(_load(), _reference(models_cwd), steps=1, allow_cpu=True)
+    monkeypatch.setattr(_models, "compute_device", lambda: torch.device("cuda"))
+    with pytest.raises(pytest.fail.Exception, match="worked before refusing"):  # and so does a GPU
+        TrainAvatar().train(_load(), _reference(models_cwd), steps=1)
 
 
 def _video(seed: int, frames: int = 12, size: int = 32, audio_seconds: float | None = None):

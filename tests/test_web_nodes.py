@@ -46,7 +46,7 @@ def test_train_avatar_sends_progress_with_the_loss_and_what_it_saved(models_cwd,
     events = _capture_events(monkeypatch)
     _quick_trainer(monkeypatch, [0.5, None, 0.25])
     with torch.inference_mode():
-        result = TrainAvatar().train(_load(), _reference(models_cwd), steps=3, lora_rank=0, filename_prefix="person",
+        result = TrainAvatar().train(_load(), _reference(models_cwd), steps=3, allow_cpu=True, lora_rank=0, filename_prefix="person",
                                      unique_id=7)
     assert {event for event, _ in events} == {TRAIN_EVENT}
     sent = [data for _, data in events]
@@ -54,6 +54,27 @@ def test_train_avatar_sends_progress_with_the_loss_and_what_it_saved(models_cwd,
         ("running", 1, 3, 0.5), ("running", 2, 3, 0.5), ("running", 3, 3, 0.25), ("saved", 3, 3, 0.25)]
     assert all(data["node"] == "7" and data["elapsed_s"] >= 0 for data in sent)
     assert sent[-1]["file"] == "person_00001.safetensors" == result["ui"]["text"][0].split(" ")[0]
+
+
+def test_train_avatar_shows_a_budgeted_runs_progress_from_its_first_step(models_cwd, monkeypatch):
+    """A time-budgeted run's total is the library's planned steps, which moves as the run learns
+    its pace (here 40, then 400): the node reports by the fraction done, so the first step is
+    shown at once and a moving total neither hides progress nor floods the browser."""
+    events = _capture_events(monkeypatch)
+
+    def finetune(model, crops, speech, out_path, *, progress, **_):
+        for step in range(1, 201):
+            progress(step, 40 if step < 10 else 400, 0.5 if step % 10 == 0 else None)
+        Path(out_path).write_bytes(b"weights")
+        return Path(out_path)
+
+    monkeypatch.setattr(training_nodes, "finetune_personality", finetune)
+    with torch.inference_mode():
+        TrainAvatar().train(_load(), _reference(models_cwd), steps=100_000, lora_rank=0, filename_prefix="timed", allow_cpu=True)
+    running = [data for _, data in events if data["state"] == "running"]
+    assert running[0]["step"] == 1 and running[0]["total"] == 40 and running[0]["remaining_s"] is None
+    assert 20 <= len(running) <= 110 and all(data["remaining_s"] is None or data["remaining_s"] >= 0 for data in running)
+    assert events[-1][1]["state"] == "saved" and events[-1][1]["step"] == events[-1][1]["total"] == 200
 
 
 def test_train_avatar_cancel_says_what_it_kept(models_cwd, monkeypatch):
@@ -72,7 +93,7 @@ def test_train_avatar_cancel_says_what_it_kept(models_cwd, monkeypatch):
     monkeypatch.setattr(_comfy, "interrupt_requested", lambda: bool(pressed))
     monkeypatch.setattr(_comfy, "check_interrupted", check_interrupted)
     with torch.inference_mode(), pytest.raises(Interrupted):  # ComfyUI's interrupt, after the save
-        TrainAvatar().train(_load(), _reference(models_cwd), steps=50, lora_rank=0, filename_prefix="kept")
+        TrainAvatar().train(_load(), _reference(models_cwd), steps=50, allow_cpu=True, lora_rank=0, filename_prefix="kept")
     assert [(data["state"], data["step"], data["total"]) for data in events] == [("running", 1, 50), ("cancelled", 1, 50)]
     assert events[-1]["file"] == "kept_00001.safetensors"
     assert (models_cwd / "models" / "avatar" / "kept_00001.safetensors").read_bytes() == b"weights"

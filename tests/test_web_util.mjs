@@ -90,6 +90,9 @@ test("parseTrainEvent and the status line", () => {
   assert.deepEqual(running, { node: "7", state: "running", step: 25, total: 100, loss: 0.5, elapsed: 10,
     fraction: 0.25, remaining: 30, file: null });
   assert.equal(trainStatusText(running), "step 25/100 · loss 0.5000 · 30 s left");
+  // A resumed job: 25 of 100 after 10 s of this run, which began at step 20: the node's estimate wins.
+  assert.equal(parseTrainEvent({ state: "running", step: 25, total: 100, elapsed_s: 10, remaining_s: 150 }).remaining, 150);
+  assert.equal(parseTrainEvent({ state: "running", step: 25, total: 100, elapsed_s: 10, remaining_s: null }).remaining, null);
   const cancelled = parseTrainEvent({ node: "7", state: "cancelled", step: 30, total: 100, loss: null, file: "a_00001.safetensors" });
   assert.equal(cancelled.remaining, null);
   assert.equal(trainStatusText(cancelled), "cancelled at step 30/100; kept a_00001.safetensors");

@@ -219,13 +219,15 @@ def starting_model(init: str | None, config_name: str, *, device: str, seed: int
     return model.float()
 
 
-def refuse_cpu_training(device, allow_cpu: bool, *, flag: str = "--allow-cpu") -> None:
-    """Learning a person from a video is GPU work: refuse a CPU unless asked, and say why."""
+def refuse_cpu_training(device, allow_cpu: bool, *, allow: str = "pass --allow-cpu", steps: str = "--steps") -> None:
+    """Learning a person from a video is GPU work: refuse a CPU unless asked, and say why. One
+    message for the commands and the Train Avatar node; ``allow`` and ``steps`` name their own
+    switch and step-count input."""
     if torch.device(device).type == "cpu" and not allow_cpu:
         raise UserFacingError(
             "learning a person needs a CUDA GPU: the measured recipe is 7-10 minutes on one NVIDIA H200 (1300-1400 steps of "
             "batch 8 x 16 frames at 128², 0.23-0.34 s a step; bench/results/person.md), and a CPU is orders of magnitude slower. "
-            f"Run it on a machine with an NVIDIA GPU, or pass {flag} to train on this CPU anyway (for a smoke test, with --steps)."
+            f"Run it on a machine with an NVIDIA GPU, or {allow} to train on this CPU anyway (for a smoke test, with {steps})."
         )
 
 

@@ -130,7 +130,10 @@ export function parseTrainEvent(detail) {
   const loss = typeof detail.loss === "number" && Number.isFinite(detail.loss) ? detail.loss : null;
   const elapsed = Number.isFinite(detail.elapsed_s) && detail.elapsed_s >= 0 ? detail.elapsed_s : 0;
   const fraction = Math.min(1, step / total);
-  const remaining = detail.state === "running" && step > 0 && elapsed > 0 ? (elapsed / step) * (total - step) : null;
+  // The node's estimate (from this run's own pace: a resumed job starts part-way) when it sends one.
+  const sent = "remaining_s" in detail ? (Number.isFinite(detail.remaining_s) && detail.remaining_s >= 0 ? detail.remaining_s : null) : undefined;
+  const remaining = detail.state !== "running" ? null
+    : sent !== undefined ? sent : step > 0 && elapsed > 0 ? (elapsed / step) * (total - step) : null;
   return {
     node: detail.node == null ? null : String(detail.node),
     state: detail.state,
