@@ -13,12 +13,12 @@ import wave as wave_file
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from scipy.signal import resample_poly
 
 from ..errors import UserFacingError
 from ..files import atomic_temp_path
+from ._pyav import FFmpegError, av
 from .paths import resolve_input_path
 
 SPEECH_SAMPLE_RATE = 16000
@@ -206,7 +206,7 @@ def load_speech(
                 wave, source_rate, _ = decode_audio_stream(container, container.streams.audio[0])
         except UserFacingError:
             raise
-        except (av.error.FFmpegError, OSError, ValueError, EOFError) as error:
+        except (FFmpegError, OSError, ValueError, EOFError) as error:
             raise UserFacingError(
                 f"cannot decode audio from {path.name} ({error.__class__.__name__}: {error}); the file is damaged "
                 "or not audio - re-export it as wav/mp3/flac"

@@ -10,24 +10,30 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-import av
 import cv2
 import numpy as np
 
 from ..errors import UserFacingError
-from .audio import SPEECH_SAMPLE_RATE, decode_audio_stream, fit_to_length, logger, resample_audio
 from ..files import atomic_temp_path, disk_full_error, is_disk_full
+from ._pyav import FFmpegError, av
+from .audio import (
+    SPEECH_SAMPLE_RATE,
+    decode_audio_stream,
+    fit_to_length,
+    logger,
+    resample_audio,
+)
 from .paths import resolve_input_path
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 # Frame-interval spread (relative to the median) above which a stream counts as variable-rate.
 _VFR_TOLERANCE = 0.1
-_FFMPEG_ERRORS = (av.error.FFmpegError, OSError, EOFError)
+_FFMPEG_ERRORS = (FFmpegError, OSError, EOFError)
 
 
 @dataclass(frozen=True)
