@@ -421,40 +421,58 @@ class AvatarDiT(nn.Module):
 
     # -- reference pass ---------------------------------------------------------------------------
 
-    def encode_reference(self, reference_latents: torch.Tensor, reference_audio: torch.Tensor | None = None, reference_frames: torch.Tensor | None = None):
+    def encode_reference(self, reference_latents: torch.Tensor, reference_audio: torch.Tensor | None = None, reference_frames: torch.Tensor | None = None,
+                         *, chunk_tokens: int | None = None, store_device=None):
         """Clean reference latents [B, C, Tr, h, w] (+ its own speech features [B, Tr, F]) ->
         list over layers of (ref_k, ref_v) [B, Hkv, Lr, d]. reference_frames [B] (real token
         frames of each reference in a padded batch) needs no masking here: attention is
         frame-local, so padding never touches real frames; pass the lengths in tokens to
-        layer_caches, which masks them from routing, attention and the static resampler."""
+        layer_caches, which masks them from routing, attention and the static resampler.
+
+        chunk_tokens: run the blocks over at most this many reference tokens at a time (whole
+        frames). Every operation of the pass is per frame and the audio windows are cut from the
+        whole reference's, so the result is the same; the activations' memory is then bounded by
+        the chunk instead of growing with the reference (a 60 s reference of `small` did not fit a
+        12 GiB card in one piece). store_device: where each layer's K/V goes as it is made (the
+        CPU, so a long reference's cache need not sit on the GPU during the pass)."""
         grid = self.token_grid(reference_latents.shape)
-        tokens_per_frame = grid[1] * grid[2]
-        x = self._add_absolute_positions(self.reference_embed(self.patchify(reference_latents).to(self.reference_embed.weight.dtype)), grid)
-        clean = torch.ones(x.shape[0], device=x.device)
+        token_frames, tokens_per_frame = grid[0], grid[1] * grid[2]
+        batch, device = reference_latents.shape[0], reference_latents.device
+        clean = torch.ones(batch, device=device)
         conditioning = self.t_embedder(clean)
         audio_keep = None
         if reference_audio is None:  # a reference without sound: the null audio token everywhere
-            reference_audio = torch.zeros(x.shape[0], grid[0] * self.config.patch_size[0], self.config.speech_feature_dim, device=x.device)
-            audio_keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        audio_tokens = self.speech_embedder(reference_audio, grid[0], audio_keep)
-        rotation = rope_rotation(rope_angles(token_positions(*grid, x.device, fixed_frame=True), self.config.head_dim, self.config.rope_theta))
-        layers = []
-        for block in self.blocks:
-            x, ref_k, ref_v = block.forward_reference(x, conditioning, rotation, audio_tokens, tokens_per_frame)
-            layers.append((ref_k, ref_v))
-        return layers
+            reference_audio = torch.zeros(batch, token_frames * self.config.patch_size[0], self.config.speech_feature_dim, device=device)
+            audio_keep = torch.zeros(batch, dtype=torch.bool, device=device)
+        audio_tokens = self.speech_embedder(reference_audio, token_frames, audio_keep)
+        frames_per_chunk = token_frames if not chunk_tokens else max(1, min(token_frames, chunk_tokens // (batch * tokens_per_frame)))
+        frame_patch = self.config.patch_size[0]
+        pieces: list[tuple[list, list]] = [([], []) for _ in self.blocks]
+        for start in range(0, token_frames, frames_per_chunk):
+            stop = min(token_frames, start + frames_per_chunk)
+            chunk_grid = (stop - start, grid[1], grid[2])
+            chunk_latents = reference_latents[:, :, start * frame_patch:stop * frame_patch]
+            x = self._add_absolute_positions(self.reference_embed(self.patchify(chunk_latents).to(self.reference_embed.weight.dtype)), chunk_grid)
+            rotation = rope_rotation(rope_angles(token_positions(*chunk_grid, device, fixed_frame=True), self.config.head_dim, self.config.rope_theta))
+            for index, block in enumerate(self.blocks):
+                x, ref_k, ref_v = block.forward_reference(x, conditioning, rotation, audio_tokens[:, start:stop], tokens_per_frame)
+                pieces[index][0].append(ref_k if store_device is None else ref_k.to(store_device))
+                pieces[index][1].append(ref_v if store_device is None else ref_v.to(store_device))
+        return [(keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys, dim=2), torch.cat(values, dim=2)) for keys, values in pieces]
 
     def layer_caches(self, reference_kv, ref_lengths=None, *, static_from=None) -> list[LayerCache]:
         """Per-layer caches from reference K/V: centroids for routing and static tokens from the
         resampler. static_from: optional other reference K/V whose static tokens are used."""
-        caches = []
-        for index, block in enumerate(self.blocks):
-            ref_k, ref_v = reference_kv[index]
-            source_k, source_v = (ref_k, ref_v) if static_from is None else static_from[index]
-            static_k, static_v = block.static_tokens_from_reference(source_k, source_v, ref_lengths if static_from is None else None)
-            centroids = reference_block_centroids(ref_k, ref_lengths, self.config.block_size)
-            caches.append(LayerCache(static_k, static_v, ref_k, ref_v, centroids, ref_lengths))
-        return caches
+        return [self.layer_cache(index, *reference_kv[index], ref_lengths, static_from=None if static_from is None else static_from[index])
+                for index in range(len(self.blocks))]
+
+    def layer_cache(self, index: int, ref_k, ref_v, ref_lengths=None, *, static_from=None) -> LayerCache:
+        """One layer's cache (see layer_caches); static_from: that layer's other (K, V)."""
+        block = self.blocks[index]
+        source_k, source_v = (ref_k, ref_v) if static_from is None else static_from
+        static_k, static_v = block.static_tokens_from_reference(source_k, source_v, ref_lengths if static_from is None else None)
+        centroids = reference_block_centroids(ref_k, ref_lengths, self.config.block_size)
+        return LayerCache(static_k, static_v, ref_k, ref_v, centroids, ref_lengths)
 
     # -- denoising pass ---------------------------------------------------------------------------
 

@@ -81,6 +81,10 @@ def identity_from_caches(caches: list[LayerCache], metadata: dict | None = None)
     )
 
 
+# Reference tokens per chunk of the reference pass: 256 frames of 16x16 tokens (10 s at 25 fps).
+REFERENCE_CHUNK_TOKENS = 1 << 16
+
+
 @torch.no_grad()
 def extract_identity(model, reference_frames, reference_audio=None, *, fps: float | None = None, metadata: dict | None = None) -> Identity:
     """Reference pass. reference_frames: np.uint8 [T, H, W, 3] face crops at the model's frame size
@@ -93,8 +97,15 @@ def extract_identity(model, reference_frames, reference_audio=None, *, fps: floa
     audio = None
     if reference_audio is not None:
         audio = model.features_to_tensor(reference_audio, frames.shape[0])[None]
-    reference_kv = model.dit.encode_reference(latents, audio)
-    caches = model.dit.layer_caches(reference_kv)
+    # In chunks of frames, each layer's K/V kept on the CPU as it is made (where the Identity lives
+    # anyway); the caches are then made one layer at a time on the model's device. The GPU holds
+    # one chunk's activations and one layer's K/V instead of the whole reference's.
+    reference_kv = model.dit.encode_reference(latents, audio, chunk_tokens=REFERENCE_CHUNK_TOKENS, store_device="cpu")
+    caches = []
+    for index, (ref_k, ref_v) in enumerate(reference_kv):
+        cache = model.dit.layer_cache(index, ref_k.to(latents.device), ref_v.to(latents.device))
+        caches.append(LayerCache(cache.static_k.cpu(), cache.static_v.cpu(), ref_k, ref_v, cache.centroids.cpu()))
+        del cache
     info = {
         "format": IDENTITY_FORMAT, "version": IDENTITY_VERSION, "model_fingerprint": model.fingerprint(),
         "reference_frames": str(frames.shape[0]), "frame_size": str(frames.shape[1]), "has_audio": str(reference_audio is not None).lower(),

@@ -164,6 +164,31 @@ def test_dit_shapes_and_dtypes_through_every_path(tiny, dtype):
                 assert torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("with_audio", [True, False])
+def test_reference_pass_in_chunks_equals_the_whole_pass(tiny, with_audio, monkeypatch):
+    """The reference pass in chunks of frames (what bounds its GPU memory on long references) is
+    the whole pass: same K/V, and extract_identity's per-layer caches equal layer_caches'."""
+    model = new_model("tiny", seed=3).eval()
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (13, model.config.frame_size, model.config.frame_size, 3), dtype=np.uint8)
+    speech = rng.standard_normal((13, model.config.speech_feature_dim)).astype(np.float32) if with_audio else None
+    latents = model.encode_frames(model.frames_to_tensor(frames)[None])
+    audio = model.features_to_tensor(speech, 13)[None] if with_audio else None
+    with torch.no_grad():
+        whole = model.dit.encode_reference(latents, audio)
+        tokens_per_frame = whole[0][0].shape[2] // 13
+        for chunk_tokens in (1, tokens_per_frame, 4 * tokens_per_frame, 5 * tokens_per_frame + 3, 10**9):
+            parts = model.dit.encode_reference(latents, audio, chunk_tokens=chunk_tokens, store_device="cpu")
+            for (k, v), (k2, v2) in zip(whole, parts):
+                torch.testing.assert_close(k2, k, rtol=0, atol=1e-6)
+                torch.testing.assert_close(v2, v, rtol=0, atol=1e-6)
+        expected = model.dit.layer_caches(whole)
+    monkeypatch.setattr("sparse_avatar.model.identity.REFERENCE_CHUNK_TOKENS", 3 * tokens_per_frame)  # several chunks
+    identity = extract_identity(model, frames, speech)
+    for name in ("static_k", "static_v", "ref_k", "ref_v", "centroids"):
+        torch.testing.assert_close(getattr(identity, name), torch.stack([getattr(cache, name) for cache in expected]), rtol=0, atol=1e-6)
+
+
 def test_training_step_gives_gradients_to_every_parameter():
     model = new_model("tiny", seed=2).train()
     torch.manual_seed(0)
