@@ -7,8 +7,12 @@ import sys
 
 import _checkout  # noqa: F401  (exposes the repository as `sparse_avatar`)
 
-if len(sys.argv) < 2 or not sys.argv[1].startswith("sparse_avatar."):
-    raise SystemExit("usage: python bench/run_cli.py sparse_avatar.MODULE [arguments...]")
-module = sys.argv[1]
-sys.argv = [module, *sys.argv[2:]]
-runpy.run_module(module, run_name="__main__", alter_sys=True)
+# Guarded: spawn workers (Avatar World shards) re-import this file as __mp_main__; they need the
+# `_checkout` import above, not a second run of the command.
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or not sys.argv[1].startswith("sparse_avatar."):
+        raise SystemExit("usage: python bench/run_cli.py sparse_avatar.MODULE [arguments...]")
+    module = sys.argv[1]
+    sys.argv = [module, *sys.argv[2:]]
+    # alter_sys=False: __main__ stays this file, which is what spawn workers re-import.
+    runpy.run_module(module, run_name="__main__", alter_sys=False)
