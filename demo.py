@@ -141,8 +141,8 @@ def run_demo(args: argparse.Namespace) -> int:
 # What the shipped model can and cannot do, said every time the demo uses it (its model card,
 # models/avatar/sparse-avatar-world.md, has the numbers).
 SHIPPED_MODEL_NOTE = (
-    "note: the shipped model had 6 minutes of one GPU on Avatar World (1593 steps). It does not yet render a person it has "
-    "not trained on: a held-out Avatar World face comes out as a coloured mosaic, a real face too (dlib identity 0.68-0.72, "
-    "cut-off 0.6). What it is for today is a starting point: Train Avatar / `python -m sparse_avatar personalize --init "
+    "note: the shipped model had 12 minutes of one GPU on Avatar World (2456 steps, 740 people). It does not yet render a "
+    "person it has not trained on: a held-out Avatar World face comes out as a blocky mosaic, a real face too (dlib identity "
+    "0.68, cut-off 0.6). What it is for today is a starting point: Train Avatar / `python -m sparse_avatar personalize --init "
     "models/avatar/sparse-avatar-world.safetensors --video me.mp4 --out me.safetensors` on a GPU."
 )

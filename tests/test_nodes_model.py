@@ -114,7 +114,7 @@ def test_load_avatar_model_lists_the_shipped_model_first_and_loads_it(monkeypatc
     monkeypatch.setattr(_models, "folder", lambda name: str(tmp_path))
     choices = LoadAvatarModel.INPUT_TYPES()["required"]["checkpoint"][0]
     assert choices == [SHIPPED_MODEL_NAME, "mine.safetensors"]  # shipped first, listed once
-    assert read_checkpoint_metadata(shipped_model_path())["steps"] == "1593"  # the file the model card describes
+    assert read_checkpoint_metadata(shipped_model_path())["steps"] == "2456"  # the file the model card describes
     assert resolve_checkpoint("sparse-avatar-world") == shipped_model_path()
     (handle,) = LoadAvatarModel().load(SHIPPED_MODEL_NAME, dtype="fp32")
     assert handle.model.config.name == "compact"
