@@ -61,6 +61,15 @@ class Identity:
             for i in range(self.depth)
         ]
 
+    def device_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the identity takes on the compute device once ``layer_caches`` moved it there (its
+        floating-point tensors in ``dtype``): what a render holds beside the model's weights."""
+        total = 0
+        for tensor in self.tensors().values():
+            size = torch.empty((), dtype=dtype).element_size() if dtype is not None and tensor.is_floating_point() else tensor.element_size()
+            total += tensor.numel() * size
+        return total
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
             "static_k": self.static_k, "static_v": self.static_v, "ref_k": self.ref_k, "ref_v": self.ref_v,
@@ -83,6 +92,16 @@ def identity_from_caches(caches: list[LayerCache], metadata: dict | None = None)
 
 # Reference tokens per chunk of the reference pass: 256 frames of 16x16 tokens (10 s at 25 fps).
 REFERENCE_CHUNK_TOKENS = 1 << 16
+# GPU working memory of one chunk, in bytes per token and hidden channel, beyond the weights:
+# measured on an H200 under a 12 GiB cap (bench/results/vram.md: compact 1.16, small 1.83, base
+# 5.24 GiB peak at 65 536 tokens in bf16 is 31-36 bytes per token-channel); 40 leaves a margin.
+_REFERENCE_PASS_BYTES_PER_TOKEN_CHANNEL = 40
+
+
+def reference_pass_memory_bytes(config) -> int:
+    """What the reference pass needs on the GPU beside the weights (the chunk's activations and one
+    layer's K/V): what a memory manager is asked to free before ``extract_identity``."""
+    return REFERENCE_CHUNK_TOKENS * config.hidden * _REFERENCE_PASS_BYTES_PER_TOKEN_CHANNEL
 
 
 @torch.no_grad()

@@ -114,12 +114,16 @@ class AvatarModelHandle:
             _PatcherContainer(model), load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device(), size=size)
 
-    def ready(self):
-        """The AvatarModel on the compute device (through ComfyUI's memory manager when present)."""
+    def ready(self, memory_required: int = 0):
+        """The AvatarModel on the compute device (through ComfyUI's memory manager when present).
+
+        memory_required: bytes the coming work needs beside the weights (the identity a render
+        moves to the GPU, the reference pass's activations): ComfyUI then offloads other models
+        until that much is free too, instead of the work running out of memory on a small card."""
         if self._patcher is not None:
             import comfy.model_management
 
-            comfy.model_management.load_models_gpu([self._patcher])
+            comfy.model_management.load_models_gpu([self._patcher], memory_required=int(memory_required))
         else:
             device = compute_device()
             if self.model.device != device:

@@ -91,7 +91,9 @@ class SparseReferenceSampler:
             raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
         if mode == "dub" and source is None:
             raise UserFacingError("dub mode needs the source video: connect Load Reference Video to 'source'.")
-        avatar = model.ready()
+        # The identity goes to the GPU beside the weights for the whole render (a 60 s reference of
+        # `base` is ~9 GB): ask ComfyUI to make room for it too.
+        avatar = model.ready(memory_required=identity.device_bytes(model.model.dtype))
         fps = float(speech["fps"])
         features = speech["features"]
         prepared = prepared_reference(avatar, source) if source is not None else None

@@ -9,7 +9,7 @@ import os
 
 from ..errors import UserFacingError
 from .comfy_types import frames_to_comfy_image
-from ..model.identity import load_identity, mix_identity, save_identity
+from ..model.identity import load_identity, mix_identity, reference_pass_memory_bytes, save_identity
 from ..model.pipeline import extract_reference_identity
 from . import _comfy, _models
 from .reference_video import prepared_reference
@@ -38,7 +38,7 @@ class ExtractIdentity:
 
     def extract(self, model, reference, max_frames=0):
         _comfy.check_interrupted()
-        avatar = model.ready()
+        avatar = model.ready(memory_required=reference_pass_memory_bytes(model.model.config))
         prepared = prepared_reference(avatar, reference, max_frames=max_frames or None)
         return extract_reference_identity(avatar, prepared), frames_to_comfy_image(prepared.crops)
 

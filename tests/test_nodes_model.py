@@ -118,3 +118,45 @@ def test_load_avatar_model_lists_the_shipped_model_first_and_loads_it(monkeypatc
     assert resolve_checkpoint("sparse-avatar-world") == shipped_model_path()
     (handle,) = LoadAvatarModel().load(SHIPPED_MODEL_NAME, dtype="fp32")
     assert handle.model.config.name == "compact"
+
+
+def test_nodes_ask_comfyui_to_make_room_for_the_identity_and_the_reference_pass(models_cwd, monkeypatch):
+    """In ComfyUI the model is loaded through its memory manager, and the memory the work needs
+    beside the weights is asked for too (so other models are offloaded first on a small card): the
+    identity's bytes for a render, the reference pass's working memory for Extract Identity."""
+    import sys
+    import types
+
+    from sparse_avatar.model.identity import reference_pass_memory_bytes
+    from sparse_avatar.nodes import identity as identity_nodes
+    from sparse_avatar.nodes._models import AvatarModelHandle
+
+    requests = []
+    management = types.ModuleType("comfy.model_management")
+    management.get_torch_device = lambda: torch.device("cpu")
+    management.unet_offload_device = lambda: torch.device("cpu")
+    management.load_models_gpu = lambda models, memory_required=0: requests.append((len(models), memory_required))
+    management.throw_exception_if_processing_interrupted = lambda: None
+    management.processing_interrupted = lambda: False
+    management.InterruptProcessingException = type("InterruptProcessingException", (Exception,), {})
+    patcher = types.ModuleType("comfy.model_patcher")
+    patcher.ModelPatcher = lambda model, load_device, offload_device, size: types.SimpleNamespace(model=model, size=size)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.model_patcher = management, patcher
+    for name, module in (("comfy", comfy), ("comfy.model_management", management), ("comfy.model_patcher", patcher)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    avatar = new_model("tiny", seed=3)
+    handle = AvatarModelHandle(avatar, "tiny")
+    identity = extract_identity(avatar, _synthetic_crops(avatar.config.frame_size), None, fps=25.0)
+    speech, _ = _speech(0.4)
+    SparseReferenceSampler().sample(handle, identity, speech, steps=1, seed=0)
+    ref_bytes = sum(t.numel() * t.element_size() for t in (identity.ref_k, identity.ref_v))
+    assert requests[-1][0] == 1 and requests[-1][1] >= ref_bytes  # fp32 model: the identity at 4 bytes a value
+    assert identity.device_bytes(torch.bfloat16) < identity.device_bytes(torch.float32)
+
+    monkeypatch.setattr(identity_nodes, "prepared_reference", lambda model, reference, max_frames=None: types.SimpleNamespace(crops=None))
+    monkeypatch.setattr(identity_nodes, "extract_reference_identity", lambda model, prepared: identity)
+    monkeypatch.setattr(identity_nodes, "frames_to_comfy_image", lambda crops: None)
+    ExtractIdentity().extract(handle, "a reference")
+    assert requests[-1] == (1, reference_pass_memory_bytes(avatar.config)) and requests[-1][1] > 0
