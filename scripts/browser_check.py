@@ -7,16 +7,22 @@ Needs: a ComfyUI checkout with its venv (the pack's requirements installed there
 Chromium (`apt-get install -y chromium`, used as /usr/bin/chromium: no browser download) and
 Python's `playwright` package in a venv of its own (`python3 -m venv /tmp/pw && /tmp/pw/bin/pip
 install playwright`; never a requirement of the pack). The pack's own venv (--pack-python,
-default ./.venv/bin/python) makes the inputs. Not part of CI (CI has no Chromium). Its
-checks.txt is committed under bench/results/browser_check/; the screenshots it writes there are
-git-ignored: they show frames of a clip from ../shared/media, whose licence allows tests and
-evaluation only, never copies in the project.
+default ./.venv/bin/python) makes the inputs. Not part of CI (CI has no Chromium).
+
+The reference and the speech are Avatar World's by default (the pack's own procedural faces and
+espeak-ng voices, Apache-2.0 like the rest of the project), so checks.txt and the screenshots it
+writes under bench/results/browser_check/ are committed: every frame in them is a drawn Avatar
+World face. `--clip FILE [--speech FILE]` uses a real clip instead (e.g. one from ../shared/media,
+whose licence allows tests and evaluation only, never copies in the project): its screenshots then
+show that person and go to <base-directory>/screenshots, outside the repository, unless
+--screenshots says otherwise.
 
 What it does, all on loopback:
 1. A fresh ComfyUI base folder (--base-directory, so the ComfyUI tree itself is not touched):
    custom_nodes/sparse_avatar -> this checkout, models/avatar/tiny.safetensors (an untrained
-   `tiny` model: renders take seconds on a CPU), input/reference.mp4 (2 s of a licensed clip from
-   ../shared/media with its sound) and input/speech.wav (1.2 s of speech).
+   `tiny` model: renders take seconds on a CPU), input/reference.mp4 (2 s of an Avatar World
+   person talking, 256 px, with its sound; or 2 s of --clip) and input/speech.wav (1.2 s of
+   another Avatar World voice; or of --speech).
 2. Starts `main.py --cpu` on --port and opens it in headless Chromium.
 3. Checks the extension is listed by /extensions and registered, with no console errors.
 4. Builds a graph in the page (Load Reference Video -> Extract Identity; two samplers with other
@@ -30,8 +36,9 @@ What it does, all on loopback:
 6. Counts console errors, page errors and failed requests; ComfyUI's own start-up noise on a fresh
    user folder (404s for user.css and userdata listings, api.comfy.org unreachable offline) is
    listed but not counted.
-Screenshots of each step (JPEG) and checks.txt (the results, with the versions) go to --screenshots. Exit status 0 when every check passed. It takes
-2-10 minutes on a CPU (mostly the 10 training steps before the first loss).
+Screenshots of each step (JPEG at 3/4 size, made small with the pack's Pillow) and checks.txt (the
+results, with the versions and the reference used) go to --screenshots. Exit status 0 when every
+check passed. It takes 2-10 minutes on a CPU (mostly the 10 training steps before the first loss).
 """
 from __future__ import annotations
 
@@ -49,6 +56,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MEDIA = REPO.parent / "shared" / "media"
 
+# Avatar World seeds of the reference person and of the driving voice (training-range seeds; the
+# untrained tiny model never saw them anyway).
+WORLD_PERSON_SEED, WORLD_VOICE_SEED = 7, 11
+
 PREPARE = r"""
 import sys
 from pathlib import Path
@@ -56,13 +67,48 @@ from sparse_avatar.media import load_audio, load_reference_video, write_video
 from sparse_avatar.media.audio import write_wav
 from sparse_avatar.model.checkpoint import new_model, save_checkpoint
 base, clip, speech = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+person_seed, voice_seed = int(sys.argv[4]), int(sys.argv[5])
 save_checkpoint(new_model("tiny", seed=0), base / "models" / "avatar" / "tiny.safetensors")
+if clip == "world":
+    from sparse_avatar.avatar_world.generate import ClipSpec, make_clip
+    from sparse_avatar.avatar_world.speech import SAMPLE_RATE
+    world = make_clip(ClipSpec(identity_seed=person_seed, voice_seed=person_seed, text_seed=person_seed,
+                               scene_seed=person_seed, clip_seed=person_seed, seconds=2.0, size=256))
+    write_video(base / "input" / "reference.mp4", world.frames(), world.spec.fps, audio=world.audio,
+                sample_rate=SAMPLE_RATE)
+clip = base / "input" / "reference.mp4" if clip == "world" else clip
 reference = load_reference_video(clip, end_s=2.0, max_side=256)
-write_video(base / "input" / "reference.mp4", reference.frames, reference.fps, audio=reference.audio,
-            sample_rate=reference.sample_rate)
-write_wav(base / "input" / "speech.wav", load_audio(speech)[: int(1.2 * 16000)])
+if clip != base / "input" / "reference.mp4":
+    write_video(base / "input" / "reference.mp4", reference.frames, reference.fps, audio=reference.audio,
+                sample_rate=reference.sample_rate)
+if speech == "world":
+    from sparse_avatar.avatar_world.speech import SAMPLE_RATE, synthesize_speech
+    audio = synthesize_speech(voice_seed, voice_seed, 1.2)[0]
+    assert SAMPLE_RATE == 16000
+else:
+    audio = load_audio(speech)
+write_wav(base / "input" / "speech.wav", audio[: int(1.2 * 16000)])
 print(reference.n_frames, reference.fps)
 """
+
+# Playwright cannot scale a screenshot: the pack's Pillow makes the committed ones small (3/4 size,
+# JPEG quality 60: about 50-80 KB each, the noise of the untrained renders is what costs).
+SHRINK = r"""
+import sys
+from pathlib import Path
+from PIL import Image
+for path in sorted(Path(sys.argv[1]).glob("*.jpg")):
+    image = Image.open(path).convert("RGB")
+    if image.width > 1300:
+        image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
+        image.save(path, "JPEG", quality=60, optimize=True)
+"""
+
+
+def shrink_screenshots(shots: Path, pack_python: str) -> None:
+    if any(shots.glob("*.jpg")):
+        subprocess.run([pack_python, "-c", SHRINK, str(shots)], check=True)
+
 
 # Graph built with the frontend's own objects, so the widgets and links are exactly what a user gets.
 BUILD_GRAPH = r"""
@@ -202,14 +248,15 @@ class Checks:
         return bool(ok)
 
 
-def prepare_base(base: Path, pack_python: str, clip: Path, speech: Path) -> float:
-    """Make the base folder; returns the reference clip's frame rate."""
+def prepare_base(base: Path, pack_python: str, clip: Path | None, speech: Path | None) -> float:
+    """Make the base folder; returns the reference clip's frame rate. ``None``: Avatar World's."""
     if base.exists():
         shutil.rmtree(base)
     for folder in ("custom_nodes", "models/avatar", "input", "output", "temp", "user"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "sparse_avatar").symlink_to(REPO, target_is_directory=True)
-    made = subprocess.run([pack_python, "-c", PREPARE, str(base), str(clip), str(speech)], check=True, cwd=REPO.parent,
+    made = subprocess.run([pack_python, "-c", PREPARE, str(base), str(clip or "world"), str(speech or "world"),
+                           str(WORLD_PERSON_SEED), str(WORLD_VOICE_SEED)], check=True, cwd=REPO.parent,
                           capture_output=True, text=True)
     return float(made.stdout.split()[-1])
 
@@ -231,6 +278,8 @@ def run_browser(args, base_url: str, base: Path, fps: float, check: Checks) -> N
 
     shots = args.screenshots
     shots.mkdir(parents=True, exist_ok=True)
+    for old in shots.glob("*.jpg"):  # no screenshot of an earlier run (a failure.jpg) left beside these
+        old.unlink()
     console_errors: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium,
@@ -354,15 +403,22 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8190)
     parser.add_argument("--base-directory", type=Path, default=Path("/tmp/sparse_avatar_browser_check"))
     parser.add_argument("--chromium", default="/usr/bin/chromium")
-    parser.add_argument("--clip", type=Path, default=SHARED_MEDIA / "v15_real3dportrait_may_5s.mp4")
-    parser.add_argument("--speech", type=Path, default=SHARED_MEDIA / "a06_real3dportrait_obama_5s.wav")
-    parser.add_argument("--screenshots", type=Path, default=REPO / "bench" / "results" / "browser_check")
+    parser.add_argument("--clip", type=Path, help="a real reference clip (its first 2 s) instead of the Avatar World "
+                        f"person, e.g. {SHARED_MEDIA / 'v15_real3dportrait_may_5s.mp4'}: its screenshots are not committable")
+    parser.add_argument("--speech", type=Path, help="the driving speech instead of an Avatar World voice (first 1.2 s), "
+                        f"e.g. {SHARED_MEDIA / 'a06_real3dportrait_obama_5s.wav'}")
+    parser.add_argument("--screenshots", type=Path, help="where the screenshots and checks.txt go (default "
+                        "bench/results/browser_check/, or <base-directory>/screenshots with --clip)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the render")
     parser.add_argument("--train-timeout", type=float, default=900.0,
                         help="seconds to wait for Train Avatar's first loss (every 10th step; a CPU step of the tiny "
                              "model takes 5-25 s) and again for its cancel")
     args = parser.parse_args()
     python = args.python or str(args.comfyui / "venv" / "bin" / "python")
+    if args.screenshots is None:  # a real person's frames never land in the repository by default
+        args.screenshots = args.base_directory / "screenshots" if args.clip else REPO / "bench" / "results" / "browser_check"
+    reference = (f"reference {args.clip.name}" if args.clip else f"reference Avatar World person {WORLD_PERSON_SEED}") + \
+        (f", speech {args.speech.name}" if args.speech else f", speech Avatar World voice {WORLD_VOICE_SEED}")
 
     fps = prepare_base(args.base_directory, args.pack_python, args.clip, args.speech)
     base_url = f"http://127.0.0.1:{args.port}"
@@ -392,8 +448,9 @@ def main() -> int:
     print(f"{summary}; server log {log_path}; screenshots in {args.screenshots}")
     versions = _versions(base_url, log_path, args.chromium)
     args.screenshots.mkdir(parents=True, exist_ok=True)
+    shrink_screenshots(args.screenshots, args.pack_python)
     (args.screenshots / "checks.txt").write_text(
-        f"scripts/browser_check.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {versions}\n"
+        f"scripts/browser_check.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {versions}; {reference}\n"
         + "".join(("PASS " if ok else "FAIL ") + what + "\n" for ok, what in check.results) + summary + "\n")
     return 1 if failed else 0
 
