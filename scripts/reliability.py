@@ -526,12 +526,14 @@ def run_kill(h: Harness, minutes: float, rng: random.Random) -> dict:
               "outcome": outcome(entry), "written": [p.name for p in written]}
     h.check(outcome(entry) == "success", f"the queued-again run ended as {outcome(entry)} "
             f"{messages(entry).get('execution_error', {}).get('exception_message', '')[:200]}")
-    # Resumed, it trains only what is left of the budget; started over, the whole budget again. The
-    # first step reported is only shown (before issue 15's fix a budgeted run reported nothing until
-    # its step count was fitted: none in 8 resumed steps; it now reports from its first step).
+    # Resumed, it trains only what is left of the budget; started over, the whole budget again. And
+    # since issue 15's fix a budgeted run reports progress from its first step (before it reported
+    # nothing until its step count was fitted: none in 8 resumed steps), so that step is the kept + 1.
     h.check(resumed_s is not None and resumed_s < minutes * 60 - 0.5 * kept_train_s,
             f"it continued from the kept step {kept_step} ({kept_train_s:.1f} s of training): the queued-again run took "
             f"{resumed_s} s of a {minutes * 60:.0f} s budget (first step reported: {first_step})")
+    h.check(first_step == kept_step + 1, f"the queued-again run's first progress report is the kept step + 1 "
+            f"({kept_step + 1}): step {first_step}")
     if len(written) == 1:
         with safe_open(str(written[0]), "pt") as reader:
             metadata = reader.metadata() or {}
