@@ -64,11 +64,8 @@ class Identity:
     def device_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes the identity takes on the compute device once ``layer_caches`` moved it there (its
         floating-point tensors in ``dtype``): what a render holds beside the model's weights."""
-        total = 0
-        for tensor in self.tensors().values():
-            size = torch.empty((), dtype=dtype).element_size() if dtype is not None and tensor.is_floating_point() else tensor.element_size()
-            total += tensor.numel() * size
-        return total
+        return sum(tensor.numel() * (dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size())
+                   for tensor in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -124,7 +121,6 @@ def extract_identity(model, reference_frames, reference_audio=None, *, fps: floa
     for index, (ref_k, ref_v) in enumerate(reference_kv):
         cache = model.dit.layer_cache(index, ref_k.to(latents.device), ref_v.to(latents.device))
         caches.append(LayerCache(cache.static_k.cpu(), cache.static_v.cpu(), ref_k, ref_v, cache.centroids.cpu()))
-        del cache
     info = {
         "format": IDENTITY_FORMAT, "version": IDENTITY_VERSION, "model_fingerprint": model.fingerprint(),
         "reference_frames": str(frames.shape[0]), "frame_size": str(frames.shape[1]), "has_audio": str(reference_audio is not None).lower(),
