@@ -95,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
         prepared = prepare_reference_video(model, video)
         reference, fps = prepared.crops, float(prepared.fps)
         reference_audio = prepared.audio if prepared.audio is not None else np.zeros(0, np.float32)
-        reference_features = reference_speech_features(video, len(reference))
+        reference_features = reference_speech_features(video, len(reference), model.config.speech_feature_id)
         voice_seed = _DEMO_SEED + 100 * int(args.seed) + 1
         say(f"reference {Path(args.reference).name}: {len(reference)} face crops at {size}px, {fps:g} fps")
     else:

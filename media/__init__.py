@@ -13,4 +13,7 @@ from .face_track import (
 )
 from .mediapipe_face import MediapipeFaceDetector, mediapipe_available
 from .crop import CropTransform, crop_faces, crop_transforms, paste_back, paste_back_frame
-from .features import SPEECH_FEATURE_DIM, SPEECH_FEATURE_ID, encoder_output_to_frame_features, speech_features
+from .features import (
+    SPEECH_FEATURE_DIM, SPEECH_FEATURE_ID, encoder_output_to_frame_features, feature_dim, frame_speech_features, speech_features,
+)
+from .whisper_features import WHISPER_FEATURE_DIM, WHISPER_FEATURE_ID, whisper_available

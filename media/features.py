@@ -245,3 +245,27 @@ def encoder_output_to_frame_features(
     upper = np.minimum(lower + 1, sequence.shape[0] - 1)
     weight = (position - lower)[:, None]
     return ((1.0 - weight) * sequence[lower] + weight * sequence[upper]).astype(np.float32)
+
+
+def feature_dim(feature_id: str) -> int:
+    """Values per frame of a feature definition this pack computes itself."""
+    from .whisper_features import WHISPER_FEATURE_DIM, WHISPER_FEATURE_ID
+
+    dims = {SPEECH_FEATURE_ID: SPEECH_FEATURE_DIM, WHISPER_FEATURE_ID: WHISPER_FEATURE_DIM}
+    if feature_id not in dims:
+        raise UserFacingError(f"unknown speech feature definition {feature_id!r}; this version computes {sorted(dims)}")
+    return dims[feature_id]
+
+
+def frame_speech_features(wave, sample_rate: int, fps: float, n_frames: int | None = None, *,
+                          feature_id: str = SPEECH_FEATURE_ID) -> np.ndarray:
+    """One feature vector per video frame in the definition ``feature_id`` names (a model's
+    ``config.speech_feature_id``): the log-mel above or Whisper's encoder (whisper_features.py)."""
+    from .whisper_features import WHISPER_FEATURE_ID, whisper_speech_features
+
+    if feature_id == SPEECH_FEATURE_ID:
+        return speech_features(wave, sample_rate, fps, n_frames=n_frames)
+    if feature_id == WHISPER_FEATURE_ID:
+        return whisper_speech_features(wave, sample_rate, fps, n_frames=n_frames)
+    feature_dim(feature_id)  # raises the message that lists what is known
+    raise AssertionError(feature_id)

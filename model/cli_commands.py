@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     init.add_argument("--out", required=True, help="output .safetensors path")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
     init.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="stored weight precision")
+    init.add_argument("--speech-features", default="logmel", choices=("logmel", "whisper"),
+                      help="what the model hears: logmel (default) or whisper (Whisper tiny.en's encoder; needs the whisper extra)")
     init.set_defaults(handler=_init_checkpoint)
 
     render = subparsers.add_parser("render", help="render a lip-synced video from a reference video and speech")
@@ -47,8 +49,9 @@ def register(subparsers) -> None:
 
 def _init_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import new_model, save_checkpoint
+    from .configs import get_config, with_speech_features
 
-    model = new_model(args.config, seed=args.seed)
+    model = new_model(with_speech_features(get_config(args.config), args.speech_features), seed=args.seed)
     path = save_checkpoint(model, args.out, dtype=args.dtype, training_stage="init")
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {path} ({args.config}, {params / 1e6:.2f} M parameters, {args.dtype})")

@@ -29,6 +29,9 @@ SPEECH_FEATURE_DIM = 160
 # Identifies the speech features a checkpoint was trained on; a different feature extractor gives
 # vectors that mean something else even at the same width.
 SPEECH_FEATURE_ID = "logmel80x2-16k-v1"
+# The speech feature definitions a new model can be made for (media.frame_speech_features computes
+# each): name -> (id, values per frame). Mirrors media's constants like the two above.
+SPEECH_FEATURE_CHOICES = {"logmel": (SPEECH_FEATURE_ID, SPEECH_FEATURE_DIM), "whisper": ("whisper-tiny.en-enc384x2-v1", 768)}
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,14 @@ CONFIGS: dict[str, ModelConfig] = {
         **_PERSON_DEFAULTS,
     ),
 }
+
+
+def with_speech_features(config: ModelConfig, choice: str) -> ModelConfig:
+    """``config`` for a new model that reads ``choice`` speech features ("logmel" or "whisper")."""
+    if choice not in SPEECH_FEATURE_CHOICES:
+        raise UserFacingError(f"unknown speech features {choice!r}; choose one of: {', '.join(SPEECH_FEATURE_CHOICES)}.")
+    feature_id, dim = SPEECH_FEATURE_CHOICES[choice]
+    return config.replace(speech_feature_id=feature_id, speech_feature_dim=dim)
 
 
 def get_config(name: str) -> ModelConfig:

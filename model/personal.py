@@ -26,13 +26,13 @@ def check_own_audio(reference_video, *, advice: str = "Use a video file with its
             f"track, and this one has none. {advice}")
 
 
-def personality_data(prepared: PreparedReference) -> tuple[np.ndarray, np.ndarray]:
-    """(face crops uint8 [T, S, S, 3], own speech features float32 [T, F]): what
-    ``finetune_personality`` learns from."""
+def personality_data(prepared: PreparedReference, model) -> tuple[np.ndarray, np.ndarray]:
+    """(face crops uint8 [T, S, S, 3], own speech features float32 [T, F] in ``model``'s feature
+    definition): what ``finetune_personality`` learns from."""
     if prepared.speech is None:
         raise UserFacingError("personality fine-tuning learns how the person moves while talking, so the reference needs its own "
                               "audio track, and this one has none. Use a video file with its sound.")
-    return prepared.crops, prepared.speech
+    return prepared.crops, prepared.speech_for(model)
 
 
 def check_preference_pair(frames_a: np.ndarray, fps_a: float, audio_a, frames_b: np.ndarray, fps_b: float, audio_b) -> None:

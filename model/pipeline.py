@@ -171,7 +171,24 @@ def speech_features_for(audio_or_features, fps: float, config) -> np.ndarray:
         wave = audio_or_features.astype(np.float32, copy=False)
     else:
         wave = media.load_audio(audio_or_features, sample_rate=SPEECH_SAMPLE_RATE)
-    return media.speech_features(wave, SPEECH_SAMPLE_RATE, fps)
+    return media.frame_speech_features(wave, SPEECH_SAMPLE_RATE, fps, feature_id=config.speech_feature_id)
+
+
+def features_for_model(features: np.ndarray, feature_id: str, wave, fps: float, config) -> np.ndarray:
+    """Speech features in the definition the model was trained on.
+
+    Features made in another definition (Encode Speech and Load Reference Video compute log-mel,
+    which most models use) are computed again from their audio; without the audio that is not
+    possible and the mismatch is refused with what to do.
+    """
+    if feature_id == config.speech_feature_id:
+        return features
+    logger.info("speech features are %s, the model expects %s: computing them again from the audio", feature_id, config.speech_feature_id)
+    if wave is None:
+        raise UserFacingError(
+            f"this model expects {config.speech_feature_id} speech features but got {feature_id} ones, and there is no audio "
+            "to compute them again from; feed the speech through Encode Speech (or the clip's own audio)")
+    return media.frame_speech_features(wave, SPEECH_SAMPLE_RATE, fps, n_frames=len(features), feature_id=config.speech_feature_id)
 
 
 UNTRAINED_STAGES = ("init",)
@@ -353,6 +370,19 @@ class PreparedReference:
             text += f"|{self.face}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def speech_for(self, model) -> np.ndarray | None:
+        """The reference's own speech features in ``model``'s definition (``speech`` is log-mel;
+        a model trained on another definition gets them computed again from ``audio``, once)."""
+        if self.speech is None:
+            return None
+        feature_id = model.config.speech_feature_id
+        if feature_id == media.SPEECH_FEATURE_ID:
+            return self.speech
+        cache = self.__dict__.setdefault("_speech_by_definition", {})
+        if feature_id not in cache:
+            cache[feature_id] = features_for_model(self.speech, media.SPEECH_FEATURE_ID, self.audio, self.fps, model.config)
+        return cache[feature_id]
+
     def frame_order(self, length: int) -> np.ndarray:
         """The reference frame behind each of ``length`` output frames: the clip looped ping-pong
         (dub re-renders these frames; full-frame output takes its background from them)."""
@@ -380,11 +410,11 @@ class PreparedReference:
         return {"dub_frames": self.crops, "dub_reference_frames": self.frame_order(length) if aligned else None}
 
 
-def reference_speech_features(reference_video, n_frames: int) -> np.ndarray | None:
+def reference_speech_features(reference_video, n_frames: int, feature_id: str = media.SPEECH_FEATURE_ID) -> np.ndarray | None:
     """Speech features of the reference's own audio, one per frame (first ``n_frames``); None without audio."""
     if not reference_video.has_audio or reference_video.audio is None:
         return None
-    return media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames)
+    return media.frame_speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames, feature_id=feature_id)
 
 
 def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames: int | None = None,
@@ -415,7 +445,7 @@ def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames:
 def extract_reference_identity(model, prepared: PreparedReference) -> Identity:
     """The identity of a prepared reference: its crops with its own speech, at its fps, tagged with
     the clip it came from (so dub mode on the same clip can align reference blocks)."""
-    return extract_identity(model, prepared.crops, prepared.speech, fps=prepared.fps, metadata=prepared.identity_metadata())
+    return extract_identity(model, prepared.crops, prepared.speech_for(model), fps=prepared.fps, metadata=prepared.identity_metadata())
 
 
 def reference_face_crops(reference_video, size: int, *, max_frames: int | None = None):
@@ -484,7 +514,7 @@ def render_files(model, reference_path, audio_path, out_path, *, mode: str = "ge
         identity = extract_reference_identity(model, prepared)
     say("rendering ...")
     wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)
-    features = media.speech_features(wave, SPEECH_SAMPLE_RATE, prepared.fps)
+    features = media.frame_speech_features(wave, SPEECH_SAMPLE_RATE, prepared.fps, feature_id=model.config.speech_feature_id)
     latents = render(
         model, identity, features, mode=mode, steps=steps, sampler=sampler, seed=seed, audio_guidance=audio_guidance,
         reference_guidance=reference_guidance, chunk_frames=chunk_frames, overlap_frames=overlap_frames, fps=prepared.fps,

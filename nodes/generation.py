@@ -18,7 +18,7 @@ from ..media import write_video
 from .comfy_types import audio_to_comfy, frames_to_comfy_image
 from ..model.flow import SAMPLERS, MAX_STEPS, SamplingCancelled
 from ..model.identity import Identity
-from ..model.pipeline import MODES, PreparedReference, composite_frames, decode_frames, render
+from ..model.pipeline import MODES, PreparedReference, composite_frames, decode_frames, features_for_model, render
 from . import _comfy
 from .reference_video import prepared_reference
 
@@ -95,7 +95,7 @@ class SparseReferenceSampler:
         # `base` is ~9 GB): ask ComfyUI to make room for it too.
         avatar = model.ready(memory_required=identity.device_bytes(model.model.dtype))
         fps = float(speech["fps"])
-        features = speech["features"]
+        features = features_for_model(speech["features"], speech.get("feature_id", ""), speech.get("audio"), fps, avatar.config)
         prepared = prepared_reference(avatar, source) if source is not None else None
         if prepared is not None and abs(prepared.fps - fps) > 1e-3:
             logger.warning("Sparse Reference Sampler: the speech was encoded at %g fps but the source runs at %g fps; "
@@ -117,7 +117,7 @@ class SparseReferenceSampler:
 
         try:
             latents = render(
-                avatar, identity, speech["features"], mode=mode, steps=int(steps), sampler=sampler,
+                avatar, identity, features, mode=mode, steps=int(steps), sampler=sampler,
                 audio_guidance=float(audio_guidance), reference_guidance=float(reference_guidance), seed=int(seed),
                 chunk_frames=int(chunk_frames) or None, overlap_frames=None if overlap_frames < 0 else int(overlap_frames),
                 fps=fps, progress=on_progress, should_cancel=should_cancel, output="latents", **source_inputs,

@@ -132,7 +132,7 @@ class TrainAvatar:
                                           "batch), or a VIDEO input that carries audio.")
         _comfy.check_interrupted()
         avatar = model.ready()
-        crops, speech = personality_data(prepared_reference(avatar, reference))
+        crops, speech = personality_data(prepared_reference(avatar, reference), avatar)
         full = int(lora_rank) == 0
         out_path = _comfy.numbered_path(_models.folder(_models.AVATAR_FOLDER if full else _models.LORA_FOLDER), filename_prefix, ".safetensors")
         steps = int(steps)

@@ -160,3 +160,24 @@ def test_nodes_ask_comfyui_to_make_room_for_the_identity_and_the_reference_pass(
     monkeypatch.setattr(identity_nodes, "frames_to_comfy_image", lambda crops: None)
     ExtractIdentity().extract(handle, "a reference")
     assert requests[-1] == (1, reference_pass_memory_bytes(avatar.config)) and requests[-1][1] > 0
+
+
+@pytest.mark.skipif(not __import__("sparse_avatar.media", fromlist=["whisper_available"]).whisper_available(),
+                    reason='needs the whisper extra: pip install "sparse-avatar[whisper]"')
+def test_a_whisper_model_hears_encode_speech_through_its_own_features(models_cwd, shared_media_dir):
+    """Encode Speech makes log-mel; a model trained on Whisper features gets them computed again
+    from the speech's audio, in the sampler and in Extract Identity (the reference's own audio)."""
+    from sparse_avatar.model.configs import get_config, with_speech_features
+
+    model = new_model(with_speech_features(get_config("tiny"), "whisper"), seed=3)
+    save_checkpoint(model, models_cwd / "models" / "avatar" / "tiny-whisper.safetensors")
+    (handle,) = LoadAvatarModel().load("tiny-whisper.safetensors", dtype="fp32", attention="naive")
+    reference = load_reference_video(str(shared_media_dir / "v15_real3dportrait_may_5s.mp4"), end_s=0.6, max_side=256)
+    identity, _ = ExtractIdentity().extract(handle, reference)  # the model refuses features of the wrong width
+    speech, n_frames = _speech()
+    assert speech["features"].shape[1] == 160
+    (latent,) = SparseReferenceSampler().sample(handle, identity, speech, steps=1, seed=5, mode="dub", source=reference)
+    assert latent["samples"].shape[2] == n_frames
+    without_audio = {**speech, "audio": None}
+    with pytest.raises(UserFacingError, match="no audio to compute them again from"):
+        SparseReferenceSampler().sample(handle, identity, without_audio, steps=1)

@@ -175,3 +175,33 @@ def test_avatar_folder_mistakes_are_one_clear_line(synthetic_clip, tmp_path, cap
     (tmp_path / "avatar.json").write_text("{ damaged")
     assert main([*render, "--avatar", str(tmp_path)]) == 2
     assert "avatar.json is damaged" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("sparse_avatar.media", fromlist=["whisper_available"]).whisper_available(),
+                    reason='needs the whisper extra: pip install "sparse-avatar[whisper]"')
+def test_a_whisper_avatar_trains_hears_and_renders_in_its_own_features(synthetic_clip, tmp_path, capsys):
+    """personalize --speech-features whisper: the model, its identity and its renders all use the
+    Whisper definition (the clip's log-mel is computed again from its audio, not fed to it)."""
+    import av
+
+    from sparse_avatar.cli import main
+    from sparse_avatar.media import WHISPER_FEATURE_DIM, WHISPER_FEATURE_ID
+    from sparse_avatar.training.personality import starting_model
+
+    folder = tmp_path / "me"
+    assert main(["personalize", "--video", str(synthetic_clip), "--out", str(folder), "--steps", "1",
+                 "--speech-features", "whisper", *TINY]) == 0
+    model = load_checkpoint(folder / "model.safetensors")
+    assert (model.config.speech_feature_id, model.config.speech_feature_dim) == (WHISPER_FEATURE_ID, WHISPER_FEATURE_DIM)
+    identity = load_identity(folder / "identity.safetensors")
+    assert identity.metadata["model_fingerprint"] == model.fingerprint()
+    out = tmp_path / "o.mp4"
+    assert main(["render", "--avatar", str(folder), "--audio", str(synthetic_clip), "--out", str(out), "--steps", "1", "--device", "cpu"]) == 0
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames == 30 and container.streams.audio
+    # A trained model keeps what it was trained to hear.
+    with pytest.raises(UserFacingError, match="cannot switch to logmel"):
+        starting_model(str(folder / "model.safetensors"), "tiny", device="cpu", speech_features="logmel")
+    with pytest.raises(SystemExit):  # argparse names the two choices
+        main(["personalize", "--video", str(synthetic_clip), "--out", str(tmp_path / "x"), "--speech-features", "mfcc", *TINY])
+    assert "choose from 'logmel', 'whisper'" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def _personalize(args: argparse.Namespace) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     refuse_cpu_training(device, args.allow_cpu)
-    model = starting_model(args.init, args.config, device=device, seed=args.seed)
+    model = starting_model(args.init, args.config, device=device, seed=args.seed, speech_features=args.speech_features)
     stop = threading.Event()  # Ctrl-C: stop after the current step and still write what was trained
 
     def interrupted(*_):
@@ -89,6 +89,14 @@ def _personalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_speech_features_option(parser) -> None:
+    parser.add_argument("--speech-features", default=None, choices=("logmel", "whisper"),
+                        help="what a new model hears (no --init): logmel (default) or whisper, Whisper tiny.en's encoder "
+                             "(needs the whisper extra). On the person benchmark whisper doubled the mouth-aperture "
+                             "correlation on one clip (v03, 1335 steps: 0.69 vs 0.38) and lost on the other at half the "
+                             "steps (v07, 680 steps: 0.01 vs 0.41); bench/results/person_whisper.md")
+
+
 def add_personalize_command(subparsers) -> None:
     parser = subparsers.add_parser("personalize", help="learn one person from a video of them talking (what Train Avatar runs)",
                                    description="Track and crop the face, take the clip's own speech, and train the model on them "
@@ -104,6 +112,7 @@ def add_personalize_command(subparsers) -> None:
                                        "identity (models/avatar/sparse-avatar-world.md)")
     parser.add_argument("--config", default="small", help="model size when there is no --init (default small, 128²: the best "
                                                           "identity scores measured so far)")
+    add_speech_features_option(parser)
     parser.add_argument("--minutes", type=float, default=10.0, help="training time (default 10; 0 = only --steps)")
     parser.add_argument("--steps", type=int, default=100_000, help="the most optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3: full training)")

@@ -212,10 +212,22 @@ def minutes_budget(minutes: float | None) -> float | None:
     return float(minutes) * 60.0 if minutes and float(minutes) > 0 else None
 
 
-def starting_model(init: str | None, config_name: str, *, device: str, seed: int = 0):
+def starting_model(init: str | None, config_name: str, *, device: str, seed: int = 0, speech_features: str | None = None):
     """The model a video personalisation trains, in fp32 on ``device``: the checkpoint ``init``,
-    else an untrained ``config_name`` model (the personalize command and train --video)."""
-    model = load_checkpoint(init, device=device) if init else new_model(config_name, seed=seed, device=device)
+    else an untrained ``config_name`` model (the personalize command and train --video), reading
+    ``speech_features`` ("logmel" or "whisper"; default the config's, log-mel)."""
+    from ..model.configs import SPEECH_FEATURE_CHOICES, get_config, with_speech_features
+
+    if speech_features:
+        with_speech_features(get_config("tiny"), speech_features)  # an unknown name is refused before any loading
+    if init:
+        model = load_checkpoint(init, device=device)
+        if speech_features and SPEECH_FEATURE_CHOICES[speech_features][0] != model.config.speech_feature_id:
+            raise UserFacingError(f"{Path(init).name} was trained on {model.config.speech_feature_id} speech features and cannot "
+                                  f"switch to {speech_features}; leave out --speech-features, or start from an untrained --config model")
+    else:
+        config = get_config(config_name)
+        model = new_model(with_speech_features(config, speech_features) if speech_features else config, seed=seed, device=device)
     return model.float()
 
 
@@ -487,7 +499,7 @@ def _person_data(model, video, video_path, max_frames, face, log):
     """(crops, speech, PreparedReference) of a loaded video, with a progress line."""
     log(f"{video_path}: {video.n_frames} frames at {video.fps:g} fps; tracking and cropping the face at {model.config.frame_size}px ...")
     prepared = prepare_reference_video(model, video, max_frames=max_frames, face=face)
-    crops, speech = personality_data(prepared)
+    crops, speech = personality_data(prepared, model)
     return crops, speech, prepared
 
 

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "personality --video: default 10 (0 = only --steps); on --data: default none (train --steps)")
     parser.add_argument("--init", help="starting checkpoint (.safetensors); required from the personality stage on")
     parser.add_argument("--model-config", help="model size (tiny/small/base/xl); default: the stage's")
+    from .cli_commands import add_speech_features_option
+
+    add_speech_features_option(parser)  # personality --video: what an untrained model hears
     parser.add_argument("--steps", type=int, help="total optimizer steps (sets the LR schedule length)")
     parser.add_argument("--batch-size", type=int, help="GLOBAL batch size (split over processes)")
     parser.add_argument("--lr", type=float)
@@ -77,6 +80,9 @@ def run(args: argparse.Namespace) -> dict:
     stage = with_window_caps(stage, target=args.target_frames, reference=args.reference_frames)
     if getattr(args, "video", None):
         return _personalize_from_video(args, stage)
+    if getattr(args, "speech_features", None):
+        raise UserFacingError("--speech-features is for --config personality --video: training shards hold the log-mel features "
+                              "they were made with; leave it out.")
     if stage.needs_init and not args.init:
         raise UserFacingError(f"the {stage.stage} stage starts from a trained model: pass --init CHECKPOINT.safetensors (the previous stage's RUN/model.safetensors).")
     context = init_distributed(args.device)
@@ -142,7 +148,8 @@ def _personalize_from_video(args: argparse.Namespace, stage) -> dict:
         raise UserFacingError("personality training from a --video runs on one GPU; start it with python -m sparse_avatar.train, not torchrun.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     refuse_cpu_training(device, args.allow_cpu)
-    avatar = starting_model(args.init, args.model_config or stage.model_config, device=device, seed=args.seed or 0)
+    avatar = starting_model(args.init, args.model_config or stage.model_config, device=device, seed=args.seed or 0,
+                            speech_features=args.speech_features)
     lora_rank = 0 if args.lora_rank is None else args.lora_rank
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
