@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 import _checkout  # noqa: F401  (sparse_avatar importable from a bare checkout)
+from sparse_avatar.media.whisper_features import WHISPER_FEATURE_DIM, WHISPER_FEATURE_ID
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
@@ -62,6 +63,8 @@ VARIANTS = {
     # The flow loss weighted towards the lower face (model.masks.dub_mask cells count N times).
     "x128-mouth2": dict(mouth_loss_weight=2.0),
     "x128-mouth4": dict(mouth_loss_weight=4.0),
+    # The same with Whisper tiny.en encoder features instead of log-mel (media/whisper_features.py).
+    "x128-mouth4-whisper": dict(mouth_loss_weight=4.0, speech_feature_dim=WHISPER_FEATURE_DIM, speech_feature_id=WHISPER_FEATURE_ID),
 }
 # Variant fields that change only how a model trains, so they apply to a --init checkpoint too.
 TRAINING_ONLY_FIELDS = {"mouth_loss_weight", "dub_context_prob"}
@@ -121,21 +124,48 @@ def real_clip(file_name: str):
     return crops, speech, float(video.fps)
 
 
+def _whisper_features(file_name: str, n_frames: int, fps: float):
+    """The clip's own audio as Whisper features (None where the optional extra is missing)."""
+    from sparse_avatar import media
+    from sparse_avatar.media.whisper_features import whisper_available, whisper_speech_features
+
+    if not whisper_available():
+        return None
+    wave = media.load_audio(str(MEDIA / file_name), sample_rate=16000)
+    return whisper_speech_features(wave, 16000, fps, n_frames=n_frames)
+
+
 def prepare(args) -> None:
     from sparse_avatar import media
+    from sparse_avatar.media.whisper_features import whisper_available, whisper_speech_features
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fps_seen = set()
+    if not whisper_available():
+        print("no Whisper features (pip install \"sparse-avatar[whisper]\"): the *-whisper variants will refuse this data")
     for row in person_clips(args.min_seconds):
         crops, speech, fps = real_clip(row["file"])
         fps_seen.add(fps)
-        data, offsets = _encode_jpegs(crops)
-        np.savez(out / f"{Path(row['file']).stem}.npz", jpeg=data, offsets=offsets, speech=speech.astype(np.float32), fps=np.float32(fps))
+        data, offsets = _encode_jpegs(crops, quality=args.jpeg_quality)
+        whisper = _whisper_features(row["file"], len(crops), fps)
+        extra = {} if whisper is None else {"speech_whisper": whisper.astype(np.float16)}  # fp16: the carry limit
+        np.savez(out / f"{Path(row['file']).stem}.npz", jpeg=data, offsets=offsets, speech=speech.astype(np.float32), fps=np.float32(fps), **extra)
         print(f"{row['file']}: {len(crops)} frames at {fps} fps, {data.nbytes / 2**20:.1f} MiB of JPEG")
     for fps in sorted(fps_seen):
         wave = media.load_audio(str(MEDIA / LONG_AUDIO), sample_rate=16000)
         np.save(out / f"long_speech_{int(fps)}fps.npy", media.speech_features(wave, 16000, fps).astype(np.float32))
+        if whisper_available():
+            np.save(out / f"long_speech_whisper_{int(fps)}fps.npy", whisper_speech_features(wave, 16000, fps).astype(np.float16))
+
+
+def _speech_arrays(config, arrays, data_dir: Path, fps: float):
+    """(the clip's speech features, the 60 s driving features) in the config's feature definition."""
+    whisper = config.speech_feature_id == WHISPER_FEATURE_ID
+    key, long_name = ("speech_whisper", f"long_speech_whisper_{int(fps)}fps.npy") if whisper else ("speech", f"long_speech_{int(fps)}fps.npy")
+    if key not in arrays or not (data_dir / long_name).is_file():
+        raise SystemExit(f"{data_dir} has no {config.speech_feature_id} features: run `prepare` with the whisper extra installed")
+    return arrays[key].astype(np.float32), np.load(data_dir / long_name).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------- run (GPU)
@@ -162,7 +192,8 @@ def run(args) -> None:
             continue
         arrays = np.load(path)
         crops = _resize_frames(_decode_jpegs(arrays["jpeg"], arrays["offsets"]), config.frame_size)
-        speech, fps = arrays["speech"], float(arrays["fps"])
+        fps = float(arrays["fps"])
+        speech, long_speech = _speech_arrays(config, arrays, data_dir, fps)
         if args.smoke:
             crops, speech = crops[:44], speech[:44]
         split = int(len(crops) * TRAIN_FRACTION)
@@ -216,7 +247,7 @@ def run(args) -> None:
             # The same dub render with other sampler step counts (scored as extra rows).
             other_dubs = {steps: render(model, identity, test_speech, mode="dub", steps=steps, fps=fps, seed=args.seed, dub_frames=crops[split:])
                           for steps in _int_list(args.dub_steps) if steps != args.steps}
-            long_features = np.load(data_dir / f"long_speech_{int(fps)}fps.npy")[: 30 if args.smoke else None]
+            long_features = long_speech[: 30 if args.smoke else None]
             started = time.perf_counter()
             long_frames = render(model, identity, long_features, mode="generate", steps=args.steps, fps=fps, seed=args.seed)
             timings["long_generate"] = time.perf_counter() - started
@@ -587,6 +618,7 @@ def main(argv=None) -> None:
     p = commands.add_parser("prepare")
     p.add_argument("--out", default=".bench_data/person")
     p.add_argument("--min-seconds", type=float, default=15.0)
+    p.add_argument("--jpeg-quality", type=int, default=95, help="crops travel as JPEG; 90 fits both clips with both feature sets in the GPU carry")
     r = commands.add_parser("run")
     r.add_argument("--data", default=".bench_data/person")
     r.add_argument("--out", required=True)
