@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     features.add_argument("--fps", type=float, default=25.0, help="video frame rate the features are for (default 25)")
     features.add_argument("--frames", type=int, default=None, help="number of frames (default: round(duration * fps))")
     features.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    features.add_argument("--speech-features", default="logmel", choices=("logmel", "whisper"),
+                          help="which definition: logmel (default) or whisper (Whisper tiny.en's encoder; the whisper extra)")
     features.set_defaults(handler=run_features)
 
 
@@ -127,13 +129,14 @@ def save_array_atomically(path: Path, array: np.ndarray, metadata: dict[str, str
 
 def run_features(args) -> int:
     from .audio import SPEECH_SAMPLE_RATE, load_audio
-    from .features import SPEECH_FEATURE_ID, speech_features
+    from .features import feature_id_named, frame_speech_features
 
+    feature_id = feature_id_named(args.speech_features)
     wave = load_audio(args.audio, sample_rate=SPEECH_SAMPLE_RATE, allow_silence=False)
-    features = speech_features(wave, SPEECH_SAMPLE_RATE, args.fps, n_frames=args.frames)
+    features = frame_speech_features(wave, SPEECH_SAMPLE_RATE, args.fps, n_frames=args.frames, feature_id=feature_id)
     out = save_array_atomically(Path(args.out), features, {
-        "feature_id": SPEECH_FEATURE_ID, "fps": repr(float(args.fps)), "source": Path(args.audio).name,
+        "feature_id": feature_id, "fps": repr(float(args.fps)), "source": Path(args.audio).name,
     })
-    print(f"wrote {out}: {features.shape[0]} frames x {features.shape[1]} features ({SPEECH_FEATURE_ID}) "
+    print(f"wrote {out}: {features.shape[0]} frames x {features.shape[1]} features ({feature_id}) "
           f"for {wave.shape[0] / SPEECH_SAMPLE_RATE:.2f} s of audio at {args.fps:g} fps")
     return 0

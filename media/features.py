@@ -257,6 +257,16 @@ def feature_dim(feature_id: str) -> int:
     return dims[feature_id]
 
 
+def feature_id_named(name: str) -> str:
+    """The definition a short name ("logmel", "whisper": the CLI's --speech-features) stands for."""
+    from .whisper_features import WHISPER_FEATURE_ID
+
+    names = {"logmel": SPEECH_FEATURE_ID, "whisper": WHISPER_FEATURE_ID}
+    if name not in names:
+        raise UserFacingError(f"unknown speech features {name!r}; choose one of: {', '.join(names)}.")
+    return names[name]
+
+
 def frame_speech_features(wave, sample_rate: int, fps: float, n_frames: int | None = None, *,
                           feature_id: str = SPEECH_FEATURE_ID) -> np.ndarray:
     """One feature vector per video frame in the definition ``feature_id`` names (a model's

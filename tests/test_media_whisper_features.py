@@ -131,8 +131,20 @@ def test_long_audio_runs_in_overlapping_windows_without_seams():
 def test_the_model_packages_mirror_of_the_definitions_agrees_with_media():
     from sparse_avatar.model.configs import SPEECH_FEATURE_CHOICES
 
-    for feature_id, dim in SPEECH_FEATURE_CHOICES.values():
-        assert feature_dim(feature_id) == dim
+    from sparse_avatar.media.features import feature_id_named
+
+    for name, (feature_id, dim) in SPEECH_FEATURE_CHOICES.items():
+        assert feature_id_named(name) == feature_id and feature_dim(feature_id) == dim
+
+
+@needs_whisper
+def test_the_features_command_writes_either_definition(tmp_path, capsys):
+    from sparse_avatar.cli import main
+    from scipy.io import wavfile
+
+    wavfile.write(tmp_path / "s.wav", SR, (_speechlike(1.0) * 32767).astype(np.int16))
+    assert main(["features", str(tmp_path / "s.wav"), "--speech-features", "whisper", "--out", str(tmp_path / "f.npy")]) == 0
+    assert np.load(tmp_path / "f.npy").shape == (25, WHISPER_FEATURE_DIM) and WHISPER_FEATURE_ID in capsys.readouterr().out
 
 
 @needs_whisper

@@ -262,7 +262,10 @@ def stub_render(monkeypatch):
     from sparse_avatar.model import checkpoint, pipeline
 
     prepared = types.SimpleNamespace(fps=25.0, n_frames=25, render_inputs=lambda *args, **kwargs: {})
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *args, **kwargs: object())
+    from sparse_avatar.model.configs import get_config
+
+    model = types.SimpleNamespace(config=get_config("tiny"))  # what render_files reads of it: which speech features it hears
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *args, **kwargs: model)
     monkeypatch.setattr(media, "load_reference_video", lambda *args, **kwargs: types.SimpleNamespace(n_frames=25))
     monkeypatch.setattr(pipeline, "prepare_reference_video", lambda *args, **kwargs: prepared)
     monkeypatch.setattr(pipeline, "extract_reference_identity", lambda *args, **kwargs: object())
