@@ -48,6 +48,20 @@ def test_api_workflow_names_real_nodes_inputs_and_types(path):
                 assert value in spec[0], (key, name, value)
 
 
+@pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.name)
+def test_workflows_load_the_model_a_fresh_install_has(path, tmp_path, monkeypatch):
+    """A new user opens a template and queues it: the checkpoint it names must be in Load Avatar
+    Model's list with an empty models/avatar (the shipped model), not a file they do not have."""
+    from sparse_avatar.nodes.avatar_model import LoadAvatarModel
+
+    monkeypatch.chdir(tmp_path)  # outside ComfyUI the nodes read ./models/avatar: empty here
+    choices = LoadAvatarModel.INPUT_TYPES()["required"]["checkpoint"][0]
+    for node in json.loads(path.read_text()).values():
+        if node["class_type"] == "SparseAvatarLoadModel":
+            assert node["inputs"]["checkpoint"] in choices, (node["inputs"]["checkpoint"], choices)
+            assert LoadAvatarModel.VALIDATE_INPUTS(node["inputs"]["checkpoint"]) is True
+
+
 def test_ui_workflows_are_built_from_the_api_workflows():
     result = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
