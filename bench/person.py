@@ -193,9 +193,8 @@ def run(args) -> None:
         arrays = np.load(path)
         crops = _resize_frames(_decode_jpegs(arrays["jpeg"], arrays["offsets"]), config.frame_size)
         fps = float(arrays["fps"])
-        speech, long_speech = _speech_arrays(config, arrays, data_dir, fps)
         if args.smoke:
-            crops, speech = crops[:44], speech[:44]
+            crops = crops[:44]
         split = int(len(crops) * TRAIN_FRACTION)
         torch.manual_seed(args.seed)
         if args.init:  # personal fine-tuning from a trained model (e.g. the shipped one), as Train Avatar does
@@ -209,6 +208,8 @@ def run(args) -> None:
             config = model.config
         else:
             model = new_model(config, seed=args.seed, device=str(device))
+        speech, long_speech = _speech_arrays(model.config, arrays, data_dir, fps)  # what this model hears (an --init's own)
+        speech = speech[: len(crops)]
         losses, last_step = [], [0]
         started = time.perf_counter()
 

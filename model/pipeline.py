@@ -183,11 +183,14 @@ def features_for_model(features: np.ndarray, feature_id: str, wave, fps: float, 
     """
     if feature_id == config.speech_feature_id:
         return features
-    logger.info("speech features are %s, the model expects %s: computing them again from the audio", feature_id, config.speech_feature_id)
     if wave is None:
         raise UserFacingError(
             f"this model expects {config.speech_feature_id} speech features but got {feature_id} ones, and there is no audio "
             "to compute them again from; feed the speech through Encode Speech (or the clip's own audio)")
+    # An audio encoder's output the user connected on purpose is being set aside: say so louder
+    # than the routine log-mel -> Whisper case.
+    say = logger.warning if str(feature_id).startswith("audio_encoder:") else logger.info
+    say("speech features are %s, the model expects %s: computing them again from the audio", feature_id, config.speech_feature_id)
     return media.frame_speech_features(wave, SPEECH_SAMPLE_RATE, fps, n_frames=len(features), feature_id=config.speech_feature_id)
 
 
