@@ -70,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .media.audio import SPEECH_SAMPLE_RATE
     from .model.checkpoint import load_checkpoint, shipped_model_path
     from .model.identity import extract_identity
-    from .model.pipeline import prepare_reference_video, reference_speech_features, render, speech_features_for
+    from .model.pipeline import prepare_reference_video, render, speech_features_for
     from .avatar_world.speech import synthesize_speech
 
     if not 0.5 <= args.seconds <= 120:
@@ -95,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
         prepared = prepare_reference_video(model, video)
         reference, fps = prepared.crops, float(prepared.fps)
         reference_audio = prepared.audio if prepared.audio is not None else np.zeros(0, np.float32)
-        reference_features = reference_speech_features(video, len(reference), model.config.speech_feature_id)
+        reference_features = prepared.speech_for(model)
         voice_seed = _DEMO_SEED + 100 * int(args.seed) + 1
         say(f"reference {Path(args.reference).name}: {len(reference)} face crops at {size}px, {fps:g} fps")
     else:

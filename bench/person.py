@@ -355,13 +355,15 @@ def profile(args) -> None:
 
 # ----------------------------------------------------------------------------------- score (CPU)
 
+def speech_windows(features: np.ndarray, radius: int) -> np.ndarray:
+    """[T, F] -> [T, (2·radius + 1)·F]: each frame's features with its neighbours' (edges repeated)."""
+    padded = np.pad(features, ((radius, radius), (0, 0)), mode="edge")
+    return np.stack([padded[i:i + len(features)] for i in range(2 * radius + 1)], axis=1).reshape(len(features), -1)
+
+
 def _speech_nearest_frames(train_speech: np.ndarray, test_speech: np.ndarray, radius: int = 2) -> np.ndarray:
     """Index of the training frame whose speech window (±radius frames) is nearest to each test frame's."""
-    def windows(features):
-        padded = np.pad(features, ((radius, radius), (0, 0)), mode="edge")
-        return np.stack([padded[i:i + len(features)] for i in range(2 * radius + 1)], axis=1).reshape(len(features), -1)
-
-    a, b = windows(train_speech), windows(test_speech)
+    a, b = speech_windows(train_speech, radius), speech_windows(test_speech, radius)
     distances = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None]
     return distances.argmin(1)
 

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import _checkout  # noqa: F401  (sparse_avatar importable from a bare checkout)
 import numpy as np
-from person import MEDIA, TRAIN_FRACTION, person_clips, real_clip
+from person import MEDIA, TRAIN_FRACTION, person_clips, real_clip, speech_windows
 
 ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)
 RADII = (0, 2, 4)
-
-
-def windowed(features: np.ndarray, radius: int) -> np.ndarray:
-    padded = np.pad(features, ((radius, radius), (0, 0)), mode="edge")
-    return np.concatenate([padded[i:i + len(features)] for i in range(2 * radius + 1)], axis=1)
 
 
 def ridge_predict(train_x, train_y, test_x, alpha: float) -> np.ndarray:
@@ -41,7 +36,7 @@ def probe(features: np.ndarray, aperture: np.ndarray, radius: int) -> dict:
     found = ~np.isnan(aperture)
     split = int(len(aperture) * TRAIN_FRACTION)
     fit_end = int(split * 0.85)
-    x = windowed(features, radius)
+    x = speech_windows(features, radius)
     fit, val = [np.flatnonzero(found[a:b]) + a for a, b in ((0, fit_end), (fit_end, split))]
     train, test = [np.flatnonzero(found[a:b]) + a for a, b in ((0, split), (split, len(aperture)))]
     scores = {alpha: np.corrcoef(ridge_predict(x[fit], aperture[fit], x[val], alpha), aperture[val])[0, 1] for alpha in ALPHAS}

@@ -247,35 +247,36 @@ def encoder_output_to_frame_features(
     return ((1.0 - weight) * sequence[lower] + weight * sequence[upper]).astype(np.float32)
 
 
+def _definitions() -> dict:
+    """feature id -> (short name, values per frame, function): every definition this pack computes."""
+    from .whisper_features import WHISPER_FEATURE_DIM, WHISPER_FEATURE_ID, whisper_speech_features
+
+    return {SPEECH_FEATURE_ID: ("logmel", SPEECH_FEATURE_DIM, speech_features),
+            WHISPER_FEATURE_ID: ("whisper", WHISPER_FEATURE_DIM, whisper_speech_features)}
+
+
+def _definition(feature_id: str) -> tuple:
+    definitions = _definitions()
+    if feature_id not in definitions:
+        raise UserFacingError(f"unknown speech feature definition {feature_id!r}; this version computes {sorted(definitions)}")
+    return definitions[feature_id]
+
+
 def feature_dim(feature_id: str) -> int:
     """Values per frame of a feature definition this pack computes itself."""
-    from .whisper_features import WHISPER_FEATURE_DIM, WHISPER_FEATURE_ID
-
-    dims = {SPEECH_FEATURE_ID: SPEECH_FEATURE_DIM, WHISPER_FEATURE_ID: WHISPER_FEATURE_DIM}
-    if feature_id not in dims:
-        raise UserFacingError(f"unknown speech feature definition {feature_id!r}; this version computes {sorted(dims)}")
-    return dims[feature_id]
+    return _definition(feature_id)[1]
 
 
 def feature_id_named(name: str) -> str:
     """The definition a short name ("logmel", "whisper": the CLI's --speech-features) stands for."""
-    from .whisper_features import WHISPER_FEATURE_ID
-
-    names = {"logmel": SPEECH_FEATURE_ID, "whisper": WHISPER_FEATURE_ID}
-    if name not in names:
-        raise UserFacingError(f"unknown speech features {name!r}; choose one of: {', '.join(names)}.")
-    return names[name]
+    by_name = {short: feature_id for feature_id, (short, _, _) in _definitions().items()}
+    if name not in by_name:
+        raise UserFacingError(f"unknown speech features {name!r}; choose one of: {', '.join(by_name)}.")
+    return by_name[name]
 
 
 def frame_speech_features(wave, sample_rate: int, fps: float, n_frames: int | None = None, *,
                           feature_id: str = SPEECH_FEATURE_ID) -> np.ndarray:
     """One feature vector per video frame in the definition ``feature_id`` names (a model's
     ``config.speech_feature_id``): the log-mel above or Whisper's encoder (whisper_features.py)."""
-    from .whisper_features import WHISPER_FEATURE_ID, whisper_speech_features
-
-    if feature_id == SPEECH_FEATURE_ID:
-        return speech_features(wave, sample_rate, fps, n_frames=n_frames)
-    if feature_id == WHISPER_FEATURE_ID:
-        return whisper_speech_features(wave, sample_rate, fps, n_frames=n_frames)
-    feature_dim(feature_id)  # raises the message that lists what is known
-    raise AssertionError(feature_id)
+    return _definition(feature_id)[2](wave, sample_rate, fps, n_frames=n_frames)

@@ -194,11 +194,16 @@ CONFIGS: dict[str, ModelConfig] = {
 }
 
 
-def with_speech_features(config: ModelConfig, choice: str) -> ModelConfig:
-    """``config`` for a new model that reads ``choice`` speech features ("logmel" or "whisper")."""
+def speech_feature_choice(choice: str) -> tuple[str, int]:
+    """(feature id, values per frame) of a speech-feature name ("logmel" or "whisper")."""
     if choice not in SPEECH_FEATURE_CHOICES:
         raise UserFacingError(f"unknown speech features {choice!r}; choose one of: {', '.join(SPEECH_FEATURE_CHOICES)}.")
-    feature_id, dim = SPEECH_FEATURE_CHOICES[choice]
+    return SPEECH_FEATURE_CHOICES[choice]
+
+
+def with_speech_features(config: ModelConfig, choice: str) -> ModelConfig:
+    """``config`` for a new model that reads ``choice`` speech features ("logmel" or "whisper")."""
+    feature_id, dim = speech_feature_choice(choice)
     return config.replace(speech_feature_id=feature_id, speech_feature_dim=dim)
 
 

@@ -30,7 +30,7 @@ import hashlib
 import importlib
 import logging
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -355,6 +355,7 @@ class PreparedReference:
     source_hash: str
     start_s: float = 0.0
     face: str = "largest"  # which face the track follows (media.FACE_CHOICES)
+    _speech_by_definition: dict = field(default_factory=dict, init=False, repr=False)  # speech_for's, by feature id
 
     @property
     def n_frames(self) -> int:
@@ -379,12 +380,9 @@ class PreparedReference:
         if self.speech is None:
             return None
         feature_id = model.config.speech_feature_id
-        if feature_id == media.SPEECH_FEATURE_ID:
-            return self.speech
-        cache = self.__dict__.setdefault("_speech_by_definition", {})
-        if feature_id not in cache:
-            cache[feature_id] = features_for_model(self.speech, media.SPEECH_FEATURE_ID, self.audio, self.fps, model.config)
-        return cache[feature_id]
+        if feature_id not in self._speech_by_definition:
+            self._speech_by_definition[feature_id] = features_for_model(self.speech, media.SPEECH_FEATURE_ID, self.audio, self.fps, model.config)
+        return self._speech_by_definition[feature_id]
 
     def frame_order(self, length: int) -> np.ndarray:
         """The reference frame behind each of ``length`` output frames: the clip looped ping-pong
@@ -413,11 +411,11 @@ class PreparedReference:
         return {"dub_frames": self.crops, "dub_reference_frames": self.frame_order(length) if aligned else None}
 
 
-def reference_speech_features(reference_video, n_frames: int, feature_id: str = media.SPEECH_FEATURE_ID) -> np.ndarray | None:
+def reference_speech_features(reference_video, n_frames: int) -> np.ndarray | None:
     """Speech features of the reference's own audio, one per frame (first ``n_frames``); None without audio."""
     if not reference_video.has_audio or reference_video.audio is None:
         return None
-    return media.frame_speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames, feature_id=feature_id)
+    return media.speech_features(reference_video.audio, SPEECH_SAMPLE_RATE, reference_video.fps, n_frames=n_frames)
 
 
 def prepare_reference_video(model_or_frame_size, reference_video, *, max_frames: int | None = None,

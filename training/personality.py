@@ -216,13 +216,12 @@ def starting_model(init: str | None, config_name: str, *, device: str, seed: int
     """The model a video personalisation trains, in fp32 on ``device``: the checkpoint ``init``,
     else an untrained ``config_name`` model (the personalize command and train --video), reading
     ``speech_features`` ("logmel" or "whisper"; default the config's, log-mel)."""
-    from ..model.configs import SPEECH_FEATURE_CHOICES, get_config, with_speech_features
+    from ..model.configs import get_config, speech_feature_choice, with_speech_features
 
-    if speech_features:
-        with_speech_features(get_config("tiny"), speech_features)  # an unknown name is refused before any loading
+    wanted_id = speech_feature_choice(speech_features)[0] if speech_features else None  # an unknown name: refused before loading
     if init:
         model = load_checkpoint(init, device=device)
-        if speech_features and SPEECH_FEATURE_CHOICES[speech_features][0] != model.config.speech_feature_id:
+        if wanted_id is not None and wanted_id != model.config.speech_feature_id:
             raise UserFacingError(f"{Path(init).name} was trained on {model.config.speech_feature_id} speech features and cannot "
                                   f"switch to {speech_features}; leave out --speech-features, or start from an untrained --config model")
     else:
