@@ -180,8 +180,8 @@ def test_avatar_folder_mistakes_are_one_clear_line(synthetic_clip, tmp_path, cap
 @pytest.mark.skipif(not __import__("sparse_avatar.media", fromlist=["whisper_available"]).whisper_available(),
                     reason='needs the whisper extra: pip install "sparse-avatar[whisper]"')
 def test_a_whisper_avatar_trains_hears_and_renders_in_its_own_features(synthetic_clip, tmp_path, capsys):
-    """personalize --speech-features whisper: the model, its identity and its renders all use the
-    Whisper definition (the clip's log-mel is computed again from its audio, not fed to it)."""
+    """personalize (Whisper is a new model's default): the model, its identity and its renders all
+    use the Whisper definition (the clip's log-mel is computed again from its audio, not fed to it)."""
     import av
 
     from sparse_avatar.cli import main
@@ -189,8 +189,7 @@ def test_a_whisper_avatar_trains_hears_and_renders_in_its_own_features(synthetic
     from sparse_avatar.training.personality import starting_model
 
     folder = tmp_path / "me"
-    assert main(["personalize", "--video", str(synthetic_clip), "--out", str(folder), "--steps", "1",
-                 "--speech-features", "whisper", *TINY]) == 0
+    assert main(["personalize", "--video", str(synthetic_clip), "--out", str(folder), "--steps", "1", *TINY]) == 0
     model = load_checkpoint(folder / "model.safetensors")
     assert (model.config.speech_feature_id, model.config.speech_feature_dim) == (WHISPER_FEATURE_ID, WHISPER_FEATURE_DIM)
     identity = load_identity(folder / "identity.safetensors")
@@ -205,3 +204,17 @@ def test_a_whisper_avatar_trains_hears_and_renders_in_its_own_features(synthetic
     with pytest.raises(SystemExit):  # argparse names the two choices
         main(["personalize", "--video", str(synthetic_clip), "--out", str(tmp_path / "x"), "--speech-features", "mfcc", *TINY])
     assert "choose from 'logmel', 'whisper'" in capsys.readouterr().err
+
+
+def test_a_new_personal_model_hears_whisper_unless_told_and_a_missing_whisper_is_refused_before_work(monkeypatch):
+    from sparse_avatar.media import whisper_features
+    from sparse_avatar.model.configs import SPEECH_FEATURE_ID
+    from sparse_avatar.training.personality import starting_model
+
+    assert starting_model(None, "tiny", device="cpu", speech_features="logmel").config.speech_feature_id == SPEECH_FEATURE_ID
+    monkeypatch.setattr(whisper_features, "whisper_available", lambda: False)
+    with pytest.raises(UserFacingError, match=r"the default for a new personal model.*pip install ctranslate2 .*--speech-features logmel"):
+        starting_model(None, "tiny", device="cpu")
+    with pytest.raises(UserFacingError, match="needs ctranslate2") as refused:
+        starting_model(None, "tiny", device="cpu", speech_features="whisper")
+    assert "the default" not in str(refused.value)

