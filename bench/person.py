@@ -74,6 +74,10 @@ def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
 def _resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     """Crops to the model's working size (area) or renders back to the 256² crops (cubic)."""
     import cv2
@@ -245,15 +249,22 @@ def run(args) -> None:
                 results[mode] = render(model, identity, test_speech, mode=mode, steps=args.steps, fps=fps, seed=args.seed,
                                        dub_frames=crops[split:] if mode == "dub" else None)
                 timings[mode] = time.perf_counter() - started
-            # The same dub render with other sampler step counts (scored as extra rows).
-            other_dubs = {steps: render(model, identity, test_speech, mode="dub", steps=steps, fps=fps, seed=args.seed, dub_frames=crops[split:])
-                          for steps in _int_list(args.dub_steps) if steps != args.steps}
+            # The same trained model rendered otherwise (scored as extra rows): dub with other sampler
+            # step counts; dub and generate with more audio guidance (classifier-free, the model is
+            # trained with audio dropout), which may widen a mouth that opens too little.
+            other_renders = {f"@{steps}steps": {"dub": render(model, identity, test_speech, mode="dub", steps=steps, fps=fps, seed=args.seed,
+                                                                dub_frames=crops[split:])}
+                             for steps in _int_list(args.dub_steps) if steps != args.steps}
+            for guidance in _float_list(args.audio_guidance):
+                other_renders[f"@audio{guidance:g}"] = {
+                    mode: render(model, identity, test_speech, mode=mode, steps=args.steps, fps=fps, seed=args.seed, audio_guidance=guidance,
+                                 dub_frames=crops[split:] if mode == "dub" else None) for mode in ("dub", "generate")}
             long_features = long_speech[: 30 if args.smoke else None]
             started = time.perf_counter()
             long_frames = render(model, identity, long_features, mode="generate", steps=args.steps, fps=fps, seed=args.seed)
             timings["long_generate"] = time.perf_counter() - started
         results = {mode: _resize_frames(frames, FRAME_SIZE) for mode, frames in results.items()}
-        other_dubs = {steps: _resize_frames(frames, FRAME_SIZE) for steps, frames in other_dubs.items()}
+        other_renders = {suffix: {mode: _resize_frames(frames, FRAME_SIZE) for mode, frames in modes.items()} for suffix, modes in other_renders.items()}
         # At most 16 MiB a file comes back: held-out renders as JPEG q95 (~45 dB, far above what is
         # measured), the 60 s render every 2nd frame at 128² q85 (identity, blinks, motion only).
         small_long = np.stack([cv2.resize(frame, (128, 128), interpolation=cv2.INTER_AREA) for frame in long_frames[::2]])
@@ -261,9 +272,11 @@ def run(args) -> None:
         for name, frames, options in (("dub", results["dub"], {}), ("generate", results["generate"], {}), ("long", small_long, {"quality": 85})):
             encoded[f"{name}_bytes"], encoded[f"{name}_offsets"] = _encode_jpegs(frames, **options)
         np.savez(out / f"{label}_{path.stem}.npz", split=np.int64(split), **encoded)
-        for steps, frames in other_dubs.items():
-            dub_bytes, dub_offsets = _encode_jpegs(frames)
-            np.savez(out / f"{label}@{steps}steps_{path.stem}.npz", split=np.int64(split), **(encoded | {"dub_bytes": dub_bytes, "dub_offsets": dub_offsets}))
+        for suffix, modes in other_renders.items():  # modes not re-rendered repeat the run's own
+            changed = {}
+            for mode, frames in modes.items():
+                changed[f"{mode}_bytes"], changed[f"{mode}_offsets"] = _encode_jpegs(frames)
+            np.savez(out / f"{label}{suffix}_{path.stem}.npz", split=np.int64(split), **(encoded | changed))
         record = {
             "variant": label, "clip": path.stem, "config": json.loads(config.to_json()), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "budget_s": args.budget, "train_s": train_s, "steps": last_step[0],
@@ -274,8 +287,11 @@ def run(args) -> None:
             "concurrent_runs": args.concurrent, "init": Path(args.init).name if args.init else "", "compile": compiles_by_default(device) if args.compile is None else args.compile,
         }
         (out / f"{label}_{path.stem}.json").write_text(json.dumps(record, indent=1))
-        for steps in other_dubs:  # same training and generate renders; only the dub sampler differs
-            (out / f"{label}@{steps}steps_{path.stem}.json").write_text(json.dumps(record | {"variant": f"{label}@{steps}steps", "dub_sampler_steps": steps}, indent=1))
+        for suffix, modes in other_renders.items():  # same training; only these renders differ
+            guidance = float(suffix[len("@audio"):]) if suffix.startswith("@audio") else 1.0
+            steps = args.steps if suffix.startswith("@audio") else int(suffix[1:-len("steps")])
+            (out / f"{label}{suffix}_{path.stem}.json").write_text(json.dumps(
+                record | {"variant": f"{label}{suffix}", "dub_sampler_steps": steps, "audio_guidance": guidance, "rerendered": sorted(modes)}, indent=1))
         print(f"{label} {path.stem}: {record['steps']} steps in {train_s:.0f} s, loss {losses[-1][1] if losses else 'n/a'}, "
               f"render fps {record['render_fps']}", flush=True)
 
@@ -493,7 +509,8 @@ def write_report(rows, strips, out: Path) -> None:
              "cannot be had offline here: not reported.", "",
              "Training column: wall-time budget, learning rate, torch.compile or eager, how many runs shared the GPU "
              "(the s/step of a shared run is slower than alone). `@1steps`: the same trained model, dub rendered with 1 "
-             "sampler step instead of the run's default (generate and 60 s columns repeat the run's).", "",
+             "sampler step instead of the run's default (generate and 60 s columns repeat the run's). `@audio2`: the same trained "
+             "model, dub and generate rendered with audio guidance 2 instead of 1 (the 60 s columns repeat the run's).", "",
              "| clip | method | training | dub PSNR dB | dub SSIM | LMD px | dub mouth r | gen identity | gen mouth r | gen PSNR dB | steps (s/step) | render fps dub/gen |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(rows, key=lambda row: (row["clip"], 0 if not row.get("run") else 1))
@@ -638,6 +655,8 @@ def main(argv=None) -> None:
     r.add_argument("--dub-prob", type=float, default=0.5)
     r.add_argument("--steps", type=int, default=10, help="sampler steps per render")
     r.add_argument("--dub-steps", default="", help="comma-separated extra sampler step counts for the dub render (extra rows)")
+    r.add_argument("--audio-guidance", default="", help="comma-separated audio guidance scales for extra dub and generate renders "
+                                                       "(extra rows NAME@audioX; the run's own renders use 1)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the blocks for training (default: as Train Avatar, on CUDA with Triton)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cuda")
