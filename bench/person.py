@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -298,7 +299,8 @@ def run(args) -> None:
 
 def profile(args) -> None:
     """GPU: the personality step as the node runs it (batch, windows, dub share, bf16): s/step
-    per variant (NAME or NAME:compile), peak memory, and a torch.profiler table of a few steps."""
+    per variant (NAME[:OPTIONS], OPTIONS compile|eager and graphs|nographs, joined by '+'; what is
+    not named is as Train Avatar decides), peak memory, and a torch.profiler table of a few steps."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -315,8 +317,17 @@ def profile(args) -> None:
     split = int(len(decoded) * TRAIN_FRACTION)
     speech = arrays["speech"][:split]
     rows = []
+    # The trainer says here when CUDA graphs are off or their capture failed: the row must say it too.
+    trainer_warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: trainer_warnings.append(record.getMessage())
+    logging.getLogger("sparse_avatar.training").addHandler(handler)
     for entry in args.variants.split(","):
+        trainer_warnings.clear()
         name, _, flag = entry.partition(":")
+        options = set(flag.split("+")) - {""}
+        if not options <= {"compile", "eager", "graphs", "nographs"}:
+            raise SystemExit(f"unknown option in {entry!r}: NAME[:compile|eager][+graphs|nographs]")
         config = get_config(args.config).replace(dub_context_prob=0.0, **VARIANTS[name])
         crops = _resize_frames(decoded[:split], config.frame_size)
         cuda = args.device == "cuda"
@@ -343,7 +354,9 @@ def profile(args) -> None:
         try:
             finetune_personality(model, crops, speech, out / "profile.safetensors", steps=total, lora_rank=0, lr=args.lr, batch_size=args.batch,
                                  target_frames=args.target_frames, reference_frames=args.reference_frames, dub_context_prob=args.dub_prob,
-                                 log_every=10, progress=progress, compile={"compile": True, "eager": False}.get(flag))
+                                 log_every=10, progress=progress,
+                                 compile=True if "compile" in options else False if "eager" in options else None,
+                                 cuda_graphs=True if "graphs" in options else False if "nographs" in options else None)
         except Exception as error:  # one failing variant (e.g. compile) must not lose the others' rows
             rows.append({"variant": entry, "error": f"{type(error).__name__}: {error}"[:2000]})
             print(rows[-1], flush=True)
@@ -353,7 +366,7 @@ def profile(args) -> None:
         seconds_per_step = (marks[args.steps] - marks[first]) / (args.steps - first)
         row = {"variant": entry, "s_per_step": seconds_per_step, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                "batch": args.batch, "target_frames": args.target_frames, "reference_frames": args.reference_frames,
-               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "trainer_warnings": list(trainer_warnings)}
         if state.get("profiling"):
             events = profiler.key_averages()
             row["operator_calls_per_step"] = sum(event.count for event in events if not event.key.startswith("ProfilerStep")) / args.profile_steps
@@ -667,7 +680,7 @@ def main(argv=None) -> None:
     f.add_argument("--out", required=True)
     f.add_argument("--clip", default="v07")
     f.add_argument("--config", default="small")
-    f.add_argument("--variants", default="x128:eager,x128:compile", help="NAME[:compile|:eager] (bare NAME: as Train Avatar decides)")
+    f.add_argument("--variants", default="x128:compile+nographs,x128:compile+graphs", help="NAME[:compile|eager][+graphs|nographs] (what is not named: as Train Avatar decides)")
     f.add_argument("--steps", type=int, default=40, help="timed steps (s/step from step 10 to this)")
     f.add_argument("--profile-steps", type=int, default=3)
     f.add_argument("--lr", type=float, default=1e-3)

@@ -259,6 +259,17 @@ def model_output(config) -> str:
     return "data" if config.prediction == "x" else "velocity"
 
 
+def keeps_reference(config, generator: torch.Generator | None) -> bool:
+    """Whether ``training_step`` trains this batch with its reference (else: reference dropout,
+    for guidance). The one decision the host makes about which code runs: from a CUDA generator
+    it comes from the generator's seed, not its stream, because reading a device number back
+    would wait for the GPU; so it is known before the step runs (the trainer's CUDA graphs keep
+    one graph per answer). A CPU generator (or none) draws it from its stream."""
+    if generator is None or generator.device.type == "cpu":
+        return float(torch.rand((), generator=generator)) >= config.reference_dropout
+    return random.Random(generator.initial_seed() ^ 0x5DEECE66D).random() >= config.reference_dropout
+
+
 def training_step(model, batch: dict, *, generator: torch.Generator | None = None, dub_context_prob: float | None = None,
                   mouth_loss_weight: float | None = None):
     """One flow-matching loss on a batch; the trainer calls this for every stage.
@@ -299,13 +310,6 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
     def uniform(count: int) -> torch.Tensor:
         return torch.rand(count, generator=generator, device=random_device).to(device)
 
-    def host_uniform() -> float:
-        """A decision the host makes (which code runs): from a CUDA generator's seed, not its
-        stream, because reading a device number back would wait for the GPU."""
-        if random_device.type == "cpu":
-            return float(torch.rand((), generator=generator))
-        return random.Random(generator.initial_seed() ^ 0x5DEECE66D).random()
-
     context = _latents(model, batch, "context_latents", "context_frames", required=False)
     if context is None:
         context = torch.zeros_like(target)
@@ -339,7 +343,7 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
     t_b = t.to(dtype)[:, None, None, None, None]
     noisy = t_b * target + (1 - t_b) * noise
     audio_keep = uniform(size) >= config.audio_dropout
-    use_reference = host_uniform() >= config.reference_dropout
+    use_reference = keeps_reference(config, generator)
 
     consistency = torch.zeros((), device=device)
     caches = None

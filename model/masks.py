@@ -7,6 +7,8 @@ bottom).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -26,12 +28,19 @@ def jittered_dub_masks(batch: int, size: int, *, jitter: float = 0.04, generator
     """float32 [batch, size, size] on the generator's device: the dub box with each edge moved by up to ``jitter`` of the
     side, so the model fills slightly larger or smaller holes than the render's default too."""
     device = generator.device if generator is not None else None
-    edges = torch.tensor(DUB_REGION, dtype=torch.float32, device=device)[None] + (torch.rand(batch, 4, generator=generator, device=device) * 2 - 1) * jitter
+    edges = _dub_region_edges(str(torch.device(device or "cpu")))[None] + (torch.rand(batch, 4, generator=generator, device=device) * 2 - 1) * jitter
     pixels = (edges.clamp(0.0, 1.0) * size).round().long()
     coords = torch.arange(size, device=device)
     rows = (coords[None] >= pixels[:, 0:1]) & (coords[None] < pixels[:, 1:2])
     cols = (coords[None] >= pixels[:, 2:3]) & (coords[None] < pixels[:, 3:4])
     return (rows[:, :, None] & cols[:, None, :]).float()
+
+
+@functools.lru_cache(maxsize=8)
+def _dub_region_edges(device: str) -> torch.Tensor:
+    # Made once per device: building it from the Python tuple each step is a host-to-device copy,
+    # which a CUDA graph of the training step cannot hold (training/trainer.py). Never written to.
+    return torch.tensor(DUB_REGION, dtype=torch.float32, device=device)
 
 
 def known_cells(pixel_masks: torch.Tensor, factor: int) -> torch.Tensor:

@@ -361,3 +361,51 @@ def test_a_job_killed_before_its_first_fit_resumes_with_a_fitted_warm_up_and_pro
     final = state_io.read_trainer_state(state_io.latest_checkpoint(tmp_path / "job"))
     assert final["schedule_fitted"] is True and final["config"]["warmup_steps"] == max(1, final["config"]["total_steps"] // 10)
     assert 17 <= final["step"] <= 21 and reports[-1] == (final["step"], final["step"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (the CPU suite checks that asking for them on a CPU trains eagerly)")
+def test_cuda_graph_steps_train_like_eager_steps(tmp_path, monkeypatch):
+    """The personality step replayed as a CUDA graph trains as the eager step does: the graph's
+    generator is re-seeded per step as eager re-seeds its own, and lr lives on the device. The
+    GPU's own run-to-run noise (atomics in the attention backward, which Adam's normalised
+    update turns into weight differences of the order of lr) is measured by a second eager run:
+    graphs may differ from eager by no more than a few times that."""
+    from sparse_avatar.training import trainer as trainer_module
+
+    captured = []
+    real_capture = trainer_module._StepGraphs.capture
+
+    def counting_capture(self, key, batch, work):
+        entry = real_capture(self, key, batch, work)
+        captured.append(key)
+        return entry
+
+    monkeypatch.setattr(trainer_module._StepGraphs, "capture", counting_capture)
+    rng = np.random.default_rng(4)
+    crops = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    speech = rng.standard_normal((40, 160)).astype(np.float32)
+    losses, weights = {}, {}
+    for run, graphs in (("eager", False), ("eager again", False), ("graphs", True)):
+        model = new_model(X_CONFIG.replace(refiner_channels=0), seed=0, device="cuda")
+        record = []
+        finetune_personality(model, crops, speech, tmp_path / "out.safetensors", steps=12, lora_rank=0, batch_size=2, target_frames=4,
+                             reference_frames=8, log_every=1, compile=False, cuda_graphs=graphs,
+                             progress=lambda s, n, loss, record=record: record.append(loss))
+        losses[run] = np.array(record)
+        weights[run] = {name: value.detach().float().cpu() for name, value in model.state_dict().items()}
+    assert captured, "the graphed run never captured a step: it compared eager with eager"
+
+    def weight_difference(run):
+        # Relative L2 over all weights: the largest single difference is one Adam sign flip and
+        # too noisy to compare; the whole vector's distance is not.
+        squares = sum((weights[run][name] - value).pow(2).sum().item() for name, value in weights["eager"].items())
+        return (squares / sum(value.pow(2).sum().item() for value in weights["eager"].values())) ** 0.5
+
+    def loss_difference(run):
+        return float(np.abs(losses[run] - losses["eager"]).max())
+
+    floor_w, graph_w = weight_difference("eager again"), weight_difference("graphs")
+    floor_l, graph_l = loss_difference("eager again"), loss_difference("graphs")
+    print(f"relative weight distance: eager vs eager {floor_w:.3g}, graphs vs eager {graph_w:.3g}; largest loss difference: {floor_l:.3g}, {graph_l:.3g}")
+    assert graph_w <= 3 * floor_w + 1e-6, (graph_w, floor_w)
+    assert graph_l <= 3 * floor_l + 1e-5 * float(np.abs(losses["eager"]).max()), (graph_l, floor_l)

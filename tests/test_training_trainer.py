@@ -271,3 +271,68 @@ def test_budget_progress_is_meaningful_from_the_first_step(monkeypatch):
     config.total_steps = 30
     assert budget.planned_steps(21) == 30 and budget.fraction_used(21) == pytest.approx(0.7)
     assert budget_module.TimeBudget(None, 30, config).planned_steps(5) == 30
+
+
+def test_cuda_graphs_asked_for_on_a_cpu_warn_and_train_exactly_as_eager(tmp_path, caplog):
+    eager = make_trainer(tmp_path / "eager")
+    eager.fit()
+    with caplog.at_level("WARNING"):
+        graphed = make_trainer(tmp_path / "graphs", cuda_graphs=True)
+    assert "CUDA graphs are off: the device is cpu" in caplog.text and graphed._graphs is None
+    graphed.fit()
+    for (name, a), (_, b) in zip(eager.model.named_parameters(), graphed.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_learning_rate_held_on_the_device_is_set_in_place_and_checkpointed_as_its_number(tmp_path):
+    # CUDA graphs keep lr in a tensor (the captured AdamW reads it there); checkpoints are JSON.
+    trainer = make_trainer(tmp_path, total_steps=6)
+    trainer.fit(until_step=2)
+    held = torch.tensor(0.0)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = held
+    lr = trainer._set_lr(3)
+    assert trainer.optimizer.param_groups[0]["lr"] is held and held.item() == pytest.approx(lr)
+    path = trainer.save_checkpoint()
+    saved = json.loads((path / "trainer_state.json").read_text())["optimizer_values"]["param_groups"]
+    assert [group["lr"] for group in saved] == [pytest.approx(lr)] * len(saved)
+    resumed = make_trainer(tmp_path, total_steps=6)
+    assert resumed.resume() and resumed.step == 2
+    assert resumed.fit().step == 6
+
+
+def test_a_failed_capture_warns_and_the_run_goes_on_eagerly_as_if_graphs_were_never_asked(tmp_path, monkeypatch, caplog):
+    """The fallback of the CUDA-graph path, on the CPU: the step graphs are stood in for by one
+    whose capture fails the way a host-to-device copy makes it fail on a GPU."""
+    import collections
+
+    from sparse_avatar.training import trainer as trainer_module
+
+    class FailingGraphs:
+        def __init__(self, device):
+            self.generator = torch.Generator(device=device)
+            self.captured, self.eager_runs = {}, collections.Counter()
+
+        def run_eager(self, work):
+            return work()
+
+        def capture(self, key, batch, work):
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is pinned.")
+
+    def tensor_lr_only(self):  # a CPU AdamW cannot be capturable; the lr tensor is what matters here
+        for group in self.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]))
+
+    eager = make_trainer(tmp_path / "eager")
+    eager.fit()
+    monkeypatch.setattr(trainer_module, "cuda_graphs_unavailable", lambda *args: None)
+    monkeypatch.setattr(trainer_module, "_StepGraphs", FailingGraphs)
+    monkeypatch.setattr(trainer_module.Trainer, "_prepare_optimizer_for_graphs", tensor_lr_only)
+    with caplog.at_level("WARNING"):
+        fallen_back = make_trainer(tmp_path / "fallback", cuda_graphs=True)
+        fallen_back.fit()
+    assert "CUDA graph capture of the training step failed (RuntimeError: Cannot copy" in caplog.text
+    assert fallen_back._graphs is None and fallen_back.step == 8
+    assert all(isinstance(group["lr"], float) and not group["capturable"] for group in fallen_back.optimizer.param_groups)
+    for (name, a), (_, b) in zip(eager.model.named_parameters(), fallen_back.model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)

@@ -59,7 +59,7 @@ from ..model.checkpoint import (
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from ..model.flow import training_step
+from ..model.flow import keeps_reference, training_step
 from ..model.identity import save_identity
 from ..model.personal import check_own_audio, personality_data
 from ..model.pipeline import extract_reference_identity, prepare_reference_video
@@ -289,6 +289,7 @@ def finetune_personality(
     seed: int = 0,
     log_every: int = 10,
     compile: bool | None = None,
+    cuda_graphs: bool | None = None,
     progress: Callable[[int, int, float | None], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     work_dir=None,
@@ -302,7 +303,8 @@ def finetune_personality(
     steps: the most optimizer steps; time_budget_s: stop after this much wall time (the step
     count is then fitted to the budget). compile: ``torch.compile`` the blocks (the trainer's
     option); None = on CUDA when Triton is installed (H200, 3 runs sharing the GPU: 878 instead of
-    704 steps in 430 s, compilation included). progress(step, total, loss): loss is None on steps that
+    704 steps in 430 s, compilation included). cuda_graphs: replay each step as a CUDA graph (the
+    trainer's option; None = on CUDA where torch can, see ``training.trainer``). progress(step, total, loss): loss is None on steps that
     were not synced with the device (every ``log_every``-th step is); step / total is how far the
     job is, from its first step (``TimeBudget.planned_steps``): with a time budget, total is the
     step count the budget reaches at the average rate so far (steps and time of a resumed job's
@@ -334,6 +336,8 @@ def finetune_personality(
     device = next(model.parameters()).device
     if compile is None:
         compile = compiles_by_default(device)
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"  # the trainer says why, and trains eagerly, where it cannot
     source = PersonClipSource(crops, speech, batch_size=batch_size, target_frames=target_frames, reference_frames=reference_frames, device=device, seed=seed)
     if lora_rank > 0:
         apply_lora(model.dit, rank=lora_rank)
@@ -341,7 +345,7 @@ def finetune_personality(
         model.requires_grad_(True)
     config = TrainerConfig(
         total_steps=steps, lr=lr, warmup_steps=min(100, max(1, steps // 10)), weight_decay=0.0, ema_decay=0.0, seed=seed,
-        parallel="none", log_every=log_every, compile=compile, final_checkpoint=False,  # the result is written below, in its own format
+        parallel="none", log_every=log_every, compile=compile, cuda_graphs=cuda_graphs, final_checkpoint=False,  # the result is written below, in its own format
         keep_checkpoints=1,  # each save is atomic, so the newest alone is safe; a small model's state is ~1 GB
     )
     settings = {"lora_rank": int(lora_rank), "lr": float(lr), "steps": int(steps), "time_budget_s": time_budget_s,
@@ -391,7 +395,7 @@ def finetune_personality(
             made = Trainer(
                 StepModule(model, personality_objective(dub_context_prob=dub_context_prob, mouth_loss_weight=mouth_loss_weight)), lambda m, b, g: m.objective(m, b, g), source, config,
                 run_dir, context=DistributedContext(0, 1, 0, device, None), log=lambda line: None,
-                on_step=on_step, should_stop=stop,
+                on_step=on_step, should_stop=stop, graph_key=lambda generator: keeps_reference(model.config, generator),
             )
             if resumed:
                 made.resume()

@@ -78,7 +78,15 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
             else:
                 scalars.setdefault(param_name, {})[key] = value
     values = {"param_groups": full.get("param_groups", []), "non_tensor_state": scalars}
-    return _cpu_contiguous(tensors), json.loads(json.dumps(values))
+    return _cpu_contiguous(tensors), json.loads(json.dumps(values, default=_json_number))
+
+
+def _json_number(value):
+    """A one-value tensor among the hyperparameters (the trainer's CUDA graphs keep lr on the
+    device) is written as its number; the trainer makes it a tensor again on resume."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _optimizer_state_from_files(tensors: dict[str, torch.Tensor], values: dict) -> dict:
