@@ -336,3 +336,20 @@ def test_a_failed_capture_warns_and_the_run_goes_on_eagerly_as_if_graphs_were_ne
     assert all(isinstance(group["lr"], float) and not group["capturable"] for group in fallen_back.optimizer.param_groups)
     for (name, a), (_, b) in zip(eager.model.named_parameters(), fallen_back.model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_releasing_cuda_graphs_hands_back_the_eager_optimizer_and_is_safe_without_graphs(tmp_path, monkeypatch):
+    from sparse_avatar.training import trainer as trainer_module
+
+    plain = make_trainer(tmp_path / "plain")
+    plain.release_cuda_graphs()  # no graphs: nothing to do
+    monkeypatch.setattr(trainer_module, "cuda_graphs_unavailable", lambda *args: None)
+    monkeypatch.setattr(trainer_module, "_StepGraphs", lambda device: object())
+    monkeypatch.setattr(trainer_module.Trainer, "_prepare_optimizer_for_graphs",
+                        lambda self: [group.__setitem__("lr", torch.tensor(float(group["lr"]))) for group in self.optimizer.param_groups])
+    graphed = make_trainer(tmp_path / "graphed", cuda_graphs=True)
+    assert graphed._graphs is not None
+    graphed.release_cuda_graphs()
+    assert graphed._graphs is None
+    assert all(isinstance(group["lr"], float) and not group["capturable"] for group in graphed.optimizer.param_groups)
+    assert graphed.fit().step == 8

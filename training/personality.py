@@ -410,6 +410,7 @@ def finetune_personality(
         except Exception as error:
             # A machine whose compiler toolchain cannot build the compiled step (no C compiler, an
             # old Triton) fails in the first step: train without compiling instead of failing.
+            trainer.release_cuda_graphs()  # a failed run's graphs must not hold the GPU while the error travels
             if not compile or trainer.step > first_step or not _is_compile_error(error):
                 raise
             logger.warning("torch.compile could not build the training step (%s: %s); training without it.", type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
@@ -419,6 +420,7 @@ def finetune_personality(
             result = trainer.fit()
         if job is not None and trainer.step > first_step:
             save_state()  # cancelled: resumable from here; finished: a kill before the result is safe loses nothing
+    trainer.release_cuda_graphs()
     if compile:
         uncompile_blocks(trainer.model)  # the StepModule: its .blocks are the ones compiled
     model.forget_fingerprint()

@@ -435,6 +435,19 @@ class Trainer:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"] = float(group["lr"].item())
 
+    def release_cuda_graphs(self) -> None:
+        """Free the step graphs and their memory pool (a whole step's activations, ~17 GiB for
+        ``small`` at Train Avatar's batch) once training is over, instead of whenever the garbage
+        collector gets to the trainer: a ComfyUI process renders next. Later steps run eagerly."""
+        if self._graphs is None:
+            return
+        self._graphs = None
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients live in the graphs' pool
+        self._restore_optimizer_after_graphs()
+        if self.context.device.type == "cuda":
+            torch.cuda.synchronize(self.context.device)
+            torch.cuda.empty_cache()
+
     def _set_lr(self, step: int) -> float:
         factor = learning_rate_factor(
             step, warmup_steps=self.config.warmup_steps, total_steps=self.config.total_steps, min_lr_ratio=self.config.min_lr_ratio
