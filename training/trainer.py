@@ -408,6 +408,8 @@ class Trainer:
         self.samples_seen = int(state.get("samples_seen", 0))
         if self._graphs is not None:
             self._prepare_optimizer_for_graphs()  # the loaded param groups hold a float lr
+        else:
+            self._restore_optimizer_after_graphs()  # a graphed run's checkpoint marks its groups capturable
         if self.context.is_main:
             self._print(f"resumed from {path} at step {self.step}")
         return True
