@@ -440,7 +440,8 @@ class Trainer:
     def release_cuda_graphs(self) -> None:
         """Free the step graphs and their memory pool (a whole step's activations, ~17 GiB for
         ``small`` at Train Avatar's batch) once training is over, instead of whenever the garbage
-        collector gets to the trainer: a ComfyUI process renders next. Later steps run eagerly."""
+        collector gets to the trainer: a ComfyUI process renders next; also what a failed capture
+        does before its eager step. Later steps run eagerly."""
         if self._graphs is None:
             return
         self._graphs = None
@@ -512,10 +513,7 @@ class Trainer:
                 logger.warning("CUDA graph capture of the training step failed (%s: %s, at %s); training with eager steps.",
                                type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", _where(error))
                 logger.debug("the failed capture", exc_info=error)
-                self._graphs = None
-                if self.context.device.type == "cuda":
-                    torch.cuda.synchronize(self.context.device)
-                self._restore_optimizer_after_graphs()
+                self.release_cuda_graphs()
                 return self._step_work(batch, torch.Generator(device=self.context.device).manual_seed(seed))
         if entry is None or not entry.accepts(batch):
             graphs.eager_runs[key] += 1
