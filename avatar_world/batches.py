@@ -78,6 +78,7 @@ class WorldBatches:
             "reference_frames": torch.from_numpy(np.stack(references)),
             "reference_speech": torch.from_numpy(np.stack(reference_speech)),
             "reference_lengths": torch.full((local,), self.reference_frames, dtype=torch.long),
+            "shortest_reference": self.reference_frames,
             "sample_seeds": torch.tensor(seeds, dtype=torch.long),
             "captions": [f"person {_mix(self.seed, s, 6) % self.n_people} talking" for s in range(first, first + local)],
         }

@@ -136,3 +136,33 @@ def test_preprocess_avatar_world_clips_is_resumable(tmp_path, espeak, capsys):
     assert "0 new shards, 3 already done" in capsys.readouterr().out
     index = json.loads((shards / "index.json").read_text())
     assert len(index["clips"]) == 3
+
+
+def test_a_batched_source_cuts_references_on_the_host_to_a_multiple_of_frames():
+    """cut_references_to_multiple: every reference is the batch's shortest rounded down to a
+    multiple (never below the shortest when it is under one multiple), and the batch says how
+    long in a host int, so the batched objective reads nothing back and shapes stay few."""
+    from sparse_avatar.training.data import TensorOnlyBatches, collate
+
+    def sample(length):
+        return {"target_frames": torch.zeros(4, 8, 8, 3, dtype=torch.uint8), "target_speech": torch.zeros(4, 5),
+                "reference_frames": torch.arange(length).view(length, 1, 1, 1).expand(length, 8, 8, 3).to(torch.uint8),
+                "reference_speech": torch.zeros(length, 5), "sample_seed": 1, "caption": "c", "person": "p"}
+
+    padded = collate([sample(13), sample(20)])
+    assert padded["reference_frames"].shape[1] == 20 and padded["shortest_reference"] == 13
+    assert padded["reference_lengths"].tolist() == [13, 20]
+    cut = collate([sample(13), sample(20)], cut_references_to_multiple=8)
+    assert cut["reference_frames"].shape[1] == 8 and cut["shortest_reference"] == 8 and cut["reference_lengths"].tolist() == [8, 8]
+    assert cut["reference_frames"][1, :, 0, 0, 0].tolist() == list(range(8))  # the first frames kept
+    assert collate([sample(27), sample(40)], cut_references_to_multiple=8)["shortest_reference"] == 24
+    assert collate([sample(5), sample(40)], cut_references_to_multiple=8)["shortest_reference"] == 5
+
+    class Source:
+        global_batch_size = 2
+
+        def batch(self, step, rank, world_size):
+            return collate([sample(13), sample(20)])
+
+    tensors_only = TensorOnlyBatches(Source()).batch(0, 0, 1)
+    assert "captions" not in tensors_only and "persons" not in tensors_only and tensors_only["shortest_reference"] == 13

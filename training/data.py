@@ -96,6 +96,10 @@ class ShardedClipDataset:
     ``target_frames``/``reference_frames``: (min, max) lengths in frames, drawn per step.
     ``same_clip_reference_prob``: chance a reference comes from a disjoint time of the target's own
     clip when the person also has other clips (with a single clip it always does).
+    ``cut_references_to_multiple``: 0 (per-sample objectives) pads every reference to the batch's
+    longest; N > 0 (a batched objective, which uses only the batch's shortest reference) cuts them
+    on the host to the shortest, rounded down to a multiple of N frames: less to copy to the GPU,
+    and a few batch shapes instead of dozens, each one torch.compile shape and one CUDA graph.
     """
 
     def __init__(
@@ -107,8 +111,10 @@ class ShardedClipDataset:
         reference_frames: tuple[int, int] = (16, 48),
         same_clip_reference_prob: float = 0.5,
         seed: int = 0,
+        cut_references_to_multiple: int = 0,
     ):
         self.shards_dir = Path(shards_dir)
+        self.cut_references_to_multiple = cut_references_to_multiple
         self.clips = read_index(self.shards_dir)
         self.global_batch_size = global_batch_size
         self.target_frames = target_frames
@@ -222,13 +228,36 @@ class ShardedClipDataset:
         target_length, reference_length = self.step_lengths(step)
         first = step * self.global_batch_size + rank * local
         samples = [self.sample(first + j, target_length, reference_length) for j in range(local)]
-        return collate(samples)
+        return collate(samples, cut_references_to_multiple=self.cut_references_to_multiple)
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack samples; targets are cut to the shortest, references zero-padded to the longest."""
+class TensorOnlyBatches:
+    """A batch source for a CUDA-graphed stage: another source's batches without their caption and
+    person lists, which the audio stage never reads and which differ every step (a captured step
+    is replayed only for batches equal in everything but tensor values)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.global_batch_size = source.global_batch_size
+
+    def batch(self, step: int, rank: int, world_size: int) -> dict:
+        return {key: value for key, value in self.source.batch(step, rank, world_size).items() if not isinstance(value, list)}
+
+
+def collate(samples: list[dict], *, cut_references_to_multiple: int = 0) -> dict:
+    """Stack samples; targets are cut to the shortest, references zero-padded to the longest, or
+    with ``cut_references_to_multiple`` N cut to the shortest rounded down to a multiple of N
+    (never below the shortest when it is under N). ``shortest_reference`` (a host int): the
+    shortest valid reference, what a batched objective uses without reading the lengths back."""
     target_length = min(s["target_frames"].shape[0] for s in samples)
-    reference_length = max(s["reference_frames"].shape[0] for s in samples)
+    lengths = [s["reference_frames"].shape[0] for s in samples]
+    shortest = min(lengths)
+    if cut_references_to_multiple > 0:
+        multiple = cut_references_to_multiple
+        shortest = max(min(shortest, multiple), shortest // multiple * multiple)
+        lengths = [shortest] * len(samples)
+        samples = [s | {"reference_frames": s["reference_frames"][:shortest], "reference_speech": s["reference_speech"][:shortest]} for s in samples]
+    reference_length = max(lengths)
 
     def pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
         if tensor.shape[0] == length:
@@ -242,7 +271,8 @@ def collate(samples: list[dict]) -> dict:
         "target_speech": torch.stack([s["target_speech"][:target_length] for s in samples]).float(),
         "reference_frames": torch.stack([pad(s["reference_frames"], reference_length) for s in samples]),
         "reference_speech": torch.stack([pad(s["reference_speech"], reference_length) for s in samples]).float(),
-        "reference_lengths": torch.tensor([s["reference_frames"].shape[0] for s in samples], dtype=torch.long),
+        "reference_lengths": torch.tensor(lengths, dtype=torch.long),
+        "shortest_reference": shortest,
         "sample_seeds": torch.tensor([s["sample_seed"] for s in samples], dtype=torch.long),
         "captions": [s["caption"] for s in samples],
         "persons": [s["person"] for s in samples],

@@ -46,8 +46,10 @@ class StepModule(nn.Module):
         """Trainer weights (``avatar.*``, ``text_conditioner.*``) -> AvatarModel state dict."""
         return {name[len("avatar."):]: value for name, value in state.items() if name.startswith("avatar.")}
 
-    def forward(self, batch: dict):
-        return self.objective(self, batch)
+    def forward(self, batch: dict, generator: torch.Generator | None = None):
+        """One loss; ``generator`` is the trainer's per-step one (objectives that draw per-sample
+        seeds from the batch ignore it)."""
+        return self.objective(self, batch, generator)
 
     def fsdp_entry_methods(self) -> list[tuple[nn.Module, str]]:
         """Block methods the DiT calls from outside a block's forward (reference pass, static
@@ -120,8 +122,10 @@ def model_flow_objective(*, per_sample: bool = True):
     averaged. The result is then independent of how the global batch is split over ranks (the
     2-process == 1-process guarantee), and each reference keeps its own length (no padding); the
     price is B small forward passes. ``per_sample=False``: one batched call (GPU throughput),
-    with a generator seeded from the batch's first sample seed and every reference cut to the
-    shortest valid length in the batch.
+    every reference cut to the shortest valid length in the batch (``shortest_reference``, a host
+    int the batch source writes, so the step reads nothing back from the GPU), with the trainer's
+    generator (seeded from (seed, step, rank); on CUDA the step then makes no host sync and can be
+    captured as a CUDA graph), or without one a CPU generator seeded by the first sample's seed.
     """
     def sample_inputs(batch, rows, reference_length):
         return {
@@ -131,7 +135,7 @@ def model_flow_objective(*, per_sample: bool = True):
             "reference_audio": batch["reference_speech"][rows, :reference_length],
         }
 
-    def objective(step_module: StepModule, batch: dict):
+    def objective(step_module: StepModule, batch: dict, generator: torch.Generator | None = None):
         avatar = step_module.avatar
         size = batch["target_frames"].shape[0]
         if per_sample:
@@ -144,9 +148,12 @@ def model_flow_objective(*, per_sample: bool = True):
                     metrics[key] = metrics.get(key, 0.0) + float(value) / size
             loss = torch.stack(losses).mean()
         else:
-            generator = torch.Generator().manual_seed(int(batch["sample_seeds"][0]))
+            if generator is None:
+                generator = torch.Generator().manual_seed(int(batch["sample_seeds"][0]))
+            shortest = batch.get("shortest_reference")
+            shortest = int(batch["reference_lengths"].min()) if shortest is None else shortest
             # metrics stay 0-dim tensors: the trainer reads them (a host sync) only on logged steps.
-            loss, metrics = training_step(avatar, sample_inputs(batch, slice(None), int(batch["reference_lengths"].min())), generator=generator)
+            loss, metrics = training_step(avatar, sample_inputs(batch, slice(None), shortest), generator=generator)
         frames, height, width = batch["target_frames"].shape[1:4]
         grid = avatar.dit.token_grid(avatar.codec.latent_shape(frames, height, width))
         metrics["tokens"] = float(size * grid[0] * grid[1] * grid[2])
@@ -167,7 +174,7 @@ def flow_matching_objective(*, use_audio: bool = True, use_reference: bool = Tru
     stage 2 and 3 with audio and reference.
     """
 
-    def objective(step_module: StepModule, batch: dict):
+    def objective(step_module: StepModule, batch: dict, generator: torch.Generator | None = None):
         dit = step_module.dit
         config = dit.config
         data = frames_to_latents(dit, batch["target_frames"])
@@ -215,7 +222,7 @@ def distillation_objective(teacher: nn.Module, *, student_steps: int = 4, teache
     teacher.requires_grad_(False)
     teacher.eval()
 
-    def objective(step_module: StepModule, batch: dict):
+    def objective(step_module: StepModule, batch: dict, generator: torch.Generator | None = None):
         dit = step_module.dit
         data = frames_to_latents(dit, batch["target_frames"])
         seeds = batch["sample_seeds"]
@@ -294,7 +301,7 @@ def dpo_objective(reference_model: nn.Module, *, beta: float = 500.0):
         predicted = velocity(module, batch, noisy, t, caches, output=model_output(config))
         return flow_errors(config, predicted, data, noise, noisy, t)  # the stage-2 loss, per sample
 
-    def objective(step_module: StepModule, batch: dict):
+    def objective(step_module: StepModule, batch: dict, generator: torch.Generator | None = None):
         dit = step_module.dit
         winner = frames_to_latents(dit, batch["winner_frames"])
         loser = frames_to_latents(dit, batch["loser_frames"])
