@@ -353,3 +353,29 @@ def test_releasing_cuda_graphs_hands_back_the_eager_optimizer_and_is_safe_withou
     assert graphed._graphs is None
     assert all(isinstance(group["lr"], float) and not group["capturable"] for group in graphed.optimizer.param_groups)
     assert graphed.fit().step == 8
+
+
+def test_the_fused_ema_update_is_the_per_parameter_lerp():
+    from sparse_avatar.training.trainer import ExponentialMovingAverage
+
+    torch.manual_seed(0)
+    params = {"a": nn.Parameter(torch.randn(3, 4)), "b": nn.Parameter(torch.randn(5))}
+    ema = ExponentialMovingAverage(params, 0.9)
+    expected = {name: value.clone() for name, value in ema.shadow.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    ema.update(step=100)
+    for name, p in params.items():
+        expected[name].lerp_(p.detach(), 1 - 0.9)
+        torch.testing.assert_close(ema.shadow[name], expected[name])
+
+
+def test_a_graph_key_tells_batch_shapes_and_host_values_apart():
+    from sparse_avatar.training.trainer import _batch_signature
+
+    base = {"x": torch.zeros(2, 3), "n": 3}
+    assert _batch_signature(base) == _batch_signature({"x": torch.ones(2, 3), "n": 3})  # values of tensors do not matter
+    assert _batch_signature(base) != _batch_signature({"x": torch.zeros(2, 4), "n": 3})
+    assert _batch_signature(base) != _batch_signature({"x": torch.zeros(2, 3, dtype=torch.float16), "n": 3})
+    assert _batch_signature(base) != _batch_signature({"x": torch.zeros(2, 3), "n": 4})
