@@ -117,7 +117,7 @@ def test_model_flow_objective_is_independent_of_how_the_batch_is_split(tiny):
     step_module = objectives.StepModule(avatar, objectives.model_flow_objective())
     batch = synthetic_batch(avatar, size=2)
     whole, _ = step_module(batch)
-    halves = [step_module({k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v[i : i + 1]) for k, v in batch.items()})[0] for i in range(2)]
+    halves = [step_module({k: (v[i : i + 1] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()})[0] for i in range(2)]
     torch.testing.assert_close(whole, torch.stack(halves).mean())
 
 
@@ -296,3 +296,85 @@ def test_train_minutes_on_shards_stops_at_the_budget_and_writes_the_model(tmp_pa
     done = json.loads(result.stdout.strip().splitlines()[-1])["done"]
     assert 1 <= done["step"] < 500
     assert (out / "model.safetensors").is_file()
+
+
+def test_the_batched_objective_draws_from_the_trainers_generator_and_reads_nothing_back(tiny):
+    """With the trainer's generator the batched world objective is training_step on that
+    generator, cut at the batch's host-side ``shortest_reference``: it reads neither the sample
+    seeds nor the lengths back from the device (what lets the step be a CUDA graph)."""
+    from sparse_avatar.model.flow import training_step
+
+    avatar = copy.deepcopy(tiny)
+    batch = synthetic_batch(avatar, size=2, frames=4)
+    batch["reference_lengths"] = None  # would fail if read
+    batch["sample_seeds"] = None
+    batch["shortest_reference"] = 3
+    step_module = objectives.StepModule(avatar, objectives.model_flow_objective(per_sample=False))
+    loss, _ = step_module(batch, torch.Generator().manual_seed(11))
+    inputs = {"target_frames": batch["target_frames"].float() / 255, "target_audio": batch["target_speech"],
+              "reference_frames": batch["reference_frames"][:, :3].float() / 255, "reference_audio": batch["reference_speech"][:, :3]}
+    expected, _ = training_step(avatar, inputs, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_world_training_defaults_to_cuda_graphs_only_where_a_batched_step_can_be_captured():
+    import argparse
+
+    from sparse_avatar.training.distributed import DistributedContext
+    from sparse_avatar.training.stages import with_overrides
+    from sparse_avatar.training.train import _uses_cuda_graphs
+
+    world, audio = get_training_config("world"), get_training_config("audio")
+    cuda = DistributedContext(0, 1, 0, torch.device("cuda"), None)
+    two = DistributedContext(0, 2, 0, torch.device("cuda"), None)
+    cpu = DistributedContext(0, 1, 0, torch.device("cpu"), None)
+    unset = argparse.Namespace(cuda_graphs=None)
+    assert _uses_cuda_graphs(world, unset, cuda)
+    assert not _uses_cuda_graphs(audio, unset, cuda)  # per-sample seeds: read back every step
+    assert not _uses_cuda_graphs(world, unset, cpu)
+    assert not _uses_cuda_graphs(world, unset, two)
+    assert not _uses_cuda_graphs(with_overrides(world, gradient_checkpointing=True), unset, cuda)
+    assert not _uses_cuda_graphs(world, argparse.Namespace(cuda_graphs=False), cuda)
+    assert _uses_cuda_graphs(audio, argparse.Namespace(cuda_graphs=True), cuda)  # asked for: the trainer decides and warns
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_world_steps_of_two_shapes_replay_as_cuda_graphs_and_train_like_eager(tmp_path, monkeypatch):
+    """The batched world step on the trainer's generator, with batches of two reference lengths:
+    one graph per (reference kept, shape) key, and the run trains as eager does (within a few
+    times the GPU's own eager-vs-eager noise, as in test_person_training)."""
+    from sparse_avatar.model.flow import keeps_reference
+    from sparse_avatar.training import trainer as trainer_module
+    from sparse_avatar.training.data import TensorOnlyBatches
+
+    tiny_config = new_model("tiny", seed=0).config
+
+    class TwoLengths:
+        def __init__(self):
+            self.sources = [WorldBatches(global_batch_size=2, frame_size=tiny_config.frame_size, speech_dim=tiny_config.speech_feature_dim,
+                                         target_frames=4, reference_frames=n, seed=1) for n in (4, 8)]
+            self.global_batch_size = 2
+
+        def batch(self, step, rank, world_size):
+            return self.sources[step % 2].batch(step, rank, world_size)
+
+    captured = []
+    real_capture = trainer_module._StepGraphs.capture
+    monkeypatch.setattr(trainer_module._StepGraphs, "capture", lambda self, key, batch, work: captured.append(key) or real_capture(self, key, batch, work))
+    weights = {}
+    for run, graphs in (("eager", False), ("eager again", False), ("graphs", True)):
+        avatar = new_model("tiny", seed=0).to("cuda")
+        config = TrainerConfig(total_steps=14, lr=1e-3, warmup_steps=0, cuda_graphs=graphs, log_every=7)
+        trainer = Trainer(objectives.StepModule(avatar, objectives.model_flow_objective(per_sample=False)), lambda m, b, g: m(b, g),
+                          TensorOnlyBatches(TwoLengths()), config, tmp_path / run, log=lambda line: None,
+                          graph_key=lambda generator: keeps_reference(avatar.config, generator))
+        trainer.fit()
+        weights[run] = {name: value.detach().float().cpu() for name, value in avatar.state_dict().items()}
+    shapes = {entry[1] for _, signature in captured for entry in signature if entry[0] == "reference_frames"}
+    assert len(shapes) == 2, captured
+
+    def distance(run):
+        squares = sum((weights[run][name] - value).pow(2).sum().item() for name, value in weights["eager"].items())
+        return (squares / sum(value.pow(2).sum().item() for value in weights["eager"].values())) ** 0.5
+
+    assert distance("graphs") <= 3 * distance("eager again") + 1e-6, (distance("graphs"), distance("eager again"))

@@ -58,15 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each training step as a CUDA graph (default: on for the batched world stage on one GPU "
+                             "without gradient checkpointing)")
     parser.add_argument("--tensorboard", action="store_true", default=None)
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if --out has checkpoints")
 
 
 def run(args: argparse.Namespace) -> dict:
     from ..model.checkpoint import load_checkpoint, new_model, save_checkpoint
+    from ..model.flow import keeps_reference
     from .distributed import init_distributed, shutdown_distributed
     from .stages import build_objective, get_training_config, with_overrides, with_window_caps
     from .budget import TimeBudget
+    from .data import TensorOnlyBatches
     from .objectives import StepModule
     from .personality import minutes_budget
     from .trainer import Trainer
@@ -101,6 +106,9 @@ def run(args: argparse.Namespace) -> dict:
             from .lora import apply_lora
 
             apply_lora(avatar.dit, rank=lora_rank)
+        graphed = _uses_cuda_graphs(stage, args, context)
+        if graphed:
+            stage = with_overrides(stage, cuda_graphs=True)
         text_conditioner = None
         if stage.stage == "video":
             from .text_encoder import TextConditioner
@@ -113,9 +121,10 @@ def run(args: argparse.Namespace) -> dict:
         metadata = {"model_config": avatar.config.to_json(), "stage": stage.stage, "training_config": stage.name}
         budget = TimeBudget(minutes_budget(args.minutes), stage.trainer.total_steps, stage.trainer)
         trainer = Trainer(
-            step_module, lambda module, batch, generator: module(batch), source, stage.trainer, args.out,
+            step_module, lambda module, batch, generator: module(batch, generator), TensorOnlyBatches(source) if graphed else source, stage.trainer, args.out,
             context=context, model_metadata=metadata, sample_fn=make_sample_fn(source, stage) if stage.stage != "dpo" else None,
             on_step=lambda record: budget.on_step(record["step"]), should_stop=lambda: budget.spent(trainer.step),
+            graph_key=(lambda generator: keeps_reference(avatar.config, generator)) if graphed else None,
         )
         if not args.no_resume:
             trainer.resume()
@@ -161,6 +170,21 @@ def _personalize_from_video(args: argparse.Namespace, stage) -> dict:
     return summary
 
 
+# A batched stage's references are cut to a multiple of this many frames (training/data.py): with
+# the world stage's 16-48 frames, at most six reference shapes, so six CUDA graphs or compiled shapes.
+BATCHED_REFERENCE_MULTIPLE = 8
+
+
+def _uses_cuda_graphs(stage, args, context) -> bool:
+    """--cuda-graphs, or by default: the batched world stage on one CUDA device without gradient
+    checkpointing (its step draws from the trainer's generator and makes no host sync; the
+    per-sample stages read their seeds back every step, which a capture cannot hold)."""
+    if getattr(args, "cuda_graphs", None) is not None:
+        return args.cuda_graphs
+    return (stage.batched_objective and context.device.type == "cuda" and context.world_size == 1
+            and not stage.trainer.gradient_checkpointing and stage.trainer.parallel in ("auto", "none"))
+
+
 def make_batch_source(stage, avatar, args, global_batch: int):
     if stage.stage == "dpo":
         from .preferences import PreferencePairs
@@ -180,7 +204,8 @@ def make_batch_source(stage, avatar, args, global_batch: int):
     from .data import ShardedClipDataset
 
     dataset = ShardedClipDataset(
-        args.data, global_batch_size=global_batch, target_frames=stage.target_frames, reference_frames=stage.reference_frames, seed=stage.trainer.seed
+        args.data, global_batch_size=global_batch, target_frames=stage.target_frames, reference_frames=stage.reference_frames, seed=stage.trainer.seed,
+        cut_references_to_multiple=BATCHED_REFERENCE_MULTIPLE if stage.batched_objective else 0,
     )
     dataset.require_model(avatar.config)
     return dataset
