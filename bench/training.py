@@ -81,49 +81,64 @@ def make_shards(frame_size: int, workdir: Path, clips: int, seconds: float) -> P
 
 
 def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
-    """entry: a model config name, optionally ``NAME:compile`` for a torch.compile row."""
-    name, _, option = entry.partition(":")
-    if option not in ("", "compile"):
-        raise ValueError(f"unknown option {option!r} in {entry!r} (only NAME:compile)")
-    use_compile = args.compile or option == "compile"
+    """entry: a model config name, optionally ``NAME:OPTIONS`` with OPTIONS from ``compile``
+    (torch.compile of the blocks) and ``graphs`` (the step replayed as a CUDA graph, which
+    turns gradient checkpointing off), joined by '+', e.g. ``small:compile+graphs``."""
+    name, _, option_text = entry.partition(":")
+    options = {option for option in option_text.split("+") if option}
+    if options - {"compile", "graphs"}:
+        raise ValueError(f"unknown options {sorted(options - {'compile', 'graphs'})} in {entry!r} (NAME:compile, NAME:graphs, NAME:compile+graphs)")
+    use_compile = args.compile or "compile" in options
+    use_graphs = "graphs" in options
+    checkpointing = args.gradient_checkpointing and not use_graphs
     from sparse_avatar.model.checkpoint import new_model
-    from sparse_avatar.training.data import ShardedClipDataset
+    from sparse_avatar.model.flow import keeps_reference
+    from sparse_avatar.training.data import ShardedClipDataset, TensorOnlyBatches
     from sparse_avatar.training.distributed import DistributedContext
     from sparse_avatar.training.objectives import StepModule, model_flow_objective
+    from sparse_avatar.training.train import BATCHED_REFERENCE_MULTIPLE
     from sparse_avatar.training.trainer import Trainer, TrainerConfig
 
     avatar = new_model(name)
     config = avatar.config
     shards = Path(args.data) if args.data else make_shards(config.frame_size, workdir, args.world_clips, args.world_seconds)
+    # The batch source and trainer settings of `train --config world` (a batched objective).
     dataset = ShardedClipDataset(
         shards, global_batch_size=args.batch_size, target_frames=(args.frames, args.frames),
-        reference_frames=(args.reference_frames, args.reference_frames), seed=0,
+        reference_frames=(args.reference_frames, args.reference_frames), seed=0, cut_references_to_multiple=BATCHED_REFERENCE_MULTIPLE,
     )
     dataset.require_model(config)
     trainer_config = TrainerConfig(
-        total_steps=10**6, lr=1e-4, warmup_steps=20, ema_decay=0.999, precision="bf16",
-        gradient_checkpointing=args.gradient_checkpointing, compile=use_compile, parallel="none",
+        total_steps=10**6, lr=1e-4, warmup_steps=20, ema_decay=0.999, precision="bf16", log_every=args.log_every, prefetch_batches=True,
+        gradient_checkpointing=checkpointing, compile=use_compile, cuda_graphs=use_graphs, parallel="none",
     )
     context = DistributedContext(0, 1, 0, device, None)
     trainer = Trainer(
-        StepModule(avatar, model_flow_objective(per_sample=False)), lambda m, b, g: m(b), dataset, trainer_config,
-        workdir / f"run_{name}", context=context, log=lambda line: None,
+        StepModule(avatar, model_flow_objective(per_sample=False)), lambda m, b, g: m(b, g), TensorOnlyBatches(dataset) if use_graphs else dataset,
+        trainer_config, workdir / f"run_{name}", context=context, log=lambda line: None,
+        graph_key=(lambda generator: keeps_reference(config, generator)) if use_graphs else None,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    curve, data_times, timed_samples, timed_tokens, timed_seconds = [], [], 0, 0.0, 0.0
-    started = time.perf_counter()
-    while time.perf_counter() - started < args.seconds or trainer.step < args.warmup + 3:
+    # Steps are timed in windows of log_every steps (the trainer syncs with the GPU only at a
+    # window's end, as in training, so the host queues ahead); windows ending inside the warm-up
+    # (compilation, autotuning, graph capture) are not timed.
+    curve, timed_samples, timed_tokens, timed_seconds, data_seconds = [], 0, 0.0, 0.0, 0.0
+    started, last_synced = time.perf_counter(), 0
+    while time.perf_counter() - started < args.seconds or timed_seconds == 0.0:
         record = trainer.train_step()
+        if not record.get("synced", True):
+            continue
+        window_steps, last_synced = record["step"] - last_synced, record["step"]
         curve.append([record["step"], record["loss"]])
-        data_times.append(record["data_time_s"])
-        if trainer.step > args.warmup:  # the first steps pay for autotuning / compilation
-            timed_samples += args.batch_size
-            timed_tokens += record["tokens"]
-            timed_seconds += record["step_time_s"]
+        if record["step"] - window_steps >= args.warmup:
+            timed_samples += args.batch_size * window_steps
+            timed_tokens += record["tokens"] * window_steps
+            timed_seconds += record["step_time_s"] * window_steps
+            data_seconds += record["data_time_s"] * window_steps
         if args.max_steps and trainer.step >= args.max_steps:
             break
-    data_seconds = sum(r for r in data_times[args.warmup:])
+    trainer.release_cuda_graphs()
     if args.profile_steps and entry == args.configs.split(",")[0].strip():
         write_profile(trainer, args, device, Path(args.out) / f"training_profile_{name}.txt")
     tokens_per_frame = avatar.tokens_per_frame()
@@ -142,7 +157,6 @@ def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
         "clip_tokens_per_sample": clip_tokens,
         "reference_tokens_per_sample": reference_tokens,
         "steps": trainer.step,
-        "timed_steps": trainer.step - args.warmup,
         "samples_per_s": samples_per_s,
         "data_time_fraction": data_seconds / timed_seconds,
         "tokens_per_s": timed_tokens / timed_seconds,
@@ -150,8 +164,10 @@ def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
         "achieved_tflops": flops * samples_per_s / 1e12,
         "mfu": (flops * samples_per_s / peak) if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": checkpointing,
         "compile": use_compile,
+        "cuda_graphs": use_graphs,
+        "timed_steps": int(timed_samples // args.batch_size),
         "loss_first": curve[0][1],
         "loss_last": sum(l for _, l in curve[-10:]) / len(curve[-10:]),
         "loss_curve": curve,
@@ -217,20 +233,20 @@ def write_outputs(results: list[dict], environment: dict, out: Path, personality
     lines = [
         f"# Training throughput (stage 2, Avatar World) — {environment['device_name']}",
         "",
-        "| config | params | batch × frames (ref frames) | samples/s | tokens/s | MFU | peak mem GB | loss first → last |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | params | batch × frames (ref frames) | checkpointing | s/step | samples/s | tokens/s | MFU | peak mem GB | loss first → last |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
         lines.append(
             f"| {r['config']} | {r['parameters'] / 1e6:.1f} M | {r['batch_size']} × {r['target_frames']} ({r['reference_frames']}) | "
-            f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {memory} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |"
+            f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size'] / r['samples_per_s']:.3f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {memory} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |"
         )
     for entry, reason in environment.get("failed", {}).items():
-        lines.append(f"| {entry} | failed: {reason} | | | | | | |")
-    lines += ["", f"torch {environment['torch']}, bf16 autocast, gradient checkpointing {results[0]['gradient_checkpointing'] if results else ''}, "
-              f"{environment['seconds']} s per config after {environment['warmup']} warm-up steps."]
+        lines.append(f"| {entry} | failed: {reason} | | | | | | | | |")
+    lines += ["", f"torch {environment['torch']}, bf16 autocast, {environment['seconds']} s per config after {environment['warmup']} "
+              "warm-up steps; `:compile` = torch.compile of the blocks, `+graphs` = the whole step replayed as a CUDA graph."]
     if personality:
         lines += ["", f"Personality fine-tune (Train Avatar node defaults: {personality['defaults']}), {personality['config']}: "
                   f"{personality['seconds_per_step']:.3f} s/step over {personality['steps']} steps, projected "
@@ -259,12 +275,13 @@ def write_outputs(results: list[dict], environment: dict, out: Path, personality
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", default="small,base", help="comma-separated model configs; NAME:compile adds a torch.compile row")
+    parser.add_argument("--configs", default="small,base", help="comma-separated model configs, each NAME[:compile][+graphs] (e.g. small:compile+graphs)")
     parser.add_argument("--data", help="shard folder (default: generate Avatar World clips)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--seconds", type=float, default=120.0, help="timed budget per config")
     parser.add_argument("--max-steps", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning, CUDA-graph capture)")
+    parser.add_argument("--log-every", type=int, default=5, help="steps between the trainer's GPU syncs (the timing windows)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--reference-frames", type=int, default=64)
