@@ -16,8 +16,10 @@ from sparse_avatar.training import state_io
 from sparse_avatar.training.trainer import (
     Trainer,
     TrainerConfig,
+    compile_blocks,
     enable_gradient_checkpointing,
     learning_rate_factor,
+    uncompile_blocks,
 )
 
 
@@ -379,3 +381,54 @@ def test_a_graph_key_tells_batch_shapes_and_host_values_apart():
     assert _batch_signature(base) != _batch_signature({"x": torch.zeros(2, 4), "n": 3})
     assert _batch_signature(base) != _batch_signature({"x": torch.zeros(2, 3, dtype=torch.float16), "n": 3})
     assert _batch_signature(base) != _batch_signature({"x": torch.zeros(2, 3), "n": 4})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs a CUDA GPU")
+def test_batches_read_ahead_for_a_gpu_are_pinned_and_train_the_same(tmp_path):
+    from sparse_avatar.training.distributed import DistributedContext
+
+    def cuda_trainer(out_dir, **overrides):
+        torch.manual_seed(0)
+        config = TrainerConfig(total_steps=6, lr=3e-2, warmup_steps=2, ema_decay=0.9, seed=5, **overrides)
+        context = DistributedContext(0, 1, 0, torch.device("cuda"), None)
+        return Trainer(StandInModel(), regression_loss, RegressionSource(), config, out_dir, context=context, log=lambda line: None)
+
+    # Each trainer is fitted as soon as it is built: torch.manual_seed also seeds the CUDA
+    # generator the blocks' dropout draws from, and a trainer fitted later would continue it.
+    plain = cuda_trainer(tmp_path / "plain").fit()
+    ahead = cuda_trainer(tmp_path / "ahead", prefetch_batches=True).fit()
+    assert ahead.losses == pytest.approx(plain.losses, rel=1e-5)
+    batch = cuda_trainer(tmp_path / "read", prefetch_batches=True)._read_ahead(3, 0, 1)
+    assert all(value.is_pinned() for value in batch.values())
+    torch.testing.assert_close(batch["x"], RegressionSource().batch(3, 0, 1)["x"])
+
+
+def test_compiling_blocks_compiles_their_reference_pass_and_undoing_it_restores_each_wrapper():
+    class TwoPassBlock(ResidualBlock):
+        def forward_reference(self, x):
+            return self.forward(x)
+
+    class TwoPassModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([TwoPassBlock(4) for _ in range(2)])
+
+    model = TwoPassModel()
+    enable_gradient_checkpointing(model)  # instance wrappers, as the trainer makes them before compiling
+    checkpointed = [block.__dict__["forward_reference"] for block in model.blocks]
+    names = [name for name, _ in model.named_parameters()]
+    compile_blocks(model)
+    compile_blocks(model)  # twice is once
+    for block, wrapper in zip(model.blocks, checkpointed):
+        assert block._compiled_call_impl is not None
+        assert block.forward_reference is not wrapper and block.__dict__["_sparse_avatar_uncompiled"] == {"forward_reference": wrapper}  # it has no static_tokens_from_reference
+    assert [name for name, _ in model.named_parameters()] == names
+    uncompile_blocks(model)
+    for block, wrapper in zip(model.blocks, checkpointed):
+        assert block._compiled_call_impl is None and block.forward_reference is wrapper
+        assert "_sparse_avatar_uncompiled" not in block.__dict__
+
+    plain = TwoPassModel()
+    compile_blocks(plain)
+    uncompile_blocks(plain)
+    assert all("forward_reference" not in block.__dict__ for block in plain.blocks)  # the class's method again

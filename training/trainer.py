@@ -116,11 +116,26 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
+# Block methods other than forward that are compiled too. The DiT's reference pass runs every
+# block over the reference frames (three times the clip's tokens at the trainer's settings);
+# left eager, its norms, modulation, RoPE and dtype casts run as separate kernels over the
+# step's most tokens. The static resampler (cross-attention of learned queries to the reference)
+# runs once per layer and step as well.
+COMPILED_BLOCK_METHODS = ("forward_reference", "static_tokens_from_reference")
+
+
 def compile_blocks(model: nn.Module) -> None:
     """``TrainerConfig.compile``: ``nn.Module.compile`` on each block (the whole model if it has
-    none), in place, so parameter names do not change."""
+    none), in place, so parameter names do not change; each block's COMPILED_BLOCK_METHODS are
+    compiled as well."""
     for block in shardable_blocks(model) or [model]:
         block.compile()
+        uncompiled = block.__dict__.setdefault("_sparse_avatar_uncompiled", {})  # name -> what uncompile_blocks puts back
+        for name in COMPILED_BLOCK_METHODS:
+            method = getattr(block, name, None)
+            if method is not None and name not in uncompiled:
+                uncompiled[name] = block.__dict__.get(name)  # an instance wrapper (checkpointing), or None: the class's method
+                setattr(block, name, torch.compile(method))
 
 
 def uncompile_blocks(model: nn.Module) -> None:
@@ -129,6 +144,11 @@ def uncompile_blocks(model: nn.Module) -> None:
     for block in shardable_blocks(model) or [model]:
         if getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
+        for name, original in block.__dict__.pop("_sparse_avatar_uncompiled", {}).items():
+            if original is None:
+                block.__dict__.pop(name, None)
+            else:
+                setattr(block, name, original)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
@@ -505,8 +525,18 @@ class Trainer:
         else:
             batch = self.batch_source.batch(self.step, rank, world_size)
         if self._prefetcher is not None and self.step + 1 < self.config.total_steps:
-            self._pending = (self.step + 1, self._prefetcher.submit(self.batch_source.batch, self.step + 1, rank, world_size))
+            self._pending = (self.step + 1, self._prefetcher.submit(self._read_ahead, self.step + 1, rank, world_size))
         return batch
+
+    def _read_ahead(self, step: int, rank: int, world_size: int) -> dict:
+        """A batch read on the prefetch thread, its host tensors pinned for a CUDA device: a copy
+        from pageable memory waits for the GPU's queued work before it returns (the step before
+        it, so the host cannot queue ahead), a copy from pinned memory is queued and returns at
+        once. H200, `small` compiled and graphed, world batch 16: 0.444 -> 0.405 s a step."""
+        batch = self.batch_source.batch(step, rank, world_size)
+        if self.context.device.type != "cuda":
+            return batch
+        return {key: value.pin_memory() if isinstance(value, torch.Tensor) and value.device.type == "cpu" else value for key, value in batch.items()}
 
     def _step_work(self, batch: dict, generator: torch.Generator) -> tuple:
         """Loss, backward, clipping and the optimizer update: the work a CUDA graph records.
