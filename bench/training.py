@@ -80,6 +80,21 @@ def make_shards(frame_size: int, workdir: Path, clips: int, seconds: float) -> P
     return shards
 
 
+class ReferenceLengths:
+    """A batch source that records each step's reference length in frames: the batch's
+    shortest, which is what the batched objective trains on and what the FLOP count must use."""
+
+    def __init__(self, source):
+        self.source = source
+        self.global_batch_size = source.global_batch_size
+        self.frames: dict[int, int] = {}
+
+    def batch(self, step: int, rank: int, world_size: int) -> dict:
+        batch = self.source.batch(step, rank, world_size)
+        self.frames[step] = int(batch["shortest_reference"])
+        return batch
+
+
 def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
     """entry: a model config name, optionally ``NAME:OPTIONS`` with OPTIONS from ``compile``
     (torch.compile of the blocks) and ``graphs`` (the step replayed as a CUDA graph, which
@@ -113,8 +128,9 @@ def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
         gradient_checkpointing=checkpointing, compile=use_compile, cuda_graphs=use_graphs, parallel="none",
     )
     context = DistributedContext(0, 1, 0, device, None)
+    lengths = ReferenceLengths(TensorOnlyBatches(dataset) if use_graphs else dataset)
     trainer = Trainer(
-        StepModule(avatar, model_flow_objective(per_sample=False)), lambda m, b, g: m(b, g), TensorOnlyBatches(dataset) if use_graphs else dataset,
+        StepModule(avatar, model_flow_objective(per_sample=False)), lambda m, b, g: m(b, g), lengths,
         trainer_config, workdir / f"run_{name}", context=context, log=lambda line: None,
         graph_key=(lambda generator: keeps_reference(config, generator)) if use_graphs else None,
     )
@@ -123,7 +139,16 @@ def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
     # Steps are timed in windows of log_every steps (the trainer syncs with the GPU only at a
     # window's end, as in training, so the host queues ahead); windows ending inside the warm-up
     # (compilation, autotuning, graph capture) are not timed.
-    curve, timed_samples, timed_tokens, timed_seconds, data_seconds = [], 0, 0.0, 0.0, 0.0
+    tokens_per_frame = avatar.tokens_per_frame()
+    audio_tokens_per_frame = config.patch_size[0] + 2 * config.audio_window
+    clip_tokens = args.frames * tokens_per_frame // config.patch_size[0]
+
+    def step_flops_per_sample(step: int) -> float:
+        reference_tokens = lengths.frames[step] * tokens_per_frame // config.patch_size[0]
+        return training_flops_per_sample(config, clip_tokens, reference_tokens, tokens_per_frame, audio_tokens_per_frame)
+
+    curve, timed_samples, timed_tokens, timed_seconds, data_seconds, timed_flops = [], 0, 0.0, 0.0, 0.0, 0.0
+    timed_reference_frames = []
     last_synced = 0
     # --seconds of timed steps: a compiled row's warm-up (minutes of compilation) is not taken
     # out of its budget, so every row is timed over about as many seconds.
@@ -138,33 +163,34 @@ def bench_config(entry: str, args, device: torch.device, workdir: Path) -> dict:
             timed_tokens += record["tokens"] * window_steps
             timed_seconds += record["step_time_s"] * window_steps
             data_seconds += record["data_time_s"] * window_steps
+            window = range(record["step"] - window_steps, record["step"])
+            timed_flops += args.batch_size * sum(step_flops_per_sample(step) for step in window)
+            timed_reference_frames += [lengths.frames[step] for step in window]
         if args.max_steps and trainer.step >= args.max_steps:
             break
     trainer.release_cuda_graphs()
     if args.profile_steps and entry == args.configs.split(",")[0].strip():
         write_profile(trainer, args, device, Path(args.out) / f"training_profile_{name}.txt")
-    tokens_per_frame = avatar.tokens_per_frame()
-    clip_tokens = args.frames * tokens_per_frame // config.patch_size[0]
-    reference_tokens = args.reference_frames * tokens_per_frame // config.patch_size[0]
-    flops = training_flops_per_sample(config, clip_tokens, reference_tokens, tokens_per_frame, config.patch_size[0] + 2 * config.audio_window)
     samples_per_s = timed_samples / timed_seconds
     peak = peak_flops(device, args.peak_tflops)
+    reference_frames = sum(timed_reference_frames) / len(timed_reference_frames)
     return {
         "config": entry,
         "parameters": sum(p.numel() for p in avatar.parameters()),
         "frame_size": config.frame_size,
         "batch_size": args.batch_size,
         "target_frames": args.frames,
-        "reference_frames": args.reference_frames,
+        "reference_frames": reference_frames,  # mean over the timed steps of what the step trained on (the batch's shortest)
+        "reference_frames_drawn": args.reference_frames,
         "clip_tokens_per_sample": clip_tokens,
-        "reference_tokens_per_sample": reference_tokens,
+        "reference_tokens_per_sample": reference_frames * tokens_per_frame / config.patch_size[0],
         "steps": trainer.step,
         "samples_per_s": samples_per_s,
         "data_time_fraction": data_seconds / timed_seconds,
         "tokens_per_s": timed_tokens / timed_seconds,
-        "model_tflops_per_sample": flops / 1e12,
-        "achieved_tflops": flops * samples_per_s / 1e12,
-        "mfu": (flops * samples_per_s / peak) if peak else None,
+        "model_tflops_per_sample": timed_flops / timed_samples / 1e12,
+        "achieved_tflops": timed_flops / timed_seconds / 1e12,
+        "mfu": (timed_flops / timed_seconds / peak) if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "gradient_checkpointing": checkpointing,
         "compile": use_compile,
@@ -242,7 +268,7 @@ def write_outputs(results: list[dict], environment: dict, out: Path, personality
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
         lines.append(
-            f"| {r['config']} | {r['parameters'] / 1e6:.1f} M | {r['batch_size']} × {r['target_frames']} ({r['reference_frames']}) | "
+            f"| {r['config']} | {r['parameters'] / 1e6:.1f} M | {r['batch_size']} × {r['target_frames']} ({r['reference_frames']:.0f}) | "
             f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size'] / r['samples_per_s']:.3f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {memory} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |"
         )
     for entry, reason in environment.get("failed", {}).items():

@@ -166,3 +166,18 @@ def test_a_batched_source_cuts_references_on_the_host_to_a_multiple_of_frames():
 
     tensors_only = TensorOnlyBatches(Source()).batch(0, 0, 1)
     assert "captions" not in tensors_only and "persons" not in tensors_only and tensors_only["shortest_reference"] == 13
+
+
+
+def test_a_batched_source_trains_on_the_reference_length_each_step_drew(tmp_path):
+    """A batched objective uses the batch's shortest reference. Drawn per sample (half to all of
+    the window), the shortest of 16 is nearly always the lower end; for a batched source every
+    sample keeps its whole window, so the step trains on the length drawn for the step."""
+    shards = write_fake_shards(tmp_path, [("ann", 120), ("ann", 100), ("bob", 120)])
+    options = dict(global_batch_size=16, target_frames=(8, 8), reference_frames=(16, 48), seed=2)
+    batched = ShardedClipDataset(shards, cut_references_to_multiple=8, **options)
+    for step in range(8):
+        drawn = batched.step_lengths(step)[1]
+        assert batched.batch(step, 0, 1)["shortest_reference"] == drawn // 8 * 8
+    per_sample = ShardedClipDataset(shards, **options).batch(0, 0, 1)["reference_lengths"]
+    assert per_sample.unique().numel() > 1  # the per-sample objective still sees varied lengths in a batch

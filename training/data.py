@@ -97,9 +97,10 @@ class ShardedClipDataset:
     ``same_clip_reference_prob``: chance a reference comes from a disjoint time of the target's own
     clip when the person also has other clips (with a single clip it always does).
     ``cut_references_to_multiple``: 0 (per-sample objectives) pads every reference to the batch's
-    longest; N > 0 (a batched objective, which uses only the batch's shortest reference) cuts them
-    on the host to the shortest, rounded down to a multiple of N frames: less to copy to the GPU,
-    and a few batch shapes instead of dozens, each one torch.compile shape and one CUDA graph.
+    longest; N > 0 (a batched objective, which uses only the batch's shortest reference) keeps
+    each sample's whole reference window (the step's drawn length where the clip has it) and cuts
+    them on the host to the shortest, rounded down to a multiple of N frames: less to copy to the
+    GPU, and a few batch shapes instead of dozens, each one torch.compile shape and one CUDA graph.
     """
 
     def __init__(
@@ -184,8 +185,11 @@ class ShardedClipDataset:
                 reference_clip = rng.choice(others)
                 reference_take = min(reference_length, self.clips[reference_clip].n_frames)
                 reference_start = rng.randint(0, self.clips[reference_clip].n_frames - reference_take)
-        # Varied reference lengths inside a batch: keep between half and all of the window.
-        valid_length = rng.randint(max(1, reference_take // 2), reference_take)
+        # Varied reference lengths inside a batch: keep between half and all of the window. Not
+        # for a batched objective: it cuts the batch to its shortest reference, which of B such
+        # draws is nearly always the lower end (24 of 48 frames at batch 16), so a step would
+        # train on half the reference the step drew; its lengths vary from step to step instead.
+        valid_length = reference_take if self.cut_references_to_multiple else rng.randint(max(1, reference_take // 2), reference_take)
         return {
             "clip": clip_index,
             "target_start": target_start,
