@@ -221,6 +221,15 @@ def write_profile(trainer, args, device: torch.device, path: Path) -> None:
     )
 
 
+def personality_defaults(finetune_personality) -> str:
+    """The settings the timed fine-tune ran with: finetune_personality's own defaults."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(finetune_personality).parameters.items()}
+    return (f"LoRA rank {defaults['lora_rank']}, batch {defaults['batch_size']}, target {defaults['target_frames']} frames, "
+            f"reference {defaults['reference_frames']} frames, compile and CUDA graphs on CUDA, bf16 autocast")
+
+
 def bench_personality(args, device: torch.device, shards: Path) -> dict:
     """Stage 3 as the Train Avatar node runs it: ``finetune_personality`` on one clip of the
     shards, timed per step; projected to the node's default step count. Step time does not depend
@@ -251,7 +260,7 @@ def bench_personality(args, device: torch.device, shards: Path) -> dict:
         "config": args.personality_config, "steps": len(times), "seconds_per_step": seconds_per_step,
         "wall_s_including_setup": total_s, "projected_minutes_for_1500_steps": 1500 * seconds_per_step / 60,
         "lora_file_bytes": lora_bytes,
-        "defaults": "LoRA rank 16, batch 4, target 8-16 frames, reference 16-64 frames, bf16 autocast",
+        "defaults": personality_defaults(finetune_personality),
     }
 
 
