@@ -168,7 +168,6 @@ def test_a_batched_source_cuts_references_on_the_host_to_a_multiple_of_frames():
     assert "captions" not in tensors_only and "persons" not in tensors_only and tensors_only["shortest_reference"] == 13
 
 
-
 def test_a_batched_source_trains_on_the_reference_length_each_step_drew(tmp_path):
     """A batched objective uses the batch's shortest reference. Drawn per sample (half to all of
     the window), the shortest of 16 is nearly always the lower end; for a batched source every

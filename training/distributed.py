@@ -129,6 +129,12 @@ def shardable_blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
+def block_entry_methods(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(block, method name) of the block methods a model calls from outside a block's forward,
+    as the model declares them (``model.block_entry_methods()``; none if it declares none)."""
+    return model.block_entry_methods() if hasattr(model, "block_entry_methods") else []
+
+
 def wrap_model(model: nn.Module, mode: str, context: DistributedContext, *, find_unused_parameters: bool = True) -> nn.Module:
     """Wrap for data parallelism. Returns the module to call in the training step.
 
@@ -150,7 +156,7 @@ def wrap_model(model: nn.Module, mode: str, context: DistributedContext, *, find
         for block in shardable_blocks(model):
             fully_shard(block)
         fully_shard(model)
-        entry_methods = model.fsdp_entry_methods() if hasattr(model, "fsdp_entry_methods") else []
+        entry_methods = block_entry_methods(model)
         if entry_methods:
             register = _register_forward_method_function()
             if register is None:

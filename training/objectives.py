@@ -51,9 +51,12 @@ class StepModule(nn.Module):
         seeds from the batch ignore it)."""
         return self.objective(self, batch, generator)
 
-    def fsdp_entry_methods(self) -> list[tuple[nn.Module, str]]:
+    def block_entry_methods(self) -> list[tuple[nn.Module, str]]:
         """Block methods the DiT calls from outside a block's forward (reference pass, static
-        resampler); FSDP2 must gather the block's parameters around them too."""
+        resampler): FSDP2 must gather the block's parameters around them too, and the trainer
+        compiles them with the blocks (the reference pass runs every block over three times the
+        clip's tokens at the world trainer's settings; left eager, its norms, modulation, RoPE
+        and casts ran as separate kernels over the step's most tokens)."""
         return [(block, name) for block in self.dit.blocks for name in ("forward_reference", "static_tokens_from_reference") if hasattr(block, name)]
 
 

@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import UserFacingError
 from . import state_io
-from .distributed import DistributedContext, all_reduce_mean, resolve_parallel_mode, shardable_blocks, wrap_model
+from .distributed import DistributedContext, all_reduce_mean, block_entry_methods, resolve_parallel_mode, shardable_blocks, wrap_model
 
 LossFn = Callable[[nn.Module, dict, torch.Generator], "tuple[torch.Tensor, dict]"]
 GraphKey = Callable[[torch.Generator], Hashable]
@@ -116,26 +116,17 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-# Block methods other than forward that are compiled too. The DiT's reference pass runs every
-# block over the reference frames (three times the clip's tokens at the trainer's settings);
-# left eager, its norms, modulation, RoPE and dtype casts run as separate kernels over the
-# step's most tokens. The static resampler (cross-attention of learned queries to the reference)
-# runs once per layer and step as well.
-COMPILED_BLOCK_METHODS = ("forward_reference", "static_tokens_from_reference")
-
-
 def compile_blocks(model: nn.Module) -> None:
     """``TrainerConfig.compile``: ``nn.Module.compile`` on each block (the whole model if it has
-    none), in place, so parameter names do not change; each block's COMPILED_BLOCK_METHODS are
-    compiled as well."""
+    none), in place, so parameter names do not change; the block methods the model calls from
+    outside a block's forward (``block_entry_methods``) are compiled as well."""
     for block in shardable_blocks(model) or [model]:
         block.compile()
+    for block, name in block_entry_methods(model):
         uncompiled = block.__dict__.setdefault("_sparse_avatar_uncompiled", {})  # name -> what uncompile_blocks puts back
-        for name in COMPILED_BLOCK_METHODS:
-            method = getattr(block, name, None)
-            if method is not None and name not in uncompiled:
-                uncompiled[name] = block.__dict__.get(name)  # an instance wrapper (checkpointing), or None: the class's method
-                setattr(block, name, torch.compile(method))
+        if name not in uncompiled:
+            uncompiled[name] = block.__dict__.get(name)  # an instance wrapper (checkpointing, FSDP2), or None: the class's method
+            setattr(block, name, torch.compile(getattr(block, name)))
 
 
 def uncompile_blocks(model: nn.Module) -> None:
