@@ -111,6 +111,40 @@ def test_exact_resume_matches_straight_run(tmp_path):
         assert torch.equal(state_a[key]["exp_avg_sq"], state_b[key]["exp_avg_sq"])
 
 
+def test_a_parameter_without_gradients_so_far_resumes_exactly(tmp_path):
+    """A part of the model that has had no gradient before the checkpoint (personal training's
+    reference path while every step so far dropped the reference) has no Adam state; resume must
+    accept that and match the unbroken run once the part starts learning."""
+
+    def loss_late_head(model, batch, generator):
+        # The head learns only from step 4 on (the trainer's step count is in the batch's seed).
+        hidden = model.embed(batch["x"])
+        for block in model.blocks:
+            hidden = block(hidden)
+        out = model.head(hidden) if batch["late"] else hidden[:, :4]
+        return (out - batch["y"]).pow(2).mean(), {"tokens": batch["x"].shape[0]}
+
+    class LateSource(RegressionSource):
+        def batch(self, step, rank, world_size):
+            return super().batch(step, rank, world_size) | {"late": step >= 4}
+
+    def trainer(out_dir):
+        torch.manual_seed(0)
+        config = TrainerConfig(total_steps=8, lr=3e-2, warmup_steps=2, ema_decay=0.0, seed=5, checkpoint_every=3)
+        return Trainer(StandInModel(), loss_late_head, LateSource(), config, out_dir, log=lambda line: None)
+
+    straight = trainer(tmp_path / "straight")
+    straight.fit()
+    first = trainer(tmp_path / "resumed")
+    first.fit(until_step=3)
+    assert first.model.head.weight not in first.optimizer.state  # no gradient yet, no state
+    second = trainer(tmp_path / "resumed")
+    assert second.resume() and second.step == 3
+    second.fit()
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_checkpoint_has_no_pickle_and_old_ones_are_pruned(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=6, checkpoint_every=2, keep_checkpoints=2)
     trainer.fit()

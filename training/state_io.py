@@ -101,6 +101,16 @@ def _optimizer_state_from_files(tensors: dict[str, torch.Tensor], values: dict) 
     return {"state": state, "param_groups": groups}
 
 
+def _forget_states_never_saved(model: nn.Module, optimizer: torch.optim.Optimizer, saved_names: set[str]) -> None:
+    for name, parameter in model.named_parameters():
+        state = optimizer.state.get(parameter)
+        if name in saved_names or not state:
+            continue
+        moments = [value for key, value in state.items() if key != "step" and isinstance(value, torch.Tensor)]
+        if all(float(full_tensor(value).abs().max()) == 0.0 for value in moments):  # the dummy step's, nothing learned
+            del optimizer.state[parameter]
+
+
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -238,7 +248,13 @@ def load_training_checkpoint(
         )
     set_model_state_dict(model, model_state, options=_state_dict_options(full_state_dict=True, strict=False))
     optimizer_state = _optimizer_state_from_files(optimizer_tensors, state.get("optimizer_values", {}))
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_state_dict_options(full_state_dict=True))
+    # A parameter that has had no gradient yet (personal training's reference path while every
+    # step so far dropped the reference) has no Adam state in the saved run, as in an unbroken one.
+    # torch fills such gaps by a zero-gradient dummy step (step 1, zero moments; strict=False lets
+    # it): that state is dropped again, so the parameter starts its state on its first gradient
+    # (step 0), exactly as it would have without the interruption.
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_state_dict_options(full_state_dict=True, strict=False))
+    _forget_states_never_saved(model, optimizer, set(optimizer_state["state"]))
     if ema_state is not None:
         ema_path = checkpoint_dir / "ema.safetensors"
         if ema_path.is_file():
