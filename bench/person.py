@@ -142,9 +142,12 @@ def _whisper_features(file_name: str, n_frames: int, fps: float):
 
 def prepare(args) -> None:
     from sparse_avatar import media
+    from sparse_avatar.media.mediapipe_face import face_mesh_landmarks, mediapipe_available
     from sparse_avatar.media.whisper_features import whisper_available, whisper_speech_features
 
     out = Path(args.out)
+    if not mediapipe_available():
+        print("no mediapipe (pip install \"sparse-avatar[person-eval]\"): runs with --dub-masks landmarks will refuse this data")
     out.mkdir(parents=True, exist_ok=True)
     fps_seen = set()
     if not whisper_available():
@@ -155,6 +158,8 @@ def prepare(args) -> None:
         data, offsets = _encode_jpegs(crops, quality=args.jpeg_quality)
         whisper = _whisper_features(row["file"], len(crops), fps)
         extra = {} if whisper is None else {"speech_whisper": whisper.astype(np.float16)}  # fp16: the carry limit
+        if mediapipe_available():  # the dub masks' landmarks (the GPU box has no mediapipe), px of the 256² crops
+            extra["landmarks"] = face_mesh_landmarks(crops).astype(np.float16)
         np.savez(out / f"{Path(row['file']).stem}.npz", jpeg=data, offsets=offsets, speech=speech.astype(np.float32), fps=np.float32(fps), **extra)
         print(f"{row['file']}: {len(crops)} frames at {fps} fps, {data.nbytes / 2**20:.1f} MiB of JPEG")
     for fps in sorted(fps_seen):
@@ -174,6 +179,24 @@ def _speech_arrays(config, arrays, data_dir: Path, fps: float):
 
 
 # ----------------------------------------------------------------------------------- run (GPU)
+
+def _dub_masks(arrays, split: int, size: int, kind: str, frames: int):
+    """(training mask, render mask) [size, size] of one clip: "box" -> (None, the box), as the pack
+    does without mediapipe; "landmarks" -> the person's lower face (``person_dub_mask``) over the
+    training frames and over the held-out frames that dub re-renders (what a user's source video
+    would give), from the face mesh that ``prepare`` ran on the real 256² crops."""
+    from sparse_avatar.model.masks import dub_mask, person_dub_mask
+
+    if kind == "box":
+        return None, dub_mask(size)
+    if "landmarks" not in arrays:
+        raise SystemExit("this data has no face-mesh landmarks: run `prepare` again with mediapipe installed (the person-eval extra)")
+    landmarks = arrays["landmarks"].astype(np.float32)[:frames] * (size / FRAME_SIZE)
+    masks = [person_dub_mask(part, size) for part in (landmarks[:split], landmarks[split:])]
+    if any(mask is None for mask in masks):
+        raise SystemExit("the face mesh found too few faces for a landmark dub mask on this clip")
+    return masks[0], masks[1]
+
 
 def run(args) -> None:
     import cv2
@@ -201,6 +224,7 @@ def run(args) -> None:
         if args.smoke:
             crops = crops[:44]
         split = int(len(crops) * TRAIN_FRACTION)
+        train_mask, test_mask = _dub_masks(arrays, split, config.frame_size, args.dub_masks, len(crops))
         torch.manual_seed(args.seed)
         if args.init:  # personal fine-tuning from a trained model (e.g. the shipped one), as Train Avatar does
             from sparse_avatar.training.personality import starting_model
@@ -227,7 +251,7 @@ def run(args) -> None:
             model, crops[:split], speech[:split], out / f"{label}_{path.stem}.safetensors", steps=100_000,
             time_budget_s=args.budget, lora_rank=0, lr=args.lr, batch_size=args.batch, target_frames=args.target_frames,
             reference_frames=args.reference_frames, dub_context_prob=args.dub_prob, fps=fps, seed=args.seed,
-            progress=progress, compile=args.compile, mouth_loss_weight=config.mouth_loss_weight,
+            progress=progress, compile=args.compile, mouth_loss_weight=config.mouth_loss_weight, dub_region=train_mask,
         ) if args.budget > 0 else None
         train_s = time.perf_counter() - started
         if weights is not None:
@@ -241,25 +265,25 @@ def run(args) -> None:
             # Warm-up outside the timed renders: kernel compilation and autotuning for exactly the
             # shapes timed below, in both modes (dub's forced reference blocks differ from generate).
             for mode in ("dub", "generate"):
-                render(model, identity, test_speech, mode=mode, steps=1, fps=fps, dub_frames=crops[split:] if mode == "dub" else None)
+                render(model, identity, test_speech, mode=mode, steps=1, fps=fps, dub_frames=crops[split:] if mode == "dub" else None, dub_mask=test_mask)
             timings = {}
             results = {}
             for mode in ("dub", "generate"):
                 torch.cuda.synchronize() if device.type == "cuda" else None
                 started = time.perf_counter()
                 results[mode] = render(model, identity, test_speech, mode=mode, steps=args.steps, fps=fps, seed=args.seed,
-                                       dub_frames=crops[split:] if mode == "dub" else None)
+                                       dub_frames=crops[split:] if mode == "dub" else None, dub_mask=test_mask)
                 timings[mode] = time.perf_counter() - started
             # The same trained model rendered otherwise (scored as extra rows): dub with other sampler
             # step counts; dub and generate with more audio guidance (classifier-free, the model is
             # trained with audio dropout), which may widen a mouth that opens too little.
             other_renders = {f"@{steps}steps": {"dub": render(model, identity, test_speech, mode="dub", steps=steps, fps=fps, seed=args.seed,
-                                                                dub_frames=crops[split:])}
+                                                                dub_frames=crops[split:], dub_mask=test_mask)}
                              for steps in _int_list(args.dub_steps) if steps != args.steps}
             for guidance in _float_list(args.audio_guidance):
                 other_renders[f"@audio{guidance:g}"] = {
                     mode: render(model, identity, test_speech, mode=mode, steps=args.steps, fps=fps, seed=args.seed, audio_guidance=guidance,
-                                 dub_frames=crops[split:] if mode == "dub" else None) for mode in ("dub", "generate")}
+                                 dub_frames=crops[split:] if mode == "dub" else None, dub_mask=test_mask) for mode in ("dub", "generate")}
             long_features = long_speech[: 30 if args.smoke else None]
             started = time.perf_counter()
             long_frames = render(model, identity, long_features, mode="generate", steps=args.steps, fps=fps, seed=args.seed)
@@ -285,7 +309,7 @@ def run(args) -> None:
             "render_s": timings, "render_fps": {mode: len(results[mode]) / timings[mode] for mode in results} | {"long_generate": len(long_frames) / timings["long_generate"]},
             "sampler_steps": args.steps, "batch": args.batch, "target_frames": args.target_frames, "reference_frames": args.reference_frames,
             "lr": args.lr, "dub_context_prob": args.dub_prob, "train_frames": split, "test_frames": len(crops) - split, "total_frames": len(crops), "fps": fps,
-            "concurrent_runs": args.concurrent, "init": Path(args.init).name if args.init else "", "compile": compiles_by_default(device) if args.compile is None else args.compile,
+            "concurrent_runs": args.concurrent, "init": Path(args.init).name if args.init else "", "dub_masks": args.dub_masks, "compile": compiles_by_default(device) if args.compile is None else args.compile,
         }
         (out / f"{label}_{path.stem}.json").write_text(json.dumps(record, indent=1))
         for suffix, modes in other_renders.items():  # same training; only these renders differ
@@ -443,7 +467,7 @@ def score(args) -> None:
     import cv2
 
     from sparse_avatar.evaluation import face_metrics as fm
-    from sparse_avatar.model.masks import dub_mask
+    from sparse_avatar.model.masks import dub_mask, person_dub_mask
     from sparse_avatar.model.pipeline import keep_source_outside_mask
 
     available = fm.available()
@@ -451,7 +475,7 @@ def score(args) -> None:
         raise SystemExit(f"scoring needs mediapipe and dlib ({available}): pip install \"sparse-avatar[person-eval]\"")
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mask = dub_mask(FRAME_SIZE)
+    box = dub_mask(FRAME_SIZE)
     rows, strips = [], []
     clips = sorted({path.stem.split("_", 1)[1] for path in runs.glob("*.json")})
     for clip in clips:
@@ -463,13 +487,21 @@ def score(args) -> None:
         train, test = crops[:split], crops[split:]
         real_landmarks = fm.face_landmarks(test)
         real_all_landmarks = fm.face_landmarks(crops)
+        # Dub is composited with each run's own mask (the box, or the person's lower face from the
+        # held-out frames' face mesh, as the run rendered it) and scored over the union of both, so
+        # every row of a clip is compared on the same pixels.
+        person_mask = person_dub_mask(real_landmarks, FRAME_SIZE)
+        masks = {"box": box, "landmarks": box if person_mask is None else person_mask}
+        region = np.maximum(masks["box"], masks["landmarks"])
         real_embeddings_mean = fm.identity_embeddings(_every(train, 60)).mean(0)
         mean_frame = np.repeat(train.astype(np.float32).mean(0, keepdims=True).round().astype(np.uint8), len(test), 0)
         nearest = train[_speech_nearest_frames(speech[:split], speech[split:])]
         baselines = {"mean training frame": mean_frame, "speech-nearest training frame": nearest}
         for name, frames in baselines.items():
-            rows.append({"clip": clip, "method": f"baseline: {name}", "dub": _dub_metrics(fm, test, keep_source_outside_mask(frames, test, mask), mask, real_landmarks),
-                         "generate": _generate_metrics(fm, test, frames, real_landmarks, real_embeddings_mean)})
+            generate = _generate_metrics(fm, test, frames, real_landmarks, real_embeddings_mean)
+            for kind, mask in masks.items():
+                rows.append({"clip": clip, "method": f"baseline: {name} ({kind} mask)", "dub": _dub_metrics(fm, test, keep_source_outside_mask(frames, test, mask), region, real_landmarks),
+                             "generate": generate})
         ceiling_gen = _generate_metrics(fm, test, test, real_landmarks, real_embeddings_mean)
         rows.append({"clip": clip, "method": "ceiling: the real clip", "dub": {"psnr_region_db": float("inf"), "ssim_region": 1.0, "lmd_px": 0.0, "mouth_corr": 1.0, "face_found": ceiling_gen["face_found"]},
                      "generate": ceiling_gen})
@@ -477,10 +509,10 @@ def score(args) -> None:
             record = json.loads(record_path.read_text())
             arrays = np.load(record_path.with_suffix(".npz"))
             arrays = {name: _decode_jpegs(arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]) for name in ("dub", "generate", "long")}
-            dub = keep_source_outside_mask(arrays["dub"], test, mask)
+            dub = keep_source_outside_mask(arrays["dub"], test, masks[record.get("dub_masks", "box")])
             long_frames = np.stack([cv2.resize(frame, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_CUBIC) for frame in arrays["long"]])
             row = {"clip": clip, "method": record["variant"], "run": record,
-                   "dub": _dub_metrics(fm, test, dub, mask, real_landmarks),
+                   "dub": _dub_metrics(fm, test, dub, region, real_landmarks),
                    "generate": _generate_metrics(fm, test, arrays["generate"], real_landmarks, real_embeddings_mean),
                    "long": _long_metrics(fm, long_frames, fps / 2, real_all_landmarks, real_embeddings_mean)}
             rows.append(row)
@@ -514,8 +546,10 @@ def write_report(rows, strips, out: Path) -> None:
     (out / "person.json").write_text(json.dumps(rows, indent=1, default=float))
     lines = ["# Person benchmark: learn a real person from their own video", "",
              "Train on the first 10/11 of each clip with `finetune_personality` (the Train Avatar node's call), render the last 1/11 "
-             "from its own audio. Dub: the real test crops with the lower face masked (model/masks.py box) give pose and upper face; "
-             "metrics over the re-rendered box (PSNR, SSIM) and the mouth landmarks (LMD, mean-centred, px of the 256² crop; "
+             "from its own audio. Dub: the real test crops with the lower face masked give pose and upper face; the mask is the run's "
+             "(`dub masks` column): the fixed box of model/masks.py, or the person's lower face from the face mesh of the frames "
+             "re-rendered (`person_dub_mask`, the pack's default with mediapipe); training hides the same kind. Metrics over the "
+             "union of both masks (PSNR, SSIM; every row of a clip on the same pixels, the rest is the source's) and the mouth landmarks (LMD, mean-centred, px of the 256² crop; "
              "mouth-aperture correlation with the real clip) from mediapipe's face mesh. Generate: dlib face-recognition distance "
              "to the real training frames' mean embedding (same-person cut-off 0.6), mouth-aperture correlation; 60 s render: "
              "identity first vs last 10 s, blinks and head sway vs the whole real clip. SyncNet, LPIPS and FID need models that "
@@ -524,8 +558,8 @@ def write_report(rows, strips, out: Path) -> None:
              "(the s/step of a shared run is slower than alone). `@1steps`: the same trained model, dub rendered with 1 "
              "sampler step instead of the run's default (generate and 60 s columns repeat the run's). `@audio2`: the same trained "
              "model, dub and generate rendered with audio guidance 2 instead of 1 (the 60 s columns repeat the run's).", "",
-             "| clip | method | training | dub PSNR dB | dub SSIM | LMD px | dub mouth r | gen identity | gen mouth r | gen PSNR dB | steps (s/step) | render fps dub/gen |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| clip | method | dub masks | training | dub PSNR dB | dub SSIM | LMD px | dub mouth r | gen identity | gen mouth r | gen PSNR dB | steps (s/step) | render fps dub/gen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(rows, key=lambda row: (row["clip"], 0 if not row.get("run") else 1))
     for row in rows:
         d, g, run = row["dub"], row["generate"], row.get("run")
@@ -535,7 +569,8 @@ def write_report(rows, strips, out: Path) -> None:
         if run:
             compiled = {True: "compile", False: "eager"}.get(run.get("compile"), "eager")
             training = f"{run['budget_s']:.0f} s, lr {run['lr']:g}, {compiled}, {run['concurrent_runs']} sharing"
-        lines.append(f"| {row['clip']} | {row['method']} | {training} | {_fmt(d['psnr_region_db'])} | {_fmt(d['ssim_region'], 3)} | {_fmt(d['lmd_px'])} | "
+        kind = run.get("dub_masks", "box") if run else ("landmarks" if "(landmarks mask)" in row["method"] else "box" if "(box mask)" in row["method"] else "")
+        lines.append(f"| {row['clip']} | {row['method']} | {kind} | {training} | {_fmt(d['psnr_region_db'])} | {_fmt(d['ssim_region'], 3)} | {_fmt(d['lmd_px'])} | "
                      f"{_fmt(d['mouth_corr'])} | {_fmt(g['identity_distance'], 3)} | {_fmt(g['mouth_corr'])} | {_fmt(g['psnr_db'])} | {steps} | {fps} |")
     long_rows = [row for row in rows if "long" in row]
     if long_rows:
@@ -666,6 +701,9 @@ def main(argv=None) -> None:
     r.add_argument("--target-frames", type=int, default=16)
     r.add_argument("--reference-frames", type=int, default=48)
     r.add_argument("--dub-prob", type=float, default=0.5)
+    r.add_argument("--dub-masks", choices=("landmarks", "box"), default="landmarks",
+                   help="what dub training hides and dub renders re-render: the person's lower face from the face mesh (the pack's "
+                        "default with mediapipe) or the fixed box (its fallback)")
     r.add_argument("--steps", type=int, default=10, help="sampler steps per render")
     r.add_argument("--dub-steps", default="", help="comma-separated extra sampler step counts for the dub render (extra rows)")
     r.add_argument("--audio-guidance", default="", help="comma-separated audio guidance scales for extra dub and generate renders "

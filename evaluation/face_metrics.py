@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..media.mediapipe_face import quiet_native_stderr
+from ..media.mediapipe_face import N_MESH_LANDMARKS, face_mesh_landmarks
 
 EXTRA_HINT = 'pip install "sparse-avatar[person-eval]"'
 
@@ -43,7 +43,7 @@ _RIGHT_EYE = (33, 160, 158, 133, 153, 144)  # subject's right eye (image left)
 _LEFT_EYE = (362, 385, 387, 263, 373, 380)  # subject's left eye (image right)
 _NOSE_TIP = 1
 _EYE_OUTER_CORNERS = (33, 263)
-N_LANDMARKS = 478
+N_LANDMARKS = N_MESH_LANDMARKS
 EMBEDDING_DIM = 128
 DLIB_SAME_PERSON_THRESHOLD = 0.6
 
@@ -199,32 +199,11 @@ def ssim(a, b, mask=None) -> float:
 
 
 def face_landmarks(frames) -> np.ndarray:
-    """mediapipe FaceMesh (refine_landmarks=True, video tracking mode) on each frame ->
-    float32 [T, 478, 2] (x, y) in pixel coordinates of the frame; frames with no face are NaN rows.
-
-    Frames are treated as one video (the tracker carries the face from frame to frame); call once
-    per clip. Raises :class:`MissingPersonEvalDependency` without mediapipe.
-    """
-    face_mesh = _import_face_mesh()
-    frames = _as_video(frames)
-    if frames.dtype != np.uint8:
-        raise ValueError(f"face_landmarks expects uint8 RGB frames, got {frames.dtype}")
-    height, width = frames.shape[1:3]
-    out = np.full((len(frames), N_LANDMARKS, 2), np.nan, dtype=np.float32)
-    with face_mesh.FaceMesh(
-        static_image_mode=False, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5, min_tracking_confidence=0.5
-    ) as mesh:
-        for index, frame in enumerate(frames):
-            if index == 0:
-                with quiet_native_stderr():  # the graph's first run prints TFLite/absl chatter
-                    result = mesh.process(np.ascontiguousarray(frame))
-            else:
-                result = mesh.process(np.ascontiguousarray(frame))
-            if not result.multi_face_landmarks:
-                continue
-            points = result.multi_face_landmarks[0].landmark
-            out[index] = np.array([(p.x * width, p.y * height) for p in points], dtype=np.float32)[:N_LANDMARKS]
-    return out
+    """mediapipe FaceMesh on each frame of one clip -> float32 [T, 478, 2] pixel (x, y), NaN rows
+    where no face was found (``media.mediapipe_face.face_mesh_landmarks``, the dub mask's landmarks
+    too). Raises :class:`MissingPersonEvalDependency` without mediapipe."""
+    _import_face_mesh()
+    return face_mesh_landmarks(_as_video(frames))
 
 
 def _landmarks(landmarks) -> np.ndarray:

@@ -12,7 +12,7 @@ from .face_track import (
     track_face,
 )
 from .mediapipe_face import MediapipeFaceDetector, mediapipe_available
-from .crop import CropTransform, crop_faces, crop_transforms, paste_back, paste_back_frame
+from .crop import CropTransform, crop_faces, crop_transforms, paste_back, paste_back_frame, soft_region
 from .features import (
     SPEECH_FEATURE_DIM, SPEECH_FEATURE_ID, encoder_output_to_frame_features, feature_dim, frame_speech_features, speech_features,
 )

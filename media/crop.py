@@ -227,10 +227,11 @@ class _PasteParts:
     right: int
     pasted: np.ndarray
     original: np.ndarray
-    alpha: np.ndarray
+    alpha: np.ndarray  # the crop's feathered square: where colours are measured
+    blend: np.ndarray  # how much of the crop is shown: alpha, times the region's weight when there is one
 
 
-def _paste_parts(frame: np.ndarray, crop: np.ndarray, transform: CropTransform, feather: float) -> _PasteParts | None:
+def _paste_parts(frame: np.ndarray, crop: np.ndarray, transform: CropTransform, feather: float, region: np.ndarray | None = None) -> _PasteParts | None:
     crop = np.asarray(crop)
     if crop.shape != (transform.size, transform.size, 3) or crop.dtype != np.uint8:
         raise UserFacingError(
@@ -256,7 +257,10 @@ def _paste_parts(frame: np.ndarray, crop: np.ndarray, transform: CropTransform, 
         crop_x = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]
         crop_y = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]
         alpha = _feather_ramp(crop_y, transform.size, feather) * _feather_ramp(crop_x, transform.size, feather)
-    return _PasteParts(top, bottom, left, right, pasted, original, alpha)
+    blend = alpha
+    if region is not None:  # only this part of the crop is shown (dub: the re-rendered lower face)
+        blend = alpha * np.clip(_resample(region, back, right - left, bottom - top, border="constant"), 0.0, 1.0)
+    return _PasteParts(top, bottom, left, right, pasted, original, alpha, blend)
 
 
 def _colour_statistics(parts: _PasteParts) -> np.ndarray | None:
@@ -288,7 +292,7 @@ def _apply_colour(pasted: np.ndarray, statistics: np.ndarray) -> np.ndarray:
 
 
 def _blend_into(result: np.ndarray, parts: _PasteParts, pasted: np.ndarray) -> None:
-    blended = parts.original + (pasted - parts.original) * parts.alpha[..., None]
+    blended = parts.original + (pasted - parts.original) * parts.blend[..., None]
     result[parts.top : parts.bottom, parts.left : parts.right] = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -317,8 +321,21 @@ def _smooth_over_time(statistics: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[2 * half + 1 :] - cumulative[: -2 * half - 1]) / (2 * half + 1)
 
 
+def soft_region(mask: np.ndarray, *, width: float = 0.025) -> np.ndarray:
+    """A 0/1 mask [S, S] -> weights 0..1 that are 1 well inside it and fade to 0 at its edge over
+    ``width`` of the side (eroded, then blurred): a paste with it shows only pixels from inside the
+    mask, with no hard seam."""
+    import cv2
+
+    mask = (np.asarray(mask, np.float32) > 0.5).astype(np.uint8)
+    radius = max(1, int(round(width * mask.shape[0] / 2)))
+    inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
+    return np.clip(cv2.GaussianBlur(inner.astype(np.float32), (0, 0), radius / 1.5, borderType=cv2.BORDER_CONSTANT), 0.0, 1.0) * mask
+
+
 def paste_back(
-    frames, crops, transforms, *, feather: float = 0.12, color_match: bool = True, color_window: int = 9
+    frames, crops, transforms, *, feather: float = 0.12, color_match: bool = True, color_window: int = 9,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
     """Every crop pasted back into its frame -> uint8 [T, H, W, 3] (the inputs are not changed).
 
@@ -326,7 +343,14 @@ def paste_back(
     ``color_match``: match the pasted region's LAB mean/std to the original inside the mask, so a
     generated face with a slight colour shift leaves no seam. The correction is averaged over
     ``color_window`` neighbouring frames (1: per frame) so it does not flicker.
+    ``region``: float [S, S] 0..1 in crop pixels, the part of every crop that is shown (dub: the
+    re-rendered lower face, ``soft_region``); the frame keeps its own pixels, at its own
+    resolution, everywhere else. Colours are still measured over the whole crop.
     """
+    if region is not None:
+        region = np.asarray(region, np.float32)
+        if len(crops) and region.shape != np.asarray(crops[0]).shape[:2]:
+            raise UserFacingError(f"the paste region must be [S, S] like the crops; got {region.shape}")
     frames = np.asarray(frames)
     if len(frames) != len(crops) or len(crops) != len(transforms):
         raise UserFacingError(
@@ -347,7 +371,7 @@ def paste_back(
             for index, stats in zip(measured, smoothed):
                 statistics[index] = stats
     for index, (frame, crop, transform) in enumerate(zip(frames, crops, transforms)):
-        parts = _paste_parts(frame, crop, transform, feather)
+        parts = _paste_parts(frame, crop, transform, feather, region)
         if parts is not None:
             pasted = parts.pasted if statistics[index] is None else _apply_colour(parts.pasted, statistics[index])
             _blend_into(result[index], parts, pasted)

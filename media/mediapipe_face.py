@@ -89,6 +89,45 @@ def _solutions():
     return face_detection
 
 
+N_MESH_LANDMARKS = 478
+
+
+def face_mesh_landmarks(frames) -> np.ndarray:
+    """mediapipe FaceMesh (refine_landmarks=True, video tracking mode) on each frame ->
+    float32 [T, 478, 2] (x, y) in pixel coordinates of the frame; frames with no face are NaN rows.
+
+    Frames are treated as one video (the tracker carries the face from frame to frame): call once
+    per clip. The dub mask (``model.masks.person_dub_mask``) and the person benchmark's landmark
+    metrics (``evaluation.face_metrics``) both read these. Raises ImportError without mediapipe.
+    """
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    from mediapipe.python.solutions import face_mesh
+
+    frames = np.asarray(frames)
+    if frames.ndim == 3:  # a single [H, W, 3] frame
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"face_mesh_landmarks expects uint8 RGB frames, got {frames.dtype}")
+    height, width = frames.shape[1:3]
+    out = np.full((len(frames), N_MESH_LANDMARKS, 2), np.nan, dtype=np.float32)
+    with face_mesh.FaceMesh(
+        static_image_mode=False, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5, min_tracking_confidence=0.5
+    ) as mesh:
+        for index, frame in enumerate(frames):
+            if index == 0:
+                with quiet_native_stderr():  # the graph's first run prints TFLite/absl chatter
+                    result = mesh.process(np.ascontiguousarray(frame))
+            else:
+                result = mesh.process(np.ascontiguousarray(frame))
+            if not result.multi_face_landmarks:
+                continue
+            points = result.multi_face_landmarks[0].landmark
+            out[index] = np.array([(p.x * width, p.y * height) for p in points], dtype=np.float32)[:N_MESH_LANDMARKS]
+    return out
+
+
 class MediapipeFaceDetector:
     """BlazeFace full-range + short-range, Haar-calibrated boxes with roll; see the module docstring."""
 

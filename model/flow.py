@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import UserFacingError
 from .dit import LayerCache
-from .masks import dub_mask, jittered_dub_masks, known_cells
+from .masks import dub_mask, jittered_dub_masks, known_cells, person_training_masks
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
 MAX_STEPS = 50
@@ -200,11 +200,15 @@ def _expand_caches(caches, batch: int):
     return [LayerCache(grow(c.static_k), grow(c.static_v), grow(c.ref_k), grow(c.ref_v), grow(c.centroids), grow(c.ref_lengths)) for c in caches]
 
 
-def dub_context(model, target: torch.Tensor, generator=None) -> torch.Tensor:
-    """Known-cell mask [B, 1, T, h, w] of dub samples: everything but a (jittered) lower-face box.
+def dub_context(model, target: torch.Tensor, generator=None, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Known-cell mask [B, 1, T, h, w] of dub samples: everything but the lower face. ``region``
+    (the clip's own dub mask [S, S] / [1 or B, S, S], 1 = re-render; ``model.masks.person_dub_mask``)
+    is filled grown or shrunk a little, or in a share of samples the box; None: the jittered box.
     A latent cell is known only if none of its pixels is to be re-rendered, as in dub rendering."""
     batch, _, time, rows, cols = target.shape
     pixel_masks = jittered_dub_masks(batch, model.config.frame_size, generator=generator).to(target.device)
+    if region is not None:
+        pixel_masks = person_training_masks(region, pixel_masks, model.codec.spatial_factor, generator)
     known = known_cells(pixel_masks, model.codec.spatial_factor)  # [B, h, w]
     return known[:, None, None].expand(batch, 1, time, rows, cols).to(target.dtype)
 
@@ -284,6 +288,8 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
       reference_audio [B or 1, Tr, F]   optional: the reference's own speech features
       context_frames / context_latents + context_mask [B, 1, T, h, w]   optional (dub mode:
                                         the masked source; 1 = visible/known)
+      dub_region [1 or B, S, S]         optional: the clip's own dub mask (1 = re-render) that
+                                        dub samples hide (model.masks.person_dub_mask); else the box
     Condition dropout for guidance (config.audio_dropout per sample, config.reference_dropout
     per batch), dub samples (config.dub_context_prob per sample: the target with the lower face
     hidden as context) and motion-frame conditioning (config.motion_frames_prob: the first
@@ -319,7 +325,7 @@ def training_step(model, batch: dict, *, generator: torch.Generator | None = Non
     dub_context_prob = config.dub_context_prob if dub_context_prob is None else dub_context_prob
     if dub_context_prob > 0:
         is_dub = (uniform(size) < dub_context_prob).to(dtype)[:, None, None, None, None]
-        dub_known = dub_context(model, target, generator) * is_dub
+        dub_known = dub_context(model, target, generator, region=batch.get("dub_region")) * is_dub
         context = dub_known * target + (1 - dub_known) * context
         mask = torch.maximum(mask, dub_known)
     if config.motion_frames_prob > 0 and time_len > 1:

@@ -40,7 +40,7 @@ import torch
 from ..errors import UserFacingError
 from .flow import check_sampler, guided_velocity, sample_flow
 from .identity import Identity, extract_identity
-from .masks import dub_mask, known_cells
+from .masks import dub_mask, dub_mask_for_crops, known_cells
 
 
 logger = logging.getLogger(__name__.rsplit(".", 2)[0])
@@ -238,7 +238,8 @@ def render(
     reference: an Identity, or face-crop frames np.uint8 [Tr, S, S, 3] (extracted here, silent).
     audio_or_features: speech features [T, F] at `fps`, or audio (see speech_features_for).
     dub mode: dub_frames np.uint8 [Td, S, S, 3] face crops of the source (looped ping-pong when
-    shorter than the audio); dub_mask float [S, S] (1 = re-render; default lower face);
+    shorter than the audio); dub_mask float [S, S] (1 = re-render; default: the lower face of the
+    dub frames, ``model.masks.dub_mask_for_crops``);
     dub_reference_frames [T] (optional): the reference frame each output frame re-renders, when
     the source is the reference itself — those reference blocks are then always attended to.
     progress(RenderProgress) after every step; should_cancel() before every step
@@ -275,7 +276,7 @@ def render(
         if dub_frames is None or len(dub_frames) == 0:
             raise UserFacingError("dub mode needs the source frames to re-render (dub_frames).")
         source = _ping_pong(np.asarray(dub_frames), total)
-        pixel_mask = default_dub_mask(size) if dub_mask is None else np.asarray(dub_mask, np.float32)
+        pixel_mask = dub_mask_for_crops(dub_frames)[0] if dub_mask is None else np.asarray(dub_mask, np.float32)
         if pixel_mask.shape != (size, size):
             raise UserFacingError(f"the dub mask must be {size}x{size} (the model's frame size); got {pixel_mask.shape}.")
         pixel_mask = (pixel_mask > 0.5).astype(np.float32)
@@ -356,6 +357,7 @@ class PreparedReference:
     start_s: float = 0.0
     face: str = "largest"  # which face the track follows (media.FACE_CHOICES)
     _speech_by_definition: dict = field(default_factory=dict, init=False, repr=False)  # speech_for's, by feature id
+    _dub_mask: tuple | None = field(default=None, init=False, repr=False)  # dub_mask()'s, computed once
 
     @property
     def n_frames(self) -> int:
@@ -384,6 +386,19 @@ class PreparedReference:
             self._speech_by_definition[feature_id] = features_for_model(self.speech, media.SPEECH_FEATURE_ID, self.audio, self.fps, model.config)
         return self._speech_by_definition[feature_id]
 
+    def dub_mask(self) -> np.ndarray:
+        """float32 [S, S], 1 = re-rendered in dub mode: the person's lower face from the crops' face
+        mesh, or the box without one (``model.masks.dub_mask_for_crops``; ``dub_mask_source`` says
+        which). Render, compositing and personal training of this clip all use this one mask."""
+        if self._dub_mask is None:
+            self._dub_mask = dub_mask_for_crops(self.crops)
+        return self._dub_mask[0]
+
+    @property
+    def dub_mask_source(self) -> str:
+        self.dub_mask()
+        return self._dub_mask[1]
+
     def frame_order(self, length: int) -> np.ndarray:
         """The reference frame behind each of ``length`` output frames: the clip looped ping-pong
         (dub re-renders these frames; full-frame output takes its background from them)."""
@@ -404,11 +419,11 @@ class PreparedReference:
     def render_inputs(self, mode: str, identity: Identity, length: int) -> dict:
         """The keyword arguments of ``render`` this reference supplies: in dub mode the source crops
         and, when the identity is this clip's own, the reference frame each output frame re-renders
-        (so those reference blocks are always attended to)."""
+        (so those reference blocks are always attended to), and the clip's dub mask."""
         if mode != "dub":
             return {}
         aligned = self.is_reference_of(identity)
-        return {"dub_frames": self.crops, "dub_reference_frames": self.frame_order(length) if aligned else None}
+        return {"dub_frames": self.crops, "dub_mask": self.dub_mask(), "dub_reference_frames": self.frame_order(length) if aligned else None}
 
 
 def reference_speech_features(reference_video, n_frames: int) -> np.ndarray | None:
@@ -466,9 +481,10 @@ def composite_frames(prepared: PreparedReference, frames: np.ndarray, *, mode: s
     """Rendered face crops uint8 [T, S, S, 3] -> what is shown, for the CLI and the decode node alike.
 
     Output frame i stands on reference frame ``prepared.frame_order(T)[i]``. dub: outside the dub
-    mask (default the lower face) the pixels are the source crop's. full_frame: the crop is pasted
-    back (feathered, colour matched) into that reference frame at the reference's resolution, in
-    generate mode too (the background then loops the reference ping-pong); otherwise crops come out.
+    mask (default ``prepared.dub_mask()``, the one render used) the pixels are the source crop's.
+    full_frame: the crop is pasted back (feathered, colour matched) into that reference frame at the
+    reference's resolution, in generate mode too (the background then loops the reference
+    ping-pong); in dub mode only the mask's part of it (``media.soft_region``). Otherwise crops.
     """
     if mode not in MODES:
         raise UserFacingError(f"unknown mode {mode!r}; choose 'generate' or 'dub'.")
@@ -477,11 +493,16 @@ def composite_frames(prepared: PreparedReference, frames: np.ndarray, *, mode: s
         raise UserFacingError(f"rendered frames are {frames.shape[1:3]} but the reference was cropped to {prepared.frame_size}²; "
                               "prepare the reference at the model's frame size.")
     order = prepared.frame_order(len(frames))
+    region = None
     if mode == "dub":
-        mask = default_dub_mask(prepared.frame_size) if dub_mask is None else dub_mask
+        mask = prepared.dub_mask() if dub_mask is None else dub_mask
         frames = keep_source_outside_mask(frames, prepared.crops[order], mask)
+        # Only the re-rendered part goes back into the full frame: the rest of the face stays the
+        # source's own pixels at its own resolution, not their round trip through the model's crop.
+        region = media.soft_region(mask)
     if full_frame:
-        frames = media.paste_back(prepared.frames[order], frames, [prepared.transforms[i] for i in order], color_match=color_match)
+        frames = media.paste_back(prepared.frames[order], frames, [prepared.transforms[i] for i in order], color_match=color_match,
+                                  region=region)
         if getattr(prepared.track, "rotation", 0):  # a sideways clip comes out upright, as its crops are
             frames = prepared.track.upright(frames)
     return frames
@@ -513,6 +534,8 @@ def render_files(model, reference_path, audio_path, out_path, *, mode: str = "ge
     if identity is None:
         say(f"reference pass over {prepared.n_frames} face crops (the identity) ...")
         identity = extract_reference_identity(model, prepared)
+    if mode == "dub":
+        say(f"dub mask: {prepared.dub_mask_source} ...")
     say("rendering ...")
     wave = media.load_audio(str(audio_path), sample_rate=SPEECH_SAMPLE_RATE)
     features = media.frame_speech_features(wave, SPEECH_SAMPLE_RATE, prepared.fps, feature_id=model.config.speech_feature_id)

@@ -12,7 +12,8 @@ runs once per step for the whole batch (``model.flow.training_step`` broadcasts 
 reference), and nothing in the step waits for the GPU: no host-side indices, no copies.
 
 Dub is trained: ``dub_context_prob`` of the samples get the target with the lower face hidden as
-context (``model.masks``), exactly what dub mode renders. The flow loss counts the lower face's
+context (``model.masks``: the person's own lower face from the face mesh, in a share of samples
+the box), exactly what dub mode renders. The flow loss counts the lower face's
 cells ``mouth_loss_weight`` times (4 by default, whatever the base's config says).
 
 ``lora_rank > 0`` trains a LoRA on a trained base (small file, tied to the base); ``lora_rank =
@@ -61,6 +62,7 @@ from ..model.checkpoint import (
 )
 from ..model.flow import keeps_reference, training_step
 from ..model.identity import save_identity
+from ..model.masks import dub_mask_for_crops
 from ..model.personal import check_own_audio, personality_data
 from ..model.pipeline import extract_reference_identity, prepare_reference_video
 from . import state_io
@@ -151,10 +153,12 @@ class PersonClipSource:
 
     batch(step, rank, world_size) is a pure function of (seed, step, rank), as the trainer's
     exact-resume rule asks. Keys: target_frames float [b, Tt, S, S, 3] 0..1, target_audio
-    [b, Tt, F], reference_frames [1, R, S, S, 3], reference_audio [1, R, F].
+    [b, Tt, F], reference_frames [1, R, S, S, 3], reference_audio [1, R, F], and dub_region
+    [1, S, S] (the clip's own dub mask) when one was given.
     """
 
-    def __init__(self, crops: np.ndarray, speech: np.ndarray, *, batch_size: int, target_frames: int, reference_frames: int, device, seed: int = 0):
+    def __init__(self, crops: np.ndarray, speech: np.ndarray, *, batch_size: int, target_frames: int, reference_frames: int, device, seed: int = 0,
+                 dub_region: np.ndarray | None = None):
         frames = crops.shape[0]
         self.global_batch_size = batch_size
         self.target_frames = min(target_frames, frames)
@@ -164,6 +168,8 @@ class PersonClipSource:
         self.seed = seed
         self.frames = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
         self.speech = torch.from_numpy(np.ascontiguousarray(speech, dtype=np.float32)).to(self.device)
+        # The clip's own dub mask (model.masks.person_dub_mask), one for every step; None = the box.
+        self.dub_region = None if dub_region is None else torch.from_numpy(np.ascontiguousarray(dub_region, dtype=np.float32))[None].to(self.device)
 
     def batch(self, step: int, rank: int, world_size: int) -> dict:
         local = self.global_batch_size // world_size
@@ -177,12 +183,15 @@ class PersonClipSource:
         # (target frames only fill in when fewer than R others exist).
         scores = torch.rand(count, generator=generator, device=self.device) - in_target.float() * 2.0
         reference_index = scores.topk(self.reference_frames).indices.sort().values
-        return {
+        batch = {
             "target_frames": self.frames[target_index].float() / 255.0,
             "target_audio": self.speech[target_index],
             "reference_frames": self.frames[reference_index][None].float() / 255.0,
             "reference_audio": self.speech[reference_index][None],
         }
+        if self.dub_region is not None:
+            batch["dub_region"] = self.dub_region
+        return batch
 
 
 def personality_objective(*, dub_context_prob: float, mouth_loss_weight: float = 1.0):
@@ -285,6 +294,7 @@ def finetune_personality(
     reference_frames=48,
     dub_context_prob: float = 0.5,
     mouth_loss_weight: float = MOUTH_LOSS_WEIGHT,
+    dub_region="auto",
     fps: float = 25.0,
     seed: int = 0,
     log_every: int = 10,
@@ -309,6 +319,10 @@ def finetune_personality(
     job is, from its first step (``TimeBudget.planned_steps``): with a time budget, total is the
     step count the budget reaches at the average rate so far (steps and time of a resumed job's
     earlier runs included), which becomes step itself when the time is up.
+
+    dub_region: what dub samples hide: "auto" = the person's own lower face from the crops' face
+    mesh, or the box without one (``model.masks.dub_mask_for_crops``, what dub rendering uses);
+    a float [S, S] mask (1 = re-render); None = the box.
 
     work_dir: where the training state is kept so a killed run resumes (see ``ResumableJob``): a
     checkpoint every ``checkpoint_interval_s`` of training, one when cancelled and one at the end;
@@ -338,7 +352,18 @@ def finetune_personality(
         compile = compiles_by_default(device)
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"  # the trainer says why, and trains eagerly, where it cannot
-    source = PersonClipSource(crops, speech, batch_size=batch_size, target_frames=target_frames, reference_frames=reference_frames, device=device, seed=seed)
+    if isinstance(dub_region, str):
+        if dub_region != "auto":
+            raise UserFacingError(f"dub_region must be 'auto', a mask [{size}, {size}] or None; got {dub_region!r}.")
+        region, dub_mask_source = dub_mask_for_crops(crops)
+        region = region if dub_mask_source == "landmarks" else None
+    else:
+        region = None if dub_region is None else np.asarray(dub_region, np.float32)
+        dub_mask_source = "box" if region is None else "given"
+        if region is not None and region.shape != (size, size):
+            raise UserFacingError(f"the dub mask must be {size}x{size} (the model's frame size); got {region.shape}.")
+    source = PersonClipSource(crops, speech, batch_size=batch_size, target_frames=target_frames, reference_frames=reference_frames, device=device, seed=seed,
+                              dub_region=region)
     if lora_rank > 0:
         apply_lora(model.dit, rank=lora_rank)
     else:
@@ -350,7 +375,8 @@ def finetune_personality(
     )
     settings = {"lora_rank": int(lora_rank), "lr": float(lr), "steps": int(steps), "time_budget_s": time_budget_s,
                 "batch_size": int(batch_size), "target_frames": target_frames, "reference_frames": reference_frames,
-                "dub_context_prob": float(dub_context_prob), "mouth_loss_weight": float(mouth_loss_weight), "seed": int(seed)}
+                "dub_context_prob": float(dub_context_prob), "mouth_loss_weight": float(mouth_loss_weight), "seed": int(seed),
+                "dub_region": "box" if region is None else hashlib.sha256((region > 0.5).tobytes()).hexdigest()[:16]}
     if resume_root is not None:
         job = ResumableJob.in_root(resume_root, crops, speech, base_fingerprint, settings)
     else:
@@ -428,7 +454,7 @@ def finetune_personality(
     if result.step == 0:
         raise UserFacingError("personality fine-tuning was cancelled before the first step; nothing was written.")
     metadata = {"steps": str(result.step), "lora_rank": str(lora_rank), "train_seconds": f"{train_seconds():.1f}", "fps": repr(float(fps)),
-                "dub_context_prob": repr(float(dub_context_prob)), "mouth_loss_weight": repr(float(mouth_loss_weight)), "final_loss": "" if not math.isfinite(result.last_loss) else f"{result.last_loss:.5f}"}
+                "dub_context_prob": repr(float(dub_context_prob)), "mouth_loss_weight": repr(float(mouth_loss_weight)), "dub_mask": dub_mask_source.split(" ")[0], "final_loss": "" if not math.isfinite(result.last_loss) else f"{result.last_loss:.5f}"}
     if lora_rank > 0:
         written = save_lora(model.dit, out_path, base_fingerprint=base_fingerprint, extra_metadata=metadata)
     else:
