@@ -102,6 +102,8 @@ class SparseReferenceSampler:
                            "connect Load Reference Video's fps to Encode Speech so the source plays at its own speed.",
                            fps, prepared.fps)
         source_inputs = prepared.render_inputs(mode, identity, len(features)) if prepared is not None else {}
+        if mode == "dub":
+            logger.info("Sparse Reference Sampler: dub mask: %s", prepared.dub_mask_source)
 
         progress = _comfy.progress_bar(100)
 
