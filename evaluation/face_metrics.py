@@ -203,7 +203,7 @@ def face_landmarks(frames) -> np.ndarray:
     where no face was found (``media.mediapipe_face.face_mesh_landmarks``, the dub mask's landmarks
     too). Raises :class:`MissingPersonEvalDependency` without mediapipe."""
     _import_face_mesh()
-    return face_mesh_landmarks(_as_video(frames))
+    return face_mesh_landmarks(frames)
 
 
 def _landmarks(landmarks) -> np.ndarray:

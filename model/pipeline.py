@@ -78,8 +78,9 @@ class RenderProgress:
 
 
 def default_dub_mask(size: int) -> np.ndarray:
-    """float32 [size, size] in {0, 1}: the lower face of a face crop (media.crop_faces framing),
-    i.e. the region dub mode re-renders; the same box training hides (model/masks.py)."""
+    """float32 [size, size] in {0, 1}: the fixed lower-face box of a face crop (media.crop_faces
+    framing), what dub mode re-renders where no face mesh is at hand; by default it re-renders the
+    person's own lower face (``PreparedReference.dub_mask``, model/masks.py)."""
     return dub_mask(size)
 
 
@@ -398,6 +399,11 @@ class PreparedReference:
     def dub_mask_source(self) -> str:
         self.dub_mask()
         return self._dub_mask[1]
+
+    def personal_dub_region(self) -> np.ndarray | None:
+        """What personal training of this clip hides in dub samples (``finetune_personality``'s
+        dub_region): ``dub_mask()`` when it is the person's own, None for the box."""
+        return self.dub_mask() if self.dub_mask_source == "landmarks" else None
 
     def frame_order(self, length: int) -> np.ndarray:
         """The reference frame behind each of ``length`` output frames: the clip looped ping-pong

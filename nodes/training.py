@@ -132,7 +132,8 @@ class TrainAvatar:
                                           "batch), or a VIDEO input that carries audio.")
         _comfy.check_interrupted()
         avatar = model.ready()
-        crops, speech = personality_data(prepared_reference(avatar, reference), avatar)
+        prepared = prepared_reference(avatar, reference)
+        crops, speech = personality_data(prepared, avatar)
         full = int(lora_rank) == 0
         out_path = _comfy.numbered_path(_models.folder(_models.AVATAR_FOLDER if full else _models.LORA_FOLDER), filename_prefix, ".safetensors")
         steps = int(steps)
@@ -201,7 +202,7 @@ class TrainAvatar:
                 path = finetune_personality(
                     trainee, crops, speech, out_path, steps=steps, time_budget_s=budget, lora_rank=int(lora_rank), lr=float(learning_rate),
                     fps=float(reference.fps), seed=int(seed), progress=on_step, should_cancel=should_cancel,
-                    resume_root=Path(_comfy.output_directory()) / TRAINING_STATE_FOLDER)
+                    resume_root=Path(_comfy.output_directory()) / TRAINING_STATE_FOLDER, dub_region=prepared.personal_dub_region())
                 if full:
                     trained = trainee.to(avatar.dtype).eval().requires_grad_(False)
                     trained.training_stage = "personality"

@@ -483,10 +483,11 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
     if not is_avatar_folder_path(out_path):
         video = media.load_reference_video(str(video_path))
         check_own_audio(video, advice="Use the video file with its sound; personality fine-tuning learns from the person's own speech.")
-        crops, speech, _ = _person_data(model, video, video_path, max_frames, face, log)
+        crops, speech, prepared = _person_data(model, video, video_path, max_frames, face, log)
         log(_training_line(len(crops), minutes, steps))
         return finetune_personality(model, crops, speech, out_path, steps=steps, time_budget_s=minutes_budget(minutes), lora_rank=lora_rank,
-                                    lr=lr, fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel, batch_size=batch_size)
+                                    lr=lr, fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel, batch_size=batch_size,
+                                    dub_region=prepared.personal_dub_region())
 
     folder = Path(out_path)
     if lora_rank > 0:
@@ -519,7 +520,8 @@ def personalize_video(model, video_path, out_path, *, minutes: float | None = 10
         log(_training_line(len(crops), minutes, steps))
         finetune_personality(model, crops, speech, folder / MODEL_FILE, steps=steps, time_budget_s=minutes_budget(minutes), lr=lr,
                              lora_rank=0, fps=float(video.fps), seed=seed, progress=progress, should_cancel=should_cancel,
-                             work_dir=folder / TRAINING_DIR, checkpoint_interval_s=checkpoint_interval_s, batch_size=batch_size)
+                             work_dir=folder / TRAINING_DIR, checkpoint_interval_s=checkpoint_interval_s, batch_size=batch_size,
+                             dub_region=prepared.personal_dub_region())
     stopped = not finished_before and bool(should_cancel and should_cancel())
     # The identity comes from the model as saved (bf16 on a GPU): its fingerprint is the one render sees.
     log(f"extracting the identity from {prepared.n_frames} frames ...")
