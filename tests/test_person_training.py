@@ -226,6 +226,13 @@ def test_rope_and_rms_norm_match_their_plain_formulas():
     plain = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 70, 8, 2)) * torch.polar(torch.ones_like(angles), angles)).reshape(x.shape)
     fast = apply_rope(x, rope_rotation(angles))
     torch.testing.assert_close(fast, plain)
+    # The arithmetic of the split-pairs-and-stack form it replaced, to the bit (trained weights
+    # see the same rotation), in fp32 and through bf16.
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    for values in (x.detach(), x.detach().to(torch.bfloat16)):
+        pairs = values.float().unflatten(-1, (-1, 2))
+        stacked = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 0] * sin + pairs[..., 1] * cos], dim=-1)
+        assert torch.equal(apply_rope(values, rope_rotation(angles)), stacked.flatten(-2).to(values.dtype))
     (gx_fast,) = torch.autograd.grad(fast.square().sum(), x)
     (gx_plain,) = torch.autograd.grad(plain.square().sum(), x)
     torch.testing.assert_close(gx_fast, gx_plain)
