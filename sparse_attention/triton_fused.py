@@ -91,9 +91,14 @@ _DEFAULT_SM_COUNT = 132
 
 # d <= 64 (the `small` config): measured on an H200 at B=4, H=8, G=4, d=64, S=32, Lq=4096,
 # Lr=16384, k=8 (bf16), per fwd+bwd: dK/dV 4.54 ms with the d=128 tiles capped to 4 warps (as before)
-# vs 0.97 ms with 64x64 tiles; dQ 0.575 ms capped vs 0.446 ms with 8 warps.
+# vs 0.97 ms with 64x64 tiles; dQ 0.575 ms capped vs 0.446 ms with 8 warps. Swept again on an H200
+# at the world trainer's step (B=16, Lr=12288, bench/step_probe.py --sweep, one kernel's tiles
+# changed at a time, fwd+bwd 8.43 ms with the settings before): dK/dV's 64x64 kept (best of 22);
+# the forward, until then the d=128 tiles capped to 4 warps, 1.89 -> 1.78 ms with 64x64 tiles and
+# 4 stages; dQ 8.43 -> 7.88 ms fwd+bwd with 4 warps (bench/results/step_probe_h200.md).
 _SMALL_HEAD_CONFIGS = {
-    "dq": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    "fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
+    "dq": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
 }
 
@@ -679,7 +684,7 @@ class _FusedSparseAttention(torch.autograd.Function):
 
         out = _new_output(q.shape, q.dtype, q.device)
         lse = _new_output((batch, heads, lq), torch.float32, q.device)
-        config = _tile_config(_FORWARD_CONFIG, block_size, head_dim, q.dtype)
+        config = _tile_config(_FORWARD_CONFIG, block_size, head_dim, q.dtype, _SMALL_HEAD_CONFIGS["fwd"])
         num_q_tiles = -(-lq // config["BLOCK_M"])
         grid = (batch * heads * num_q_tiles,)
         if lq > 0:
