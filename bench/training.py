@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     }
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-training-") as workdir:
-        for name in args.configs.split(","):
+        for name in [entry for entry in args.configs.split(",") if entry.strip()]:  # --configs "" times the personality step alone
             print(f"benchmarking {name} ...", flush=True)
             try:
                 result = bench_config(name.strip(), args, device, Path(workdir))
