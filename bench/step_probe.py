@@ -5,9 +5,10 @@
 For each RoPE variant (``--variants``; each one a fresh torch.compile): the stage-2 training step
 of ``small`` (``model.flow.training_step`` at 128², batch × 16 target frames, 48 reference frames,
 bf16 autocast, blocks compiled as ``TrainerConfig.compile`` does) timed over 10 steps after 4
-warm-up steps, then 2 profiled steps (kernel table by self CUDA time; ``--timed-steps``, ``--warmup-steps``,
-``--profile-steps``). ``--sweep``: the fused
-sparse attention's tiles at the same step's attention shape, forward and forward + backward.
+warm-up steps, then 2 profiled steps (kernel table by self CUDA time; ``--timed-steps``,
+``--warmup-steps``, ``--profile-steps``). The model's RoPE functions are put back after each
+variant. ``--sweep``: the fused sparse attention's tiles at the same step's attention shape,
+forward and forward + backward.
 Writes ``DIR/step_probe.{json,md}`` and ``DIR/step_probe_<variant>.txt``. On a CPU
 (``--device cpu --config tiny --no-compile``) it checks its own code path; the numbers mean nothing there.
 """
@@ -61,13 +62,22 @@ def probe_variant(variant: str, args, out: Path) -> dict:
     import torch._dynamo
 
     from sparse_avatar.model import dit as dit_module
-    from sparse_avatar.model.checkpoint import new_model
-    from sparse_avatar.model.flow import training_step
-    from sparse_avatar.training.trainer import compile_blocks
-    from sparse_avatar.training.objectives import StepModule, model_flow_objective
 
     torch._dynamo.reset()
+    model_rope = dit_module.apply_rope, dit_module.rope_rotation
     dit_module.apply_rope, dit_module.rope_rotation = ROPE_VARIANTS[variant]
+    try:
+        return _probe_step(variant, args, out)
+    finally:
+        dit_module.apply_rope, dit_module.rope_rotation = model_rope
+
+
+def _probe_step(variant: str, args, out: Path) -> dict:
+    from sparse_avatar.model.checkpoint import new_model
+    from sparse_avatar.model.flow import training_step
+    from sparse_avatar.training.objectives import StepModule, model_flow_objective
+    from sparse_avatar.training.trainer import compile_blocks
+
     device = args.device
     avatar = new_model(args.config).to(device)
     step_module = StepModule(avatar, model_flow_objective(per_sample=False))
@@ -120,7 +130,7 @@ def probe_variant(variant: str, args, out: Path) -> dict:
 def attention_sweep(args, lq: int = 16 * 256, lr: int = 48 * 256, configs_per_kernel: int | None = None, reps: int = 10) -> list[dict]:
     """The fused kernel's tiles at the `small` step's clip attention: B, H=8, Hkv=2, d=64, S=32,
     Lq=16·256, Lr=48·256, k=8 blocks of 128. Each row: one kernel's tiles changed, the others
-    at their defaults; times from CUDA events over 10 calls."""
+    at their defaults; mean wall time of `reps` synchronised calls after up to 2 untimed ones."""
     from sparse_avatar.sparse_attention import triton_fused
     from sparse_avatar.sparse_attention.routing import block_centroids, select_reference_blocks
 

@@ -18,13 +18,11 @@ def test_step_probe_writes_its_table_and_profiles(tmp_path):
     from sparse_avatar.model import dit
 
     original = dit.apply_rope, dit.rope_rotation
-    try:
-        assert step_probe.main(["--out", str(tmp_path), "--device", "cpu", "--config", "tiny", "--no-compile", "--batch", "1",
-                                "--variants", "stacked,model", "--warmup-steps", "1", "--timed-steps", "1", "--profile-steps", "1"]) == 0
-    finally:
-        dit.apply_rope, dit.rope_rotation = original  # the probe swaps the model's RoPE functions
+    assert step_probe.main(["--out", str(tmp_path), "--device", "cpu", "--config", "tiny", "--no-compile", "--batch", "1",
+                            "--variants", "model,stacked", "--warmup-steps", "1", "--timed-steps", "1", "--profile-steps", "1"]) == 0
+    assert (dit.apply_rope, dit.rope_rotation) == original  # stacked ran last: the probe put the model's RoPE back
     result = json.loads((tmp_path / "step_probe.json").read_text())
-    assert [row["variant"] for row in result["steps"]] == ["stacked", "model"]
+    assert [row["variant"] for row in result["steps"]] == ["model", "stacked"]
     assert all(row["ms_per_step"] > 0 and "error" not in row for row in result["steps"])
     table = (tmp_path / "step_probe.md").read_text()
     assert "| stacked | 1 |" in table and "| model | 1 |" in table
